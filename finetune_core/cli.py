@@ -1,0 +1,192 @@
+"""Command line: the same engine the app uses.
+
+    python -m finetune_core train CONFIG.yaml [--set key.sub=value ...]
+    python -m finetune_core audit DATA_FILE --task classification|instruction [--set ...] [--json]
+    python -m finetune_core models [--prepare] [--json]
+    python -m finetune_core compare CONFIG.yaml --strategies full,frozen,lora
+    python -m finetune_core export RUN_DIR [--merge] [--zip]
+
+Bad input prints one paragraph naming the problem and the fix and exits with code 2 (--debug shows
+the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def print_event(event: dict) -> None:
+    t = event.get("type")
+    if t == "log":
+        eta = event.get("eta_seconds")
+        print(f"  step {event.get('step')}/{event.get('max_steps')}  epoch {event.get('epoch', 0):.2f}  "
+              f"loss {event.get('loss', float('nan')):.4f}  lr {event.get('learning_rate') or 0:.2e}"
+              + (f"  eta {eta:.0f}s" if eta is not None else ""), flush=True)
+    elif t == "eval":
+        shown = {k: v for k, v in event.items() if k.startswith("eval_") and isinstance(v, float)
+                 and not k.endswith(("runtime", "per_second"))}
+        print("  eval " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in shown.items()), flush=True)
+    elif t in ("start", "end", "error", "info") and event.get("message"):
+        print(f"[{t}] {event['message']}", flush=True)
+    elif t == "start":
+        print(f"[start] {event.get('max_steps')} steps", flush=True)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    metrics = train(cfg, echo=print_event)
+    keys = ("accuracy", "f1_weighted", "f1_macro") if cfg.task == "classification" else \
+        ("eval_loss_before", "eval_loss", "perplexity", "general_perplexity_before", "general_perplexity", "rougeL")
+    print("\nResults (validation):")
+    for k in keys:
+        if metrics.get(k) is not None:
+            print(f"  {k:28s} {metrics[k]:.4f}")
+    if cfg.task == "classification":
+        for name, row in metrics["baselines"].items():
+            print(f"  baseline {name:19s} accuracy {row['accuracy']:.4f}  f1_weighted {row['f1_weighted']:.4f}")
+    else:
+        print(f"  forgetting: {metrics.get('forgetting_verdict')}")
+    print(f"  train_seconds {metrics['train_seconds']:.1f}   outputs in {cfg.output_dir}/")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .audit import audit_file, format_audit
+    from .config import DataConfig, apply_overrides, config_from_dict
+
+    values = apply_overrides({"task": args.task, "data": {"train": args.file}}, args.set)
+    cfg = config_from_dict(values)
+    model = args.model if args.model else None
+    report = audit_file(args.file, cfg.task, data_cfg=cfg.data if isinstance(cfg.data, DataConfig) else None,
+                        model=False if args.no_tokenizer else model, max_length=cfg.data.max_length)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "token_lengths"}, indent=2, default=str))
+    else:
+        print(format_audit(report))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models, prepare_smollm2
+
+    if args.prepare:
+        path = prepare_smollm2()
+        print(f"bundled:smollm2-135m ready (float32, de-quantized from 4-bit GGUF) at {path}")
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':38s} {'kind':8s} {'params':7s} {'offline':8s} suits")
+    for r in rows:
+        print(f"{r['id']:38s} {r['kind']:8s} {r['params']:7s} {'yes' if r['available_offline'] else 'no':8s} "
+              f"{r['suits']}")
+        print(f"{'':38s} {r['description']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    result = compare(args.config, [s.strip() for s in args.strategies.split(",") if s.strip()], args.set,
+                     echo=print_event)
+    print(result["markdown"])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import merge_lora, zip_model
+
+    if args.merge:
+        print(f"merged model written to {merge_lora(args.run_dir)}")
+    if args.zip or not args.merge:
+        print(f"zip written to {zip_model(args.run_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune_core", description="FineTune Lab engine")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. seed=1")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("audit", help="check a data file before training")
+    p.add_argument("file")
+    p.add_argument("--task", required=True, choices=["classification", "instruction"])
+    p.add_argument("--model", help="tokenizer to count tokens with (default: the bundled model for the task)")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip token counts")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("models", help="list models available offline")
+    p.add_argument("--prepare", action="store_true", help="convert the bundled SmolLM2 GGUF once")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("compare", help="run full, frozen and lora on the same data")
+    p.add_argument("config")
+    p.add_argument("--strategies", default="full,frozen,lora")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="zip a run's model or merge its LoRA adapter")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--zip", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .errors import FinetuneError
+
+    try:
+        return args.func(args)
+    except FinetuneError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no raw traceback for users
+        if debug:
+            traceback.print_exc()
+        print(f"Error: unexpected {type(exc).__name__}: {exc}. Run again with --debug for the traceback, "
+              "and report it if the input looks right.", file=sys.stderr)
+        return 1

@@ -1,0 +1,296 @@
+"""Run configuration: one dataclass family, the same field names in YAML, CLI `--set` and the app.
+
+    cfg = load_config("examples/configs/classification_lora.yaml", ["training.num_train_epochs=3"])
+    cfg.strategy.name            # 'lora'
+    dump_config(cfg, "run.yaml")
+
+`training:` is a free-form dict of `transformers.TrainingArguments` fields (plus
+`early_stopping_patience`); `training_defaults()` fills what the user left out with the article's
+best practices for this task, model kind and strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+TASKS = ("classification", "instruction")
+STRATEGIES = ("full", "frozen", "lora")
+TEMPLATES = ("auto", "alpaca", "chat")
+# Keys of `training:` that are ours, not TrainingArguments fields.
+EXTRA_TRAINING_KEYS = ("early_stopping_patience",)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    validation: str | None = None       # a file, or None to split `train`
+    val_size: float = 0.2               # stratified for classification
+    text_column: str | None = None      # classification; None = detect (text, sentence, ...)
+    label_column: str | None = None     # None = detect (label, category, ...)
+    instruction_column: str | None = None
+    input_column: str | None = None
+    output_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    messages_column: str | None = None
+    template: str = "auto"              # auto | alpaca | chat
+    max_length: int = 256
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Any = "auto"        # "auto", "all-linear" or a list of module names
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "lora"                  # full | frozen | lora
+    frozen_layers: Any = "all"          # N = embeddings + first N blocks frozen; all = head only
+    cache_features: Any = "auto"        # frozen head-only: run the frozen encoder once, reuse its outputs
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class RunConfig:
+    task: str = "classification"
+    model: str = "bundled:minilm-l6"
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    training: dict = field(default_factory=dict)
+    output_dir: str = "runs/run"
+    seed: int = 42
+    resume: bool = False                # continue from the last checkpoint in output_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _build(cls, values: dict, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys to values, got {type(values).__name__}.",
+                          "Indent its keys under it in the YAML file.")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            path = f"{where}.{key}" if where else key
+            raise ConfigError(f"Unknown config key '{path}'.{_closest(key, names)}",
+                              f"Valid keys here: {', '.join(names)}.")
+        nested = _NESTED.get((cls, key))
+        kwargs[key] = _build(nested, value, f"{where}.{key}" if where else key) if nested else value
+    return cls(**kwargs)
+
+
+_NESTED = {(RunConfig, "data"): DataConfig, (RunConfig, "strategy"): StrategyConfig,
+           (StrategyConfig, "lora"): LoraSettings}
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    cfg = _build(RunConfig, values or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' has no '='.", "Write overrides as --set key.sub=value, "
+                          "for example --set training.num_train_epochs=3.")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".") if k], value
+
+
+def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=c` strings to a nested dict; values are YAML scalars (null, 3, 1e-4, true, [a, b])."""
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = values
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"Config file '{p}' does not exist.",
+                              "Check the path; example configs are in examples/configs/.")
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}.",
+                              "Fix the indentation or quoting at the position shown.") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file '{p}' must contain a mapping (key: value lines).",
+                              "See examples/configs/ for the layout.")
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+SECRET_WORDS = ("token", "password", "secret", "api_key")
+
+
+def public_dict(cfg: RunConfig) -> dict:
+    """The config without secrets (hub tokens never reach run.yaml, model cards or zips)."""
+    values = config_to_dict(cfg)
+    values["training"] = {k: v for k, v in values["training"].items()
+                          if not any(w in k.lower() for w in SECRET_WORDS)}
+    return values
+
+
+def dump_config(cfg: RunConfig, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(public_dict(cfg), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _training_arg_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"Unknown task '{cfg.task}'.{_closest(str(cfg.task), TASKS)}",
+                          f"Use one of: {', '.join(TASKS)}.")
+    if not isinstance(cfg.model, str) or not cfg.model.strip():
+        raise ConfigError("No model given.", "Set model: to bundled:minilm-l6, bundled:smollm2-135m, "
+                          "a hub id or a local model directory.")
+    s = cfg.strategy
+    if s.name not in STRATEGIES:
+        raise ConfigError(f"Unknown strategy '{s.name}'.{_closest(str(s.name), STRATEGIES)}",
+                          f"Use one of: {', '.join(STRATEGIES)}.")
+    if not (s.frozen_layers == "all" or (isinstance(s.frozen_layers, int) and s.frozen_layers >= 0)):
+        raise ConfigError(f"strategy.frozen_layers must be 'all' or a whole number >= 0, got {s.frozen_layers!r}.",
+                          "Use all (only the new head trains) or N (embeddings + first N blocks frozen).")
+    if s.cache_features not in ("auto", True, False):
+        raise ConfigError(f"strategy.cache_features must be auto, true or false, got {s.cache_features!r}.",
+                          "Use auto unless you are measuring its effect.")
+    lora = s.lora
+    if not isinstance(lora.r, int) or lora.r <= 0:
+        raise ConfigError(f"strategy.lora.r must be a positive whole number, got {lora.r!r}.", "Typical: 8 or 16.")
+    if not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0:
+        raise ConfigError(f"strategy.lora.alpha must be positive, got {lora.alpha!r}.", "Typical: 2 x r.")
+    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"strategy.lora.dropout must be in [0, 1), got {lora.dropout!r}.", "Typical: 0.05.")
+    d = cfg.data
+    if d.template not in TEMPLATES:
+        raise ConfigError(f"Unknown data.template '{d.template}'.{_closest(str(d.template), TEMPLATES)}",
+                          f"Use one of: {', '.join(TEMPLATES)}.")
+    if not isinstance(d.val_size, (int, float)) or not 0 < d.val_size < 1:
+        raise ConfigError(f"data.val_size must be a fraction between 0 and 1, got {d.val_size!r}.",
+                          "Typical: 0.2 (20% of the rows are held out for validation).")
+    if not isinstance(d.max_length, int) or d.max_length < 16:
+        raise ConfigError(f"data.max_length must be a whole number >= 16, got {d.max_length!r}.",
+                          "Typical: 128 to 512 tokens.")
+    if not isinstance(cfg.training, dict):
+        raise ConfigError("'training' must be a mapping of TrainingArguments fields.",
+                          "For example: training: {num_train_epochs: 3, learning_rate: 2e-5}.")
+    valid = _training_arg_names() | set(EXTRA_TRAINING_KEYS)
+    renamed = {"evaluation_strategy": "eval_strategy", "warmup_ratio": "warmup_steps",
+               "group_by_length": "train_sampling_strategy", "tokenizer": "processing_class"}
+    for key in cfg.training:
+        if key not in valid:
+            hint = (f" transformers 5 renamed it to '{renamed[key]}'." if key in renamed
+                    else _closest(key, valid))
+            raise ConfigError(f"Unknown training option 'training.{key}'.{hint}",
+                              "training: accepts any transformers.TrainingArguments field plus "
+                              "early_stopping_patience.")
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be a whole number, got {cfg.seed!r}.", "For example: seed: 42.")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults: the article's best practices, per task, model kind and strategy
+
+
+def default_learning_rate(task: str, model_kind: str, strategy: str, frozen_layers: Any = "all") -> float:
+    """The article's table, adjusted where measurement on 60-150 rows said otherwise (see README)."""
+    if strategy == "lora":
+        return 2e-4 if model_kind == "causal" else 1e-3   # a small encoder's LoRA needs more
+    if strategy == "frozen" and frozen_layers == "all":
+        return 1e-3 if task == "classification" else 1e-4  # head only
+    if model_kind == "causal":
+        return 1e-5 if task == "instruction" else 2e-5
+    return 5e-5                                            # BERT-style full / partly frozen
+
+
+def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
+                      frozen_layers: Any = "all", cuda: bool | None = None) -> dict:
+    """TrainingArguments values a run uses unless `training:` says otherwise."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    classification = task == "classification"
+    batch = 16 if classification else 8
+    epochs = 10 if classification else 3
+    if classification and strategy == "frozen" and frozen_layers == "all":
+        epochs = 20   # a head on frozen features is cheap and needs more passes; early stopping guards
+    steps_per_epoch = max(1, -(-n_train // batch))
+    args = {
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": 32,
+        "learning_rate": default_learning_rate(task, model_kind, strategy, frozen_layers),
+        "weight_decay": 0.01,
+        "warmup_steps": 0.1,                 # a float below 1 is a ratio in transformers 5
+        "lr_scheduler_type": "cosine",
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "logging_strategy": "steps",
+        "logging_steps": max(1, min(10, steps_per_epoch // 4)),
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "f1_weighted" if classification else "eval_loss",
+        "greater_is_better": classification,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "train_sampling_strategy": "group_by_length",
+        "gradient_checkpointing": False,     # recomputation costs ~30% time; memory is rarely the limit here
+        "early_stopping_patience": 2,
+    }
+    if cuda:
+        import torch
+
+        args["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
+    else:
+        args["use_cpu"] = True               # never half precision on CPU: bf16 is ~400x slower there
+    return args

@@ -1,0 +1,152 @@
+"""Evaluation people can trust: metrics, baselines, error analysis, perplexity and forgetting.
+
+    m = classification_metrics(y_true, y_pred, probs, label_names)
+    b = baselines(train_texts, train_labels, val_texts, val_labels)     # same split as the model
+    ppl = perplexity(model, tokenizer, general_text_paragraphs())        # the forgetting probe
+
+Metrics come from scikit-learn (evaluate.load() needs the hub). Nothing here trains the model.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import numpy as np
+
+FORGETTING_THRESHOLD = 0.10   # relative perplexity rise above which we call it forgetting
+
+
+def classification_metrics(y_true, y_pred, label_names: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    ids = list(range(len(label_names)))
+    report = classification_report(y_true, y_pred, labels=ids, target_names=label_names, output_dict=True,
+                                   zero_division=0)
+    per_class = {name: {"precision": report[name]["precision"], "recall": report[name]["recall"],
+                        "f1": report[name]["f1-score"], "support": int(report[name]["support"])}
+                 for name in label_names}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_weighted": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "labels": list(label_names),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }
+
+
+def compute_metrics_fn(eval_pred) -> dict:
+    """For Trainer: accuracy and F1 from logits (scikit-learn, works offline)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_pred
+    preds = np.asarray(logits).argmax(-1)
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "f1_weighted": float(f1_score(labels, preds, average="weighted", zero_division=0)),
+            "f1_macro": float(f1_score(labels, preds, average="macro", zero_division=0))}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def baselines(train_texts, train_labels, val_texts, val_labels) -> dict:
+    """Majority class and TF-IDF + logistic regression (the article's Level-1 comparison), same split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+
+    train_labels = np.asarray(train_labels)
+    val_labels = np.asarray(val_labels)
+    values, counts = np.unique(train_labels, return_counts=True)
+    majority = values[counts.argmax()]
+    maj_pred = np.full_like(val_labels, majority)
+    out = {"majority": {"accuracy": float(accuracy_score(val_labels, maj_pred)),
+                        "f1_weighted": float(f1_score(val_labels, maj_pred, average="weighted", zero_division=0))}}
+    pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                         LogisticRegression(max_iter=2000, C=10.0))
+    pipe.fit(list(train_texts), train_labels)
+    pred = pipe.predict(list(val_texts))
+    out["tfidf_logreg"] = {"accuracy": float(accuracy_score(val_labels, pred)),
+                           "f1_weighted": float(f1_score(val_labels, pred, average="weighted", zero_division=0))}
+    return out
+
+
+def error_analysis(texts, y_true, y_pred, probs: np.ndarray, label_names: list[str], top: int = 50) -> dict:
+    """Misclassified examples, most confident mistakes first, and the most confused label pairs."""
+    errors = []
+    for i, (t, p) in enumerate(zip(y_true, y_pred)):
+        if t != p:
+            errors.append({"index": i, "text": texts[i], "true": label_names[t], "predicted": label_names[p],
+                           "confidence": float(probs[i, p]), "true_label_probability": float(probs[i, t])})
+    errors.sort(key=lambda e: -e["confidence"])
+    pairs: dict[tuple[str, str], int] = {}
+    for e in errors:
+        pairs[(e["true"], e["predicted"])] = pairs.get((e["true"], e["predicted"]), 0) + 1
+    confused = [{"true": a, "predicted": b, "count": n}
+                for (a, b), n in sorted(pairs.items(), key=lambda kv: -kv[1])]
+    return {"n_errors": len(errors), "misclassified": errors[:top], "confused_pairs": confused[:10]}
+
+
+# ---------------------------------------------------------------------------------------------
+# language-model evaluation
+
+
+def general_text_paragraphs() -> list[str]:
+    """General English paragraphs written for this project: the forgetting probe's reference text."""
+    text = resources.files("finetune_core").joinpath("resources/general_english.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def token_loss(model, batches) -> tuple[float, int]:
+    """Mean cross-entropy per predicted token over batches of {input_ids, attention_mask, labels}."""
+    import torch
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            logits = logits[:, :-1]
+            mask = labels != -100
+            if mask.any():
+                total += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask],
+                                                           reduction="sum").item()
+                count += int(mask.sum())
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
+    """exp(mean token loss) of plain texts (every token predicted, padding excluded)."""
+    from .data import CausalCollator
+
+    enc = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    feats = [{"input_ids": ids, "labels": list(ids)} for ids in enc if len(ids) > 1]
+    collate = CausalCollator(tokenizer.pad_token_id)
+    batches = [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)]
+    loss, _ = token_loss(model, batches)
+    return float(math.exp(loss)) if loss == loss else float("nan")
+
+
+def forgetting_report(before: float, after: float, threshold: float = FORGETTING_THRESHOLD) -> dict:
+    """Relative change of general-text perplexity with a plain-language verdict."""
+    change = (after - before) / before if before and before == before else float("nan")
+    if change != change:
+        verdict = "not measured"
+    elif change <= threshold:
+        verdict = ("small change: general language ability looks intact" if change >= -threshold else
+                   "general-text perplexity went down: no sign of forgetting")
+    else:
+        verdict = (f"noticeable forgetting (+{change:.0%} perplexity on general text): lower the learning rate, "
+                   "freeze early layers or use LoRA")
+    return {"general_perplexity_before": before, "general_perplexity": after,
+            "general_perplexity_change": change, "forgetting_verdict": verdict}

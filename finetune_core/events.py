@@ -1,0 +1,125 @@
+"""Run events: one JSON object per line in `events.jsonl`, flushed as it happens, rank 0 only.
+
+    writer = EventWriter("runs/x/events.jsonl")
+    writer.emit("start", max_steps=40, message="...")
+    events, offset = read_events("runs/x/events.jsonl", offset=0)   # incremental tail for the UI
+
+Types: start, log, eval, save, end, error (and `info` for messages such as the trainable-parameter
+line). The app, the CLI and benchmarks all read this one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def is_main_process() -> bool:
+    # torchrun and accelerate set RANK (global); LOCAL_RANK alone means a single machine.
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def _clean(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+class EventWriter:
+    """Appends events to a JSONL file; on ranks other than 0 it writes nothing."""
+
+    def __init__(self, path: str | Path, enabled: bool | None = None, echo=None):
+        self.path = Path(path)
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.echo = echo   # optional callable(event) e.g. printing to the console
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, type: str, **fields) -> dict:  # noqa: A002 - "type" is the schema's name
+        event = {"type": type, "time": time.time()}
+        event.update({k: _clean(v) for k, v in fields.items() if v is not None})
+        if self.enabled:
+            line = json.dumps(event, default=str)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+            if self.echo:
+                self.echo(event)
+        return event
+
+
+def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Events appended since byte `offset`, and the new offset. A half-written last line waits."""
+    path = Path(path)
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    events = []
+    consumed = 0
+    for raw in chunk.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        consumed += len(raw)
+        try:
+            events.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + consumed
+
+
+def read_all_events(path: str | Path) -> list[dict]:
+    return read_events(path, 0)[0]
+
+
+class EventsCallback(TrainerCallback):
+    """Turns Trainer callbacks into events, with an ETA from the measured step rate."""
+
+    def __init__(self, writer: EventWriter, stop_file: str | Path | None = None):
+        self.writer = writer
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.t0 = None
+        self.first_step = 0
+        self.stopped_by_user = False
+
+    def _eta(self, state) -> float | None:
+        done = state.global_step - self.first_step
+        if not self.t0 or done <= 0 or not state.max_steps:
+            return None
+        rate = (time.time() - self.t0) / done
+        return max(0.0, rate * (state.max_steps - state.global_step))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.time()
+        self.first_step = state.global_step
+        self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
+                         epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A stop request (file written by the app or the CLI's Ctrl-C handler) ends training at this
+        # step; the Trainer then saves and we evaluate the model as it is.
+        if self.stop_file is not None and self.stop_file.exists():
+            self.stopped_by_user = True
+            control.should_training_stop = True
+            control.should_save = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        common = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                  "eta_seconds": self._eta(state)}
+        if any(k.startswith("eval_") for k in logs):
+            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in common}
+            self.writer.emit("eval", **common, **metrics)
+        elif "loss" in logs:
+            self.writer.emit("log", **common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                             grad_norm=logs.get("grad_norm"))
+
+    def on_save(self, args, state, control, **kwargs):
+        self.writer.emit("save", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                         message=f"checkpoint-{state.global_step}")

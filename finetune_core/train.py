@@ -1,0 +1,559 @@
+"""train(config) -> metrics: wires data, model, strategy and Trainer, then writes every run output.
+
+    python -m finetune_core train examples/configs/classification_lora.yaml
+    accelerate launch -m finetune_core train CONFIG.yaml      # same code, several processes
+    torchrun --standalone --nproc_per_node 2 -m finetune_core train CONFIG.yaml
+
+Outputs in `output_dir/` (DESIGN.md): run.yaml, events.jsonl, audit.json, metrics.json, model/,
+predictions.csv (classification), generations.jsonl (instruction). Rank 0 alone writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from .config import RunConfig, config_from_dict, dump_config, load_config, training_defaults
+from .errors import ConfigError, FinetuneError
+from .events import EventsCallback, EventWriter, is_main_process
+from .models import load_model, load_tokenizer, model_kind, resolve_model
+from .strategies import apply_strategy, can_cache_features, trainable_summary
+
+STOP_FILE = "STOP"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+
+
+def set_cpu_threads() -> int:
+    """One torch thread per physical core: hyper-threads slow matmul-bound training down."""
+    import torch
+
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:  # noqa: BLE001
+        cores = os.cpu_count() or 1
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    threads = max(1, cores // max(1, world))
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _coerce_config(config) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _load_frames(cfg: RunConfig, max_bytes: int | None = None):
+    if not cfg.data.train:
+        raise ConfigError("No training data given (data.train is empty).",
+                          "Set data.train to a CSV, TSV, JSON, JSONL or Parquet file.")
+    train_df = D.read_table(cfg.data.train, max_bytes=max_bytes)
+    cols = D.detect_columns(train_df, cfg.task, cfg.data, name=Path(cfg.data.train).name)
+    D.store_columns(cfg.data, cols)
+    val_df = None
+    if cfg.data.validation:
+        val_df = D.read_table(cfg.data.validation, max_bytes=max_bytes)
+        D.detect_columns(val_df, cfg.task, cfg.data, name=Path(cfg.data.validation).name)
+    return train_df, val_df, cols
+
+
+class _Prepared:
+    """Everything the Trainer needs, plus what evaluation reports on."""
+
+
+def prepare_classification(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _Prepared:
+    p = _Prepared()
+    train_clean = D.clean_classification(train_df, cols["text"], cols["label"], Path(cfg.data.train).name)
+    if val_df is not None:
+        val_clean = D.clean_classification(val_df, cols["text"], cols["label"], Path(cfg.data.validation).name)
+    else:
+        train_clean, val_clean = D.split_frame(train_clean, cfg.data.val_size, cfg.seed, stratify="label")
+    names = D.label_names_for(train_clean["label"])
+    unseen = sorted(set(val_clean["label"]) - set(names))
+    if unseen:
+        raise FinetuneError(f"The validation data has labels the training data never shows: {', '.join(unseen)}.",
+                            "Add training examples for them, or remove those validation rows.")
+    label2id = {n: i for i, n in enumerate(names)}
+    p.label_names = names
+    p.id2label = {i: n for i, n in enumerate(names)}
+    p.train_texts = train_clean["text"].tolist()
+    p.val_texts = val_clean["text"].tolist()
+    p.train_labels = [label2id[v] for v in train_clean["label"]]
+    p.val_labels = [label2id[v] for v in val_clean["label"]]
+    p.dropped_rows = len(train_df) - len(train_clean) if val_df is not None else \
+        len(train_df) - len(train_clean) - len(val_clean)
+    p.train_tok = D.tokenize_classification(p.train_texts, p.train_labels, tokenizer, cfg.data.max_length)
+    p.val_tok = D.tokenize_classification(p.val_texts, p.val_labels, tokenizer, cfg.data.max_length)
+    return p
+
+
+def prepare_instruction(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _Prepared:
+    p = _Prepared()
+    if val_df is None:
+        train_df, val_df = D.split_frame(train_df, cfg.data.val_size, cfg.seed)
+    p.template = D.resolve_template(cfg.data.template, tokenizer)
+    p.train_ex = D.tokenize_instruction(train_df, cols, tokenizer, p.template, cfg.data.max_length)
+    p.val_ex = D.tokenize_instruction(val_df, cols, tokenizer, p.template, cfg.data.max_length)
+    if not p.train_ex.input_ids:
+        raise FinetuneError(f"Every training row's prompt is longer than max_length={cfg.data.max_length} tokens, "
+                            "so no response token is left to learn from.",
+                            "Raise data.max_length or shorten the prompts.")
+    if not p.val_ex.input_ids:
+        raise FinetuneError("No validation row fits in max_length.", "Raise data.max_length.")
+    p.dropped_rows = p.train_ex.dropped_too_long + p.val_ex.dropped_too_long
+    p.val_rows = val_df.reset_index(drop=True)
+    return p
+
+
+def _as_dataset(columns: dict):
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# model + trainer
+
+
+def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokenizer):
+    if cfg.strategy.name == "frozen" and cfg.strategy.frozen_layers == "all" and kind == "encoder":
+        from .heads import MeanPoolingForSequenceClassification
+
+        return MeanPoolingForSequenceClassification.from_encoder(path, len(p.label_names), p.id2label)
+    return load_model(path, "classification", kind, num_labels=len(p.label_names), id2label=p.id2label,
+                      pad_token_id=tokenizer.pad_token_id)
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class FinetuneTrainer(Trainer):
+        """Trainer whose causal-LM loss projects only response positions through the LM head.
+
+        The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have
+        label -100 and contribute nothing to the loss, so we skip computing their logits. The loss
+        value is identical to the model's own (same tokens, same normalisation).
+        """
+
+        response_only = False
+
+        def __init__(self, *args, **kwargs):
+            from transformers.trainer_callback import PrinterCallback
+
+            super().__init__(*args, **kwargs)
+            self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
+
+        def _get_eval_sampler(self, eval_dataset):
+            # Evaluation stays in dataset order (transformers groups it by length too), so row i of the
+            # predictions is row i of the validation data: error analysis depends on it.
+            import torch
+
+            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.response_only or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            body = getattr(base, base.base_model_prefix)
+            hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            labels = inputs["labels"][:, 1:]
+            keep = labels != -100
+            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+            loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                loss = loss_sum / num_items_in_batch
+            else:
+                loss = loss_sum / keep.sum().clamp(min=1)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return FinetuneTrainer
+
+
+def _response_only_ok(model) -> bool:
+    """The shortcut needs a plain LM head and no DDP wrapper (DDP must see the full forward)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    return (getattr(cfg, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None
+            and hasattr(base, base.base_model_prefix))
+
+
+def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: Path):
+    """TrainingArguments = our defaults, overridden by every key the user gave in `training:`."""
+    from transformers import TrainingArguments
+
+    values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers)
+    values.update(cfg.training)
+    patience = values.pop("early_stopping_patience", None)
+    import torch
+
+    if not torch.cuda.is_available():
+        # Half precision on CPU is ~400x slower here: refuse it rather than train for hours.
+        for key in ("bf16", "fp16"):
+            if values.get(key):
+                raise ConfigError(f"training.{key} is on but there is no CUDA GPU.",
+                                  f"Remove training.{key}; on CPU we train in float32.")
+        values["use_cpu"] = True
+    if values.get("eval_strategy", "no") == "no":
+        values["load_best_model_at_end"] = False
+    elif values.get("save_strategy") != values.get("eval_strategy"):
+        values["load_best_model_at_end"] = False     # best-model tracking needs a save at each eval
+    values.update(output_dir=str(checkpoints), seed=cfg.seed, disable_tqdm=True,
+                  save_only_model=False, remove_unused_columns=True)
+    if cfg.task == "instruction":
+        values["prediction_loss_only"] = True
+    try:
+        args = TrainingArguments(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Invalid training options: {exc}", "Fix the training: section of the config.") from exc
+    return args, patience
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def safe_csv_cell(value):
+    """Neutralise spreadsheet formulas (=, +, -, @ at the start) so exports never execute code."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def write_predictions(path: Path, texts, y_true, y_pred, probs, names) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame({
+        "text": [safe_csv_cell(t) for t in texts],
+        "true_label": [names[i] for i in y_true],
+        "predicted_label": [names[i] for i in y_pred],
+        "confidence": [float(probs[i, p]) for i, p in enumerate(y_pred)],
+        "correct": [bool(a == b) for a, b in zip(y_true, y_pred)],
+    })
+    for j, n in enumerate(names):
+        df[f"p_{n}"] = probs[:, j].round(6)
+    df.to_csv(path, index=False)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def model_card(cfg: RunConfig, metrics: dict) -> str:
+    from .cards import render_model_card
+
+    return render_model_card(cfg, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: int | None = None) -> dict:
+    """Run one fine-tuning job end to end and return metrics (also written to metrics.json)."""
+    cfg = _coerce_config(config)
+    out = Path(cfg.output_dir)
+    main = is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = EventWriter(out / "events.jsonl", enabled=main, echo=echo)
+    stop_path = Path(stop_file) if stop_file else out / STOP_FILE
+    if main and stop_path.exists() and not cfg.resume:
+        stop_path.unlink()
+    try:
+        return _train(cfg, out, writer, stop_path, main, max_bytes)
+    except FinetuneError as exc:
+        writer.emit("error", message=exc.message)
+        raise
+    except Exception as exc:
+        writer.emit("error", message=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
+
+    t_start = time.time()
+    set_seed(cfg.seed)
+    threads = set_cpu_threads()
+    writer.emit("info", message=f"Loading model {cfg.model} ...")
+    path = resolve_model(cfg.model)
+    kind = model_kind(path)
+    if cfg.task == "instruction" and kind != "causal":
+        raise ConfigError(f"The model '{cfg.model}' is an encoder; it cannot generate text for instruction tuning.",
+                          "Use a causal LM such as bundled:smollm2-135m or gpt2.")
+    tokenizer = load_tokenizer(path, kind)
+    train_df, val_df, cols = _load_frames(cfg, max_bytes)
+
+    from .audit import audit_dataframe
+
+    if main:
+        dump_config(cfg, out / "run.yaml")
+    if cfg.task == "classification":
+        p = prepare_classification(cfg, tokenizer, train_df, val_df, cols)
+        audit_val = val_df
+    else:
+        p = prepare_instruction(cfg, tokenizer, train_df, val_df, cols)
+        audit_val = val_df
+    if main:
+        report = audit_dataframe(train_df, cfg.task, cols, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                                 val_df=audit_val, template=cfg.data.template)
+        write_json(out / "audit.json", report)
+        for w in report.get("warnings", []):
+            writer.emit("info", message=f"Audit: {w}")
+
+    if cfg.task == "classification":
+        model = _build_classifier(cfg, path, kind, p, tokenizer)
+        n_train = len(p.train_texts)
+    else:
+        model = load_model(path, "instruction", kind)
+        n_train = len(p.train_ex.input_ids)
+        if p.dropped_rows:
+            writer.emit("info", message=f"{p.dropped_rows} rows dropped: their prompt fills max_length="
+                                        f"{cfg.data.max_length}, leaving no response token to learn.")
+    model = apply_strategy(model, cfg.strategy, cfg.task)
+    summary = trainable_summary(model)
+    print(summary["line"], flush=True)
+    writer.emit("info", message=summary["line"], trainable_params=summary["trainable_params"],
+                total_params=summary["total_params"])
+
+    checkpoints = out / "checkpoints"
+    args, patience = resolve_training_args(cfg, kind, n_train, checkpoints)
+    callbacks = [EventsCallback(writer, stop_file=stop_path)]
+    if patience and args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
+    events_cb = callbacks[0]
+    Trainer = _make_trainer_class()
+
+    metrics: dict = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model,
+                     "model_kind": kind, "trainable_params": summary["trainable_params"],
+                     "total_params": summary["total_params"], "torch_threads": threads,
+                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                     "device": "cuda" if torch.cuda.is_available() else "cpu",
+                     "dropped_rows": int(p.dropped_rows)}
+
+    if cfg.task == "classification":
+        from .evaluation import compute_metrics_fn
+
+        use_cache = _want_cache(cfg, model)
+        metrics["cache_features"] = use_cache
+        if use_cache:
+            writer.emit("info", message="Caching features: the frozen encoder runs once over the data.")
+            train_ds, eval_ds, train_model = _cached_datasets(model, p, tokenizer, args)
+            collator = None
+        else:
+            from transformers import DataCollatorWithPadding
+
+            train_ds, eval_ds, train_model = _as_dataset(p.train_tok), _as_dataset(p.val_tok), model
+            collator = DataCollatorWithPadding(tokenizer)
+        trainer = Trainer(model=train_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=collator, processing_class=tokenizer if not use_cache else None,
+                          compute_metrics=compute_metrics_fn, callbacks=callbacks)
+        before = _classification_eval(trainer, eval_ds, p)
+        metrics["before_finetuning"] = {k: before[k] for k in ("accuracy", "f1_weighted", "f1_macro")}
+    else:
+        collator = D.CausalCollator(tokenizer.pad_token_id)
+        train_ds = _as_dataset({"input_ids": p.train_ex.input_ids, "labels": p.train_ex.labels,
+                                "length": [len(x) for x in p.train_ex.input_ids]})
+        eval_ds = _as_dataset({"input_ids": p.val_ex.input_ids, "labels": p.val_ex.labels})
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+        trainer.response_only = _response_only_ok(model)
+        metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix="_before"))
+        from .generate import generate_batch, heldout_prompts
+
+        writer.emit("info", message="Generating answers to held-out prompts before training ...")
+        before_generations = generate_batch(model, tokenizer, heldout_prompts(p)[0], p.template)
+
+    resume = _resume_checkpoint(checkpoints) if cfg.resume else None
+    if cfg.resume and resume is None:
+        writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
+    t0 = time.time()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise FinetuneError("Training ran out of memory.",
+                            "Lower per_device_train_batch_size or max_length, or use LoRA. Earlier checkpoints "
+                            "in checkpoints/ are intact; resume: true continues from the last one.") from exc
+    except OSError as exc:
+        if exc.errno == 28:
+            raise FinetuneError("The disk is full: a checkpoint could not be written.",
+                                "Free disk space (delete old runs), then resume: true continues from the last "
+                                "complete checkpoint.") from exc
+        raise
+    train_seconds = time.time() - t0
+    state = trainer.state
+    early = any(isinstance(c, EarlyStoppingCallback) for c in callbacks) and \
+        state.global_step < state.max_steps and not events_cb.stopped_by_user
+    metrics.update({"train_seconds": train_seconds, "train_samples": n_train,
+                    "train_loss": float(train_result.training_loss), "global_step": state.global_step,
+                    "max_steps": state.max_steps, "epochs_completed": float(state.epoch or 0),
+                    "stopped_early": bool(early or events_cb.stopped_by_user),
+                    "stopped_by_user": events_cb.stopped_by_user,
+                    "best_checkpoint": state.best_model_checkpoint})
+
+    if cfg.task == "classification":
+        final = _classification_eval(trainer, eval_ds, p)
+        metrics.update({k: final[k] for k in ("accuracy", "f1_weighted", "f1_macro", "labels", "per_class",
+                                              "confusion_matrix")})
+        from .evaluation import baselines, error_analysis
+
+        metrics["baselines"] = baselines(p.train_texts, p.train_labels, p.val_texts, p.val_labels)
+        metrics["error_analysis"] = error_analysis(p.val_texts, p.val_labels, final["pred"], final["probs"],
+                                                   p.label_names)
+        metrics["val_samples"] = len(p.val_texts)
+        if main:
+            write_predictions(out / "predictions.csv", p.val_texts, p.val_labels, final["pred"], final["probs"],
+                              p.label_names)
+    else:
+        metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix=""))
+        from .evaluation import forgetting_report
+
+        metrics.update(forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
+        metrics["val_samples"] = len(p.val_ex.input_ids)
+        metrics["template"] = p.template
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics["total_seconds"] = time.time() - t_start
+
+    if main:
+        _save_model(cfg, model, tokenizer, out, metrics)
+        write_json(out / "metrics.json", metrics)
+        if cfg.task == "instruction":
+            from .generate import write_generations
+
+            writer.emit("info", message="Generating answers to held-out prompts after training ...")
+            write_generations(out, model, tokenizer, p, metrics, before=before_generations)
+            write_json(out / "metrics.json", metrics)
+        if not events_cb.stopped_by_user:
+            # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    main_metric = metrics.get("f1_weighted", metrics.get("eval_loss"))
+    writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                message=f"Done in {train_seconds:.1f}s", train_seconds=train_seconds, main_metric=main_metric,
+                stopped_early=metrics["stopped_early"])
+    return metrics
+
+
+def _want_cache(cfg: RunConfig, model) -> bool:
+    ok, why = can_cache_features(model, cfg.strategy, cfg.task)
+    if cfg.strategy.cache_features is True and not ok:
+        raise ConfigError(f"strategy.cache_features is true but cannot be used: {why}.",
+                          "Set cache_features: auto (it turns on when valid).")
+    return ok if cfg.strategy.cache_features in ("auto", True) else False
+
+
+def _cached_datasets(model, p: _Prepared, tokenizer, args):
+    """Run the frozen encoder once (eval mode, no grad) and train the head on its outputs."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from .heads import CachedFeatureHead
+
+    collate = DataCollatorWithPadding(tokenizer)
+    model.eval()
+
+    def features(tok: dict) -> torch.Tensor:
+        n = len(tok["input_ids"])
+        order = sorted(range(n), key=lambda i: len(tok["input_ids"][i]))   # similar lengths: less padding
+        out = torch.empty(n, model.config.hidden_size)
+        with torch.no_grad():
+            for start in range(0, n, 64):
+                idx = order[start:start + 64]
+                batch = collate([{k: tok[k][i] for k in tok if k != "labels"} for i in idx])
+                out[idx] = model.features(**{k: v for k, v in batch.items() if k != "labels"})
+        return out
+
+    train_feats, val_feats = features(p.train_tok), features(p.val_tok)
+    train_ds = _as_dataset({"features": train_feats.numpy(), "labels": p.train_labels}).with_format("torch")
+    eval_ds = _as_dataset({"features": val_feats.numpy(), "labels": p.val_labels}).with_format("torch")
+    args.train_sampling_strategy = "random"   # features have no length
+    return train_ds, eval_ds, CachedFeatureHead(model)
+
+
+def _classification_eval(trainer, eval_ds, p: _Prepared) -> dict:
+    from .evaluation import classification_metrics, softmax
+
+    out = trainer.predict(eval_ds, metric_key_prefix="eval")
+    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    pred = probs.argmax(-1).tolist()
+    m = classification_metrics(p.val_labels, pred, p.label_names)
+    m.update(pred=pred, probs=probs)
+    return m
+
+
+def _lm_probe(model, tokenizer, p: _Prepared, collator, cfg: RunConfig, suffix: str) -> dict:
+    """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting)."""
+    import math
+
+    from .evaluation import general_text_paragraphs, perplexity, token_loss
+
+    feats = [{"input_ids": i, "labels": l} for i, l in zip(p.val_ex.input_ids, p.val_ex.labels)]
+    batches = [collator(feats[i:i + 8]) for i in range(0, len(feats), 8)]
+    loss, _ = token_loss(model, batches)
+    general = perplexity(model, tokenizer, general_text_paragraphs(), max_length=cfg.data.max_length)
+    return {f"eval_loss{suffix}": loss, f"perplexity{suffix}": math.exp(loss),
+            f"general_perplexity{suffix}": general}
+
+
+def _resume_checkpoint(checkpoints: Path) -> str | None:
+    """The newest *complete* checkpoint (trainer_state.json is written last)."""
+    if not checkpoints.is_dir():
+        return None
+    done = [c for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    if not done:
+        return None
+    return str(max(done, key=lambda c: int(c.name.split("-")[-1])))
+
+
+def _save_model(cfg: RunConfig, model, tokenizer, out: Path, metrics: dict) -> None:
+    target = out / "model"
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if cfg.strategy.name == "lora" and cfg.task == "classification":
+        # Keep the label names next to the adapter: AutoPeft loads the base with this config.
+        model.get_base_model().config.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
