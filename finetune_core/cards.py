@@ -10,6 +10,13 @@ def _fmt(v):
 
 
 def usage_snippet(task: str, strategy: str, model_dir: str = "path/to/model", mean_pooling: bool = False) -> str:
+    if strategy == "lora" and task == "classification":
+        return ("from peft import AutoPeftModelForSequenceClassification\n"
+                "from transformers import AutoConfig, AutoTokenizer\n\n"
+                f"labels = AutoConfig.from_pretrained(\"{model_dir}\").id2label   # this run's label names\n"
+                "model = AutoPeftModelForSequenceClassification.from_pretrained(\n"
+                f"    \"{model_dir}\", num_labels=len(labels), id2label=labels)\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n")
     if strategy == "lora":
         auto = "AutoPeftModelForSequenceClassification" if task == "classification" else "AutoPeftModelForCausalLM"
         return (f"from peft import {auto}\nfrom transformers import AutoTokenizer\n\n"

@@ -57,8 +57,12 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train import train
 
+    from .events import is_main_process
+
     cfg = load_config(args.config, args.set)
     metrics = train(cfg, echo=print_event)
+    if not is_main_process():
+        return 0      # under torchrun/accelerate, rank 0 alone reports
     keys = ("accuracy", "f1_weighted", "f1_macro") if cfg.task == "classification" else \
         ("eval_loss_before", "eval_loss", "perplexity", "general_perplexity_before", "general_perplexity", "rougeL")
     print("\nResults (validation):")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,25 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# YAML: PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; people mean the float (YAML 1.2).
+
+
+class _YamlLoader(yaml.SafeLoader):
+    pass
+
+
+_YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+                                  list("-+.0123456789"))
+
+
+def yaml_load(text: str):
+    """yaml.safe_load that also reads 1e-4 and 2E5 as floats."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+# ---------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
 
@@ -120,7 +140,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
                           "for example --set training.num_train_epochs=3.")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return [k for k in key.strip().split(".") if k], value
@@ -147,7 +167,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"Config file '{p}' does not exist.",
                               "Check the path; example configs are in examples/configs/.")
         try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            values = yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}.",
                               "Fix the indentation or quoting at the position shown.") from exc
@@ -222,6 +242,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not isinstance(cfg.training, dict):
         raise ConfigError("'training' must be a mapping of TrainingArguments fields.",
                           "For example: training: {num_train_epochs: 3, learning_rate: 2e-5}.")
+    for key, value in list(cfg.training.items()):
+        # YAML 1.1 reads a bare `no` as False: `eval_strategy: no` means the string "no".
+        if key.endswith("_strategy") and value is False:
+            cfg.training[key] = "no"
     valid = _training_arg_names() | set(EXTRA_TRAINING_KEYS)
     renamed = {"evaluation_strategy": "eval_strategy", "warmup_ratio": "warmup_steps",
                "group_by_length": "train_sampling_strategy", "tokenizer": "processing_class"}

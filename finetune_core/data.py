@@ -269,6 +269,11 @@ def label_names_for(values: pd.Series) -> list[str]:
     return sorted(str(v).strip() for v in uniq)
 
 
+def _missing(v) -> bool:
+    """None, NaN and pandas' NA (nullable dtypes, e.g. from Parquet) all mean 'no value'."""
+    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+
+
 def _label_str(v) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
@@ -279,12 +284,11 @@ def clean_classification(df: pd.DataFrame, text_col: str, label_col: str, name: 
     """Rows with a text and a label; labels as stripped strings. Raises on unusable data."""
     _check_flat_text(df[text_col], text_col)
     out = pd.DataFrame({"text": df[text_col], "label": df[label_col]})
-    out["label"] = out["label"].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v))
-                                    or str(v).strip() == "" else _label_str(v))
+    out["label"] = out["label"].map(lambda v: None if _missing(v) or str(v).strip() == "" else _label_str(v))
     if out["label"].isna().all():
         raise DataError(f"Every row of {name} has an empty label in column '{label_col}'.",
                         "Fill in the labels, or pick the right label column.")
-    out["text"] = out["text"].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    out["text"] = out["text"].map(lambda v: "" if _missing(v) else str(v))
     out = out[out["label"].notna()]
     out = out[out["text"].str.strip() != ""]
     if out.empty:
@@ -325,9 +329,7 @@ def tokenize_classification(texts, labels, tokenizer, max_length: int) -> dict:
 
 
 def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return ""
-    return str(v)
+    return "" if _missing(v) else str(v)
 
 
 def _parse_messages(value, row: int) -> list[dict]:

@@ -35,18 +35,7 @@ def load_for_inference(model_ref: str):
     path = Path(model_ref)
     run = _read_run_yaml(path) if path.is_dir() else {}
     if path.is_dir() and (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-
-        cls_task = (run.get("task") or "instruction") == "classification"
-        auto = AutoPeftModelForSequenceClassification if cls_task else AutoPeftModelForCausalLM
-        kwargs = {}
-        if cls_task and (path / "config.json").exists():
-            from transformers import AutoConfig
-
-            kwargs["config"] = AutoConfig.from_pretrained(path)
-        model = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs)
-        model = model.merge_and_unload()    # plain weights: faster generation, same outputs
-        task = "classification" if cls_task else "instruction"
+        model, task = load_lora(path, run)
         tokenizer = load_tokenizer(str(path))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -75,6 +64,31 @@ def load_for_inference(model_ref: str):
     return model, tokenizer, {"task": task, "template": template, "run": run}
 
 
+def load_lora(path: Path, run: dict | None = None):
+    """A saved LoRA run as a plain model (adapter merged): (model, task).
+
+    For classification the base is loaded with the run's saved config (label names, number of
+    labels), then the adapter and the trained head are applied.
+    """
+    import json as _json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    adapter = _json.loads((path / "adapter_config.json").read_text())
+    base_path = adapter["base_model_name_or_path"]
+    if adapter.get("task_type") == "SEQ_CLS":
+        config = AutoConfig.from_pretrained(path)
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config, dtype=torch.float32)
+        task = "classification"
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        task = "instruction"
+    model = PeftModel.from_pretrained(base, str(path))
+    return model.merge_and_unload(), task   # plain weights: faster inference, same outputs
+
+
 def _generation_kwargs(tokenizer, temperature: float, top_p: float, max_new_tokens: int, do_sample: bool) -> dict:
     kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -93,6 +107,7 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
 
     prompt = render_prompt(messages, template, tokenizer)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=(template != "chat"))
+    inputs.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(inputs, streamer=streamer, **_generation_kwargs(tokenizer, temperature, top_p, max_new_tokens,
                                                                    do_sample))
@@ -135,6 +150,7 @@ def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=(template != "chat"))
+            enc.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
                 out = model.generate(**enc, **_generation_kwargs(tokenizer, 0, 1, max_new_tokens, False))

@@ -45,6 +45,9 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
         self.encoder = AutoModel.from_config(enc_cfg)
         if hasattr(self.encoder, "pooler"):
             self.encoder.pooler = None     # unused: we pool ourselves
+        # LayerNorm first: mean-pooled states have a small norm, and a linear layer on them learns
+        # slowly at head-only learning rates (1e-3); normalised features converge in a few epochs.
+        self.norm = nn.LayerNorm(enc_cfg.hidden_size)
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(enc_cfg.hidden_size, config.num_labels)
         self.post_init()
@@ -79,7 +82,7 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
         return self
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(features))
+        return self.classifier(self.dropout(self.norm(features)))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **_):
         logits = self.head(self.features(input_ids, attention_mask, token_type_ids))
@@ -92,11 +95,12 @@ class CachedFeatureHead(nn.Module):
 
     def __init__(self, model: MeanPoolingForSequenceClassification):
         super().__init__()
+        self.norm = model.norm
         self.dropout = model.dropout
         self.classifier = model.classifier
 
     def forward(self, features=None, labels=None, **_):
-        logits = self.classifier(self.dropout(features))
+        logits = self.classifier(self.dropout(self.norm(features)))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
