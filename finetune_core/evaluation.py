@@ -67,10 +67,20 @@ def baselines(train_texts, train_labels, val_texts, val_labels) -> dict:
     maj_pred = np.full_like(val_labels, majority)
     out = {"majority": {"accuracy": float(accuracy_score(val_labels, maj_pred)),
                         "f1_weighted": float(f1_score(val_labels, maj_pred, average="weighted", zero_division=0))}}
-    pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                         LogisticRegression(max_iter=2000, C=10.0))
-    pipe.fit(list(train_texts), train_labels)
-    pred = pipe.predict(list(val_texts))
+    if len(values) < 2:
+        pred = maj_pred          # one class in the training split: logistic regression cannot fit
+    else:
+        try:
+            pipe = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                                 LogisticRegression(max_iter=2000, C=10.0))
+            pipe.fit(list(train_texts), train_labels)
+        except ValueError:
+            # "empty vocabulary": texts without any 2+ letter word (codes, emoji, single characters).
+            # Character n-grams still work, so the baseline never fails a finished run.
+            pipe = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),
+                                 LogisticRegression(max_iter=2000, C=10.0))
+            pipe.fit(list(train_texts), train_labels)
+        pred = pipe.predict(list(val_texts))
     out["tfidf_logreg"] = {"accuracy": float(accuracy_score(val_labels, pred)),
                            "f1_weighted": float(f1_score(val_labels, pred, average="weighted", zero_division=0))}
     return out

@@ -1,0 +1,151 @@
+"""Human ratings of answers, base model vs fine-tuned: the article's Level-3 exercise.
+
+    add_rating("runs/my-run", "How do I reset my password?", "finetuned", "Open Settings ...", 4)
+    read_ratings("runs/my-run")      # every rating, oldest first
+    rating_summary("runs/my-run")    # {"base": {"mean": 2.5, "n": 4, ...}, "finetuned": {"mean": 4.0, "n": 4, ...}}
+
+Ratings live in `<run_dir>/ratings.jsonl`, one JSON object per line, so they survive restarts of
+the app and travel with the run folder. Each append is a single write of one whole line, under an
+exclusive file lock where the OS has one, flushed and fsynced before add_rating returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .errors import FinetuneError
+
+RATINGS_FILE = "ratings.jsonl"
+MODELS = ("base", "finetuned")
+MIN_SCORE, MAX_SCORE = 1, 5
+MAX_TEXT_CHARS = 20_000          # one rating line stays small; longer answers are cut, and marked
+
+
+def ratings_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RATINGS_FILE
+
+
+def _score(score) -> int:
+    """An integer 1..5; integral floats (4.0) and digit strings ("4") from UI widgets are accepted."""
+    value = None
+    if isinstance(score, bool):
+        value = None
+    elif isinstance(score, int):
+        value = score
+    elif isinstance(score, float) and math.isfinite(score) and score.is_integer():
+        value = int(score)
+    elif isinstance(score, str) and score.strip().lstrip("+").isdigit():
+        value = int(score.strip())
+    if value is None or not MIN_SCORE <= value <= MAX_SCORE:
+        raise FinetuneError(f"A rating must be a whole number from {MIN_SCORE} to {MAX_SCORE}, got {score!r}.",
+                            f"Pick a score between {MIN_SCORE} (bad) and {MAX_SCORE} (excellent).")
+    return value
+
+
+def _text(value, what: str, required: bool) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise FinetuneError(f"The {what} to rate must be text, got {type(value).__name__}.", "Pass a string.")
+    if required and not value.strip():
+        raise FinetuneError(f"The {what} to rate is empty.", f"Enter a {what} first, then rate the answer.")
+    if len(value) > MAX_TEXT_CHARS:
+        value = value[:MAX_TEXT_CHARS] + " [...]"
+    return value
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line atomically: O_APPEND, one write(), lock, flush + fsync."""
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):   # pragma: no cover - Windows or a filesystem without locks
+            pass
+        size = os.fstat(fd).st_size
+        if size:
+            # A crash mid-write could have left a half line: start ours on a fresh line so both survive
+            # (read_ratings skips the broken one).
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)      # closing releases the lock
+
+
+def add_rating(run_dir: str | Path, prompt: str, model: str, answer: str, score, session: str | None = None) -> dict:
+    """Append one rating to `<run_dir>/ratings.jsonl` and return the stored record.
+
+    model: 'base' (the model before fine-tuning) or 'finetuned'. score: 1..5, else FinetuneError.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FinetuneError(f"The run folder '{run}' does not exist, so the rating has nowhere to go.",
+                            "Pick a finished run first (its folder holds metrics.json and model/).")
+    model = str(model).strip().lower() if model is not None else ""
+    if model not in MODELS:
+        raise FinetuneError(f"A rating is for the 'base' or the 'finetuned' model, got {model!r}.",
+                            "Use model='base' or model='finetuned'.")
+    record = {
+        "id": uuid.uuid4().hex,
+        "time": time.time(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompt": _text(prompt, "prompt", required=True),
+        "model": model,
+        "answer": _text(answer, "answer", required=False),
+        "score": _score(score),
+        "session": None if session is None else str(session),
+    }
+    _append_line(ratings_path(run), json.dumps(record, ensure_ascii=False))
+    return record
+
+
+def _valid(rec) -> bool:
+    return (isinstance(rec, dict) and rec.get("model") in MODELS and isinstance(rec.get("score"), int)
+            and not isinstance(rec.get("score"), bool) and MIN_SCORE <= rec["score"] <= MAX_SCORE)
+
+
+def read_ratings(run_dir: str | Path, session: str | None = None) -> list[dict]:
+    """Every valid rating of the run, oldest first (broken or foreign lines are skipped).
+
+    session: only that session's ratings (None = all)."""
+    path = ratings_path(run_dir)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if _valid(rec) and (session is None or rec.get("session") == session):
+                out.append(rec)
+    return out
+
+
+def rating_summary(run_dir: str | Path, session: str | None = None) -> dict:
+    """{"base": {"mean", "n", "counts"}, "finetuned": {...}}; mean is None when there is no rating."""
+    ratings = read_ratings(run_dir, session=session)
+    summary = {}
+    for m in MODELS:
+        scores = [r["score"] for r in ratings if r["model"] == m]
+        summary[m] = {"mean": (sum(scores) / len(scores)) if scores else None, "n": len(scores),
+                      "counts": {str(s): scores.count(s) for s in range(MIN_SCORE, MAX_SCORE + 1)}}
+    return summary
