@@ -97,6 +97,15 @@ def yaml_load(text: str):
 # dict <-> dataclass
 
 
+def _is_int(value) -> bool:
+    """A whole number, but not a boolean (YAML `true` is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _closest(name: str, options) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
@@ -143,7 +152,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return [k for k in key.strip().split(".") if k], value
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"Override '{item}' has no key before the '='.", "Write overrides as --set key.sub=value, "
+                          "for example --set training.num_train_epochs=3.")
+    return keys, value
 
 
 def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
@@ -151,10 +164,14 @@ def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         keys, value = parse_override(item)
         node = values
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1]):
             if node.get(k) is None:
                 node[k] = {}
             node = node[k]
+            if not isinstance(node, dict):
+                where = ".".join(keys[:depth + 1])
+                raise ConfigError(f"Override '{item}': '{where}' is a value ({node!r}), not a section with keys.",
+                                  f"Set it directly with --set {where}=..., or check the key's spelling.")
         node[keys[-1]] = value
     return values
 
@@ -169,7 +186,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             values = yaml_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{p}' is not valid YAML: {exc}.",
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"Config file '{p}' is not valid YAML{where}: {what}.",
                               "Fix the indentation or quoting at the position shown.") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"Config file '{p}' must contain a mapping (key: value lines).",
@@ -216,27 +236,27 @@ def validate(cfg: RunConfig) -> RunConfig:
     if s.name not in STRATEGIES:
         raise ConfigError(f"Unknown strategy '{s.name}'.{_closest(str(s.name), STRATEGIES)}",
                           f"Use one of: {', '.join(STRATEGIES)}.")
-    if not (s.frozen_layers == "all" or (isinstance(s.frozen_layers, int) and s.frozen_layers >= 0)):
+    if not (s.frozen_layers == "all" or (_is_int(s.frozen_layers) and s.frozen_layers >= 0)):
         raise ConfigError(f"strategy.frozen_layers must be 'all' or a whole number >= 0, got {s.frozen_layers!r}.",
                           "Use all (only the new head trains) or N (embeddings + first N blocks frozen).")
     if s.cache_features not in ("auto", True, False):
         raise ConfigError(f"strategy.cache_features must be auto, true or false, got {s.cache_features!r}.",
                           "Use auto unless you are measuring its effect.")
     lora = s.lora
-    if not isinstance(lora.r, int) or lora.r <= 0:
+    if not _is_int(lora.r) or lora.r <= 0:
         raise ConfigError(f"strategy.lora.r must be a positive whole number, got {lora.r!r}.", "Typical: 8 or 16.")
-    if not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0:
+    if not _is_number(lora.alpha) or lora.alpha <= 0:
         raise ConfigError(f"strategy.lora.alpha must be positive, got {lora.alpha!r}.", "Typical: 2 x r.")
-    if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+    if not _is_number(lora.dropout) or not 0 <= lora.dropout < 1:
         raise ConfigError(f"strategy.lora.dropout must be in [0, 1), got {lora.dropout!r}.", "Typical: 0.05.")
     d = cfg.data
     if d.template not in TEMPLATES:
         raise ConfigError(f"Unknown data.template '{d.template}'.{_closest(str(d.template), TEMPLATES)}",
                           f"Use one of: {', '.join(TEMPLATES)}.")
-    if not isinstance(d.val_size, (int, float)) or not 0 < d.val_size < 1:
+    if not _is_number(d.val_size) or not 0 < d.val_size < 1:
         raise ConfigError(f"data.val_size must be a fraction between 0 and 1, got {d.val_size!r}.",
                           "Typical: 0.2 (20% of the rows are held out for validation).")
-    if not isinstance(d.max_length, int) or d.max_length < 16:
+    if not _is_int(d.max_length) or d.max_length < 16:
         raise ConfigError(f"data.max_length must be a whole number >= 16, got {d.max_length!r}.",
                           "Typical: 128 to 512 tokens.")
     if not isinstance(cfg.training, dict):
@@ -256,9 +276,48 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"Unknown training option 'training.{key}'.{hint}",
                               "training: accepts any transformers.TrainingArguments field plus "
                               "early_stopping_patience.")
-    if not isinstance(cfg.seed, int):
+    _validate_training_values(cfg.training)
+    if not _is_int(cfg.seed):
         raise ConfigError(f"seed must be a whole number, got {cfg.seed!r}.", "For example: seed: 42.")
     return cfg
+
+
+# training: values TrainingArguments would accept but that fail (or silently do nothing) later.
+# key -> (kind, minimum, strict, example); kind "int" = whole number, "number" = int or float.
+_TRAINING_RANGES = {
+    "learning_rate": ("number", 0, True, "Typical: 2e-5 (full), 1e-3 (frozen head), 2e-4 to 1e-3 (LoRA)."),
+    "num_train_epochs": ("number", 0, True, "Typical: 3 to 10."),
+    "per_device_train_batch_size": ("int", 1, False, "Typical: 8 to 32."),
+    "per_device_eval_batch_size": ("int", 1, False, "Typical: 32."),
+    "gradient_accumulation_steps": ("int", 1, False, "Typical: 1 to 8."),
+    "weight_decay": ("number", 0, False, "Typical: 0.01."),
+    "warmup_steps": ("number", 0, False, "A float below 1 is a ratio (0.1), a whole number a step count."),
+    "max_grad_norm": ("number", 0, False, "Typical: 1.0."),
+    "logging_steps": ("number", 0, True, "Typical: 10."),
+    "eval_steps": ("number", 0, True, "Typical: 50."),
+    "save_steps": ("number", 0, True, "Typical: 50."),
+    "max_steps": ("int", None, False, "A positive step count, or -1 to train num_train_epochs."),
+    "save_total_limit": ("int", 0, False, "Typical: 2."),
+    "early_stopping_patience": ("int", 0, False, "Typical: 2 evaluations without improvement; 0 turns it off."),
+}
+
+
+def _validate_training_values(training: dict) -> None:
+    for key, (kind, minimum, strict, example) in _TRAINING_RANGES.items():
+        value = training.get(key)
+        if value is None:
+            continue
+        if key == "num_train_epochs" and _is_int(training.get("max_steps")) and training["max_steps"] > 0:
+            continue          # max_steps decides the length; epochs are ignored
+        ok = _is_int(value) if kind == "int" else _is_number(value)
+        if ok and minimum is not None:
+            ok = value > minimum if strict else value >= minimum
+        if not ok:
+            if kind == "int":
+                what = "a whole number" + (f" >= {minimum}" if minimum is not None else "")
+            else:
+                what = "a positive number" if strict else f"a number >= {minimum}"
+            raise ConfigError(f"training.{key} must be {what}, got {value!r}.", example)
 
 
 # ---------------------------------------------------------------------------------------------

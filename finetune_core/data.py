@@ -71,6 +71,11 @@ def _read_delimited(text: str, name: str, sep: str | None) -> pd.DataFrame:
         raise DataError(f"'{name}' could not be parsed as a table: {str(exc).strip()}",
                         "Check that every row has the same number of fields and that text with commas is "
                         "quoted.") from exc
+    if not isinstance(df.index, pd.RangeIndex):
+        raise DataError(f"'{name}' has more fields in its rows than names in its header: a text with commas "
+                        "(or another delimiter) is probably not quoted.",
+                        'Put quotes around texts that contain the delimiter ("a, b",label), or add the missing '
+                        "column names to the header.")
     return df
 
 
@@ -112,11 +117,30 @@ def _read_jsonl(text: str, name: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_table(path: str | Path, max_bytes: int | None = None) -> pd.DataFrame:
-    """Read CSV/TSV/JSON/JSONL/Parquet into a DataFrame, or raise DataError with the fix."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def read_table(path: str | Path, max_bytes: int | None = None, max_rows: int | None = None) -> pd.DataFrame:
+    """Read CSV/TSV/JSON/JSONL/Parquet into a DataFrame, or raise DataError with the fix.
+
+    max_bytes / max_rows: None = the deployment limits from the environment (finetune_core.limits:
+    FINETUNE_MAX_UPLOAD_MB when set, FINETUNE_MAX_ROWS), which are unset on a local machine.
+    """
+    from . import limits
+
     path = Path(path)
     name = path.name
+    size_var = rows_var = ""
+    if max_bytes is None:
+        max_bytes, size_var = limits.engine_max_bytes(), " (FINETUNE_MAX_UPLOAD_MB)"
+    if max_rows is None:
+        max_rows, rows_var = limits.max_rows(), " (FINETUNE_MAX_ROWS)"
     if not path.exists():
+        if _HUB_ID.fullmatch(str(path)) and path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            raise DataError(f"The data file '{path}' does not exist. It looks like a Hugging Face Hub dataset id; "
+                            "FineTune Lab reads local files only and never downloads datasets.",
+                            "Download the dataset once (datasets.load_dataset(...).to_csv('train.csv')) and give "
+                            "the path of that file.")
         raise DataError(f"The data file '{path}' does not exist.", "Check the path and the file name.")
     if path.is_dir():
         raise DataError(f"'{path}' is a folder, not a data file.", "Give the path of a CSV, JSON(L) or Parquet file.")
@@ -128,7 +152,8 @@ def read_table(path: str | Path, max_bytes: int | None = None) -> pd.DataFrame:
     if size == 0:
         raise DataError(f"'{name}' is empty (0 bytes).", "Upload a file with a header row and data rows.")
     if max_bytes is not None and size > max_bytes:
-        raise DataError(f"'{name}' is {size / 1e6:.1f} MB, above this app's limit of {max_bytes / 1e6:.0f} MB.",
+        raise DataError(f"'{name}' is {size / 1e6:.1f} MB, above this app's limit of {max_bytes / 1e6:g} MB"
+                        f"{size_var}.",
                         "Upload a smaller sample, or run the CLI on your own machine for large files.")
     if ext == ".parquet":
         try:
@@ -155,6 +180,10 @@ def read_table(path: str | Path, max_bytes: int | None = None) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"'{name}' has a header ({', '.join(map(str, df.columns))}) but no data rows.",
                         "Add rows below the header.")
+    if max_rows is not None and len(df) > max_rows:
+        raise DataError(f"'{name}' has {len(df):,} rows, above this app's limit of {max_rows:,} rows{rows_var}.",
+                        f"Upload a sample of at most {max_rows:,} rows, or run FineTune Lab on your own machine "
+                        "for larger data.")
     dupes = [c for c in df.columns if re.fullmatch(r"(.+)\.\d+", str(c)) and
              re.fullmatch(r"(.+)\.\d+", str(c)).group(1) in df.columns]
     if dupes:
@@ -191,6 +220,11 @@ def detect_columns(df: pd.DataFrame, task: str, data_cfg=None, name: str = "the 
     """
     cols = list(df.columns)
     given = data_cfg
+    if len(cols) == 1 and not (task == "instruction" and str(cols[0]).lower() in ("messages", "conversations")):
+        raise DataError(f"{name} has only one column ('{cols[0]}'): the file may use a delimiter other than "
+                        "comma, semicolon, tab or |, or hold a single field.",
+                        "Save it as a comma-separated CSV (or .tsv for tabs) with a header row naming the "
+                        "columns, e.g. text,label.")
     if task == "classification":
         text = getattr(given, "text_column", None) or _pick(cols, TEXT_CANDIDATES)
         label = getattr(given, "label_column", None) or _pick(cols, LABEL_CANDIDATES)
@@ -293,6 +327,10 @@ def clean_classification(df: pd.DataFrame, text_col: str, label_col: str, name: 
     out = out[out["text"].str.strip() != ""]
     if out.empty:
         raise DataError(f"{name} has no row with both a text and a label.", "Check the column mapping.")
+    if len(out) < 2:
+        raise DataError(f"{name} has only 1 usable row (a text with a label); a classifier needs examples of "
+                        "at least two classes, and some to hold out for validation.",
+                        "Add more rows (at least 20 is sensible).")
     n_classes = out["label"].nunique()
     if n_classes < 2:
         raise DataError(f"{name} has only one class ('{out['label'].iloc[0]}'); a classifier needs at least two.",
@@ -307,13 +345,33 @@ def split_frame(df: pd.DataFrame, val_size: float, seed: int, stratify: str | No
     if len(df) < 2:
         raise DataError(f"Only {len(df)} usable row(s): too few to hold out a validation set.",
                         "Add more rows (at least 20 is sensible), or give a separate validation file.")
-    strat = None
+    if len(df) - int(np.ceil(val_size * len(df))) < 1:
+        raise DataError(f"data.val_size={val_size} leaves no rows for training ({len(df)} usable rows).",
+                        "Lower data.val_size (0.2 is usual), add rows, or give a separate validation file.")
+    strat, rare = None, None
     if stratify is not None:
         counts = df[stratify].value_counts()
+        if counts.max() < 2:
+            raise DataError(f"The data has {len(counts)} classes in {len(df)} rows: every class has a single "
+                            "example, so nothing can be learned or held out per class.",
+                            "Give at least 2 examples per class (20+ is better), or check that the label column "
+                            "is the class and not an id or the text.")
+        # A class with one row cannot be in both parts: keep it for training (validation never shows a label
+        # the model has not seen).
+        single = df[stratify].map(counts) < 2
+        if single.any():
+            rare, df = df[single], df[~single]
+            counts = counts[counts >= 2]
         n_val = int(np.ceil(val_size * len(df)))
-        if counts.min() >= 2 and n_val >= len(counts) and len(df) - n_val >= len(counts):
+        if n_val >= len(counts) and len(df) - n_val >= len(counts):
             strat = df[stratify]
-    train_df, val_df = train_test_split(df, test_size=val_size, random_state=seed, stratify=strat)
+    try:
+        train_df, val_df = train_test_split(df, test_size=val_size, random_state=seed, stratify=strat)
+    except ValueError as exc:
+        raise DataError(f"The data ({len(df)} rows) cannot be split with data.val_size={val_size}: {exc}",
+                        "Add rows, change data.val_size, or give a separate validation file.") from exc
+    if rare is not None:
+        train_df = pd.concat([train_df, rare])
     return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
 
 

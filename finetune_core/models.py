@@ -157,6 +157,7 @@ def resolve_model(model_id: str, allowed_roots: list[str | Path] | None = None) 
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelError(f"The folder '{model_id}' is not a model directory (no config.json in it).",
                              "Point to the folder that holds config.json and the weights, such as runs/NAME/model.")
+        _check_model_dir(path, model_id)
         return str(path)
     # A hub id: check we can reach its config (cached or online) before any long work starts.
     from transformers import AutoConfig
@@ -173,6 +174,29 @@ def resolve_model(model_id: str, allowed_roots: list[str | Path] | None = None) 
         raise ModelError(f"'{model_id}' is not a known model id: {str(exc).splitlines()[0]}",
                          "Check the spelling on huggingface.co, or use a bundled model.") from exc
     return model_id
+
+
+def _check_model_dir(path: Path, model_id: str) -> None:
+    """Refuse, with a message, a local folder whose config cannot be read (before any data work).
+
+    Custom model code is never run: transformers refuses configs with `auto_map` unless trust_remote_code
+    is passed, and this package never passes it.
+    """
+    if (path / "config.json").exists():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001 - JSON, unknown model_type, remote code: several types
+            text = str(exc)
+            if "trust_remote_code" in text or "custom code" in text:
+                raise ModelError(f"The model in '{model_id}' needs its own custom code (trust_remote_code), "
+                                 "which FineTune Lab never runs.",
+                                 "Use a model whose architecture transformers knows (BERT, RoBERTa, Llama, GPT-2, "
+                                 "...), or a bundled model.") from exc
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise ModelError(f"The model's config.json in '{model_id}' cannot be read: {first}",
+                             "Re-save the model with save_pretrained(), or point to another model folder.") from exc
 
 
 def _is_peft_dir(path: str) -> bool:
@@ -199,10 +223,23 @@ def model_kind(path_or_id: str) -> str:
     return "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str, kind: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    fix = ("The model folder needs its tokenizer files (tokenizer.json or vocab files, tokenizer_config.json); "
+           "save them with tokenizer.save_pretrained() next to the weights.")
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer (every word [UNK]) and train on nothing
+        raise ModelError(f"The tokenizer of '{path}' cannot be loaded: the folder has no tokenizer files.", fix)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - missing files, bad JSON, unknown tokenizer class
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"The tokenizer of '{path}' cannot be loaded: {first}", fix) from exc
     if tokenizer.pad_token is None:
         # Causal LMs often ship without a pad token; eos is safe because labels are masked by
         # attention position, never by token id.
@@ -217,17 +254,29 @@ def load_model(path: str, task: str, kind: str, num_labels: int | None = None,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     t0 = time.time()
-    if task == "instruction":
-        if kind != "causal":
-            raise ModelError(f"The model '{path}' is an encoder ({kind}); it cannot generate text.",
-                             "For instruction tuning pick a causal LM such as bundled:smollm2-135m or gpt2.")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
-        label2id = {v: int(k) for k, v in (id2label or {}).items()}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, id2label=id2label, label2id=label2id, dtype=torch.float32)
-        if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
-            model.config.pad_token_id = pad_token_id   # causal LMs classify from the last non-pad token
+    if task == "instruction" and kind != "causal":
+        raise ModelError(f"The model '{path}' is an encoder ({kind}); it cannot generate text.",
+                         "For instruction tuning pick a causal LM such as bundled:smollm2-135m or gpt2.")
+    try:
+        if task == "instruction":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            label2id = {v: int(k) for k, v in (id2label or {}).items()}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, id2label=id2label, label2id=label2id, dtype=torch.float32)
+    except (MemoryError, torch.OutOfMemoryError, ModelError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - missing or corrupt weights raise OSError, SafetensorError, ...
+        text = str(exc).strip()
+        fix = ("Point to a complete model folder (config.json, model.safetensors and the tokenizer files), such "
+               "as a run's model/ folder, or re-save the model with save_pretrained().")
+        if "no file named" in text:
+            raise ModelError(f"The model folder '{path}' has no weights (no model.safetensors or "
+                             "pytorch_model.bin in it).", fix) from exc
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ModelError(f"The weights of '{path}' cannot be loaded: {first}", fix) from exc
+    if task != "instruction" and getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id   # causal LMs classify from the last non-pad token
     model.config.use_cache = False
     model._finetune_load_seconds = time.time() - t0
     return model

@@ -10,6 +10,7 @@ predictions.csv (classification), generations.jsonl (instruction). Rank 0 alone 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -236,9 +237,16 @@ def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: 
 
 
 def safe_csv_cell(value):
-    """Neutralise spreadsheet formulas (=, +, -, @ at the start) so exports never execute code."""
+    """Neutralise spreadsheet formulas (=, +, -, @, tab, CR at the start) so exports never execute code.
+
+    A plain number such as "-1" or "+0.5" is no formula and stays as it is.
+    """
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
     return value
 
 
@@ -247,8 +255,8 @@ def write_predictions(path: Path, texts, y_true, y_pred, probs, names) -> None:
 
     df = pd.DataFrame({
         "text": [safe_csv_cell(t) for t in texts],
-        "true_label": [names[i] for i in y_true],
-        "predicted_label": [names[i] for i in y_pred],
+        "true_label": [safe_csv_cell(names[i]) for i in y_true],
+        "predicted_label": [safe_csv_cell(names[i]) for i in y_pred],
         "confidence": [float(probs[i, p]) for i, p in enumerate(y_pred)],
         "correct": [bool(a == b) for a, b in zip(y_true, y_pred)],
     })
@@ -287,8 +295,36 @@ def model_card(cfg: RunConfig, metrics: dict) -> str:
 # the run
 
 
+def _resource_error(exc: BaseException) -> FinetuneError | None:
+    """A FinetuneError for a full disk or exhausted memory anywhere in `exc`'s chain, else None.
+
+    A full disk shows up as OSError(ENOSPC) from Python and safetensors, but as a RuntimeError
+    ("file write failed") from torch.save's zip writer.
+    """
+    import torch
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text \
+                or "file write failed" in text:
+            return FinetuneError("The disk is full: a checkpoint or the model could not be written.",
+                                 "Free disk space (delete old runs), then run again with resume: true to continue "
+                                 "from the last complete checkpoint in checkpoints/.")
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            return FinetuneError("Training ran out of memory.",
+                                 "Lower per_device_train_batch_size or data.max_length, or use LoRA. Earlier "
+                                 "checkpoints in checkpoints/ are intact; resume: true continues from the last one.")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: int | None = None) -> dict:
-    """Run one fine-tuning job end to end and return metrics (also written to metrics.json)."""
+    """Run one fine-tuning job end to end and return metrics (also written to metrics.json).
+
+    events.jsonl is appended to, never truncated: a resumed (or repeated) run continues the same file.
+    """
     cfg = _coerce_config(config)
     out = Path(cfg.output_dir)
     main = is_main_process()
@@ -296,15 +332,26 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
         out.mkdir(parents=True, exist_ok=True)
     writer = EventWriter(out / "events.jsonl", enabled=main, echo=echo)
     stop_path = Path(stop_file) if stop_file else out / STOP_FILE
-    if main and stop_path.exists() and not cfg.resume:
-        stop_path.unlink()
+    if main and stop_path.exists():
+        stop_path.unlink()   # a stale request, also when resuming: the STOP that ended the last run is spent
+
+    def report(message: str) -> None:
+        try:
+            writer.emit("error", message=message)
+        except OSError:      # the disk may be full: the exception still reaches the caller
+            pass
+
     try:
         return _train(cfg, out, writer, stop_path, main, max_bytes)
     except FinetuneError as exc:
-        writer.emit("error", message=exc.message)
+        report(exc.message)
         raise
     except Exception as exc:
-        writer.emit("error", message=f"{type(exc).__name__}: {exc}")
+        friendly = _resource_error(exc)
+        if friendly is not None:
+            report(friendly.message)
+            raise friendly from exc
+        report(f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -358,7 +405,25 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
 
     checkpoints = out / "checkpoints"
     args, patience = resolve_training_args(cfg, kind, n_train, checkpoints)
+    if not args.push_to_hub:
+        args.hub_token = None        # unused without push_to_hub; never pickled into checkpoints/training_args.bin
     callbacks = [EventsCallback(writer, stop_file=stop_path)]
+    from . import limits
+
+    step_cap, minutes_cap = limits.max_steps(), limits.max_minutes()
+    if step_cap:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batches = -(-n_train // max(1, args.per_device_train_batch_size * world))
+        planned = args.max_steps if args.max_steps > 0 else \
+            int(np.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
+        if planned > step_cap:
+            args.max_steps = step_cap
+            writer.emit("info", message=f"This deployment limits a run to {step_cap} steps (FINETUNE_MAX_STEPS); "
+                                        f"training {step_cap} of the {planned} planned steps.")
+    time_limit = None
+    if minutes_cap:
+        time_limit = limits.time_limit_callback(t_start + 60 * minutes_cap, writer, minutes_cap)
+        callbacks.append(time_limit)
     if patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
     events_cb = callbacks[0]
@@ -412,26 +477,27 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     t0 = time.time()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
-    except (MemoryError, torch.OutOfMemoryError) as exc:
-        raise FinetuneError("Training ran out of memory.",
-                            "Lower per_device_train_batch_size or max_length, or use LoRA. Earlier checkpoints "
-                            "in checkpoints/ are intact; resume: true continues from the last one.") from exc
-    except OSError as exc:
-        if exc.errno == 28:
-            raise FinetuneError("The disk is full: a checkpoint could not be written.",
-                                "Free disk space (delete old runs), then resume: true continues from the last "
-                                "complete checkpoint.") from exc
-        raise
+    except Exception as exc:
+        friendly = _resource_error(exc)
+        if friendly is None:
+            raise
+        if main and checkpoints.is_dir():
+            # a checkpoint cut off by the failure must not be taken for the latest one
+            for c in checkpoints.glob("checkpoint-*"):
+                if not _checkpoint_complete(c):
+                    shutil.rmtree(c, ignore_errors=True)
+        raise friendly from exc
     # Feature caching is part of training's cost: count it, so cached and uncached runs compare fairly.
     train_seconds = time.time() - t0 + metrics.get("feature_seconds", 0.0)
     state = trainer.state
+    timed_out = bool(time_limit is not None and time_limit.triggered)
     early = any(isinstance(c, EarlyStoppingCallback) for c in callbacks) and \
         state.global_step < state.max_steps and not events_cb.stopped_by_user
     metrics.update({"train_seconds": train_seconds, "train_samples": n_train,
                     "train_loss": float(train_result.training_loss), "global_step": state.global_step,
                     "max_steps": state.max_steps, "epochs_completed": float(state.epoch or 0),
-                    "stopped_early": bool(early or events_cb.stopped_by_user),
-                    "stopped_by_user": events_cb.stopped_by_user,
+                    "stopped_early": bool(early or events_cb.stopped_by_user or timed_out),
+                    "stopped_by_user": events_cb.stopped_by_user, "stopped_by_time_limit": timed_out,
                     "best_checkpoint": state.best_model_checkpoint})
 
     if cfg.task == "classification":
@@ -538,11 +604,27 @@ def _lm_probe(model, tokenizer, p: _Prepared, collator, cfg: RunConfig, suffix: 
             f"general_perplexity{suffix}": general}
 
 
+def _checkpoint_complete(c: Path) -> bool:
+    """The Trainer writes weights, optimizer, RNG state, then trainer_state.json last: a checkpoint is
+    complete when that file parses and names its step, and the weights are there and not empty."""
+    if not c.is_dir() or not c.name.split("-")[-1].isdigit():
+        return False
+    try:
+        state = json.loads((c / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or "global_step" not in state:
+        return False
+    weights = [w for pattern in ("*.safetensors", "pytorch_model*.bin") for w in c.glob(pattern)
+               if w.stat().st_size > 0]
+    return bool(weights)
+
+
 def _resume_checkpoint(checkpoints: Path) -> str | None:
-    """The newest *complete* checkpoint (trainer_state.json is written last)."""
+    """The newest *complete* checkpoint; half-written ones (a crash or a full disk) are skipped."""
     if not checkpoints.is_dir():
         return None
-    done = [c for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    done = [c for c in checkpoints.glob("checkpoint-*") if _checkpoint_complete(c)]
     if not done:
         return None
     return str(max(done, key=lambda c: int(c.name.split("-")[-1])))
@@ -552,11 +634,15 @@ def _save_model(cfg: RunConfig, model, tokenizer, out: Path, metrics: dict) -> N
     target = out / "model"
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if cfg.strategy.name == "lora" and cfg.task == "classification":
-        # Keep the label names next to the adapter: AutoPeft loads the base with this config.
-        model.get_base_model().config.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
+    try:
+        model.save_pretrained(tmp)        # safetensors: transformers 5 writes no pickle weights
+        tokenizer.save_pretrained(tmp)
+        if cfg.strategy.name == "lora" and cfg.task == "classification":
+            # Keep the label names next to the adapter: AutoPeft loads the base with this config.
+            model.get_base_model().config.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # never leave half a model behind (e.g. the disk filled up)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

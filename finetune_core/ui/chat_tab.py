@@ -1,0 +1,300 @@
+"""Chat tab: base vs fine-tuned answers side by side (streamed), ratings, held-out test, classifier probe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import FinetuneError, ModelError
+from ..jobs import owner_key
+from ..ratings import add_rating, rating_summary
+from .common import AppContext, dropdown_update, owner_of, run_choices, user_errors
+from .evaluate_tab import prompt_preview, read_generations
+
+BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smollm2-135m")]
+INFERENCE_LIMIT = int(os.environ.get("FINETUNE_INFERENCE_CONCURRENCY", "1"))
+
+
+def _run_yaml(run_dir: Path) -> dict:
+    import yaml
+
+    for name in ("run.yaml", "run_request.yaml"):
+        if (run_dir / name).exists():
+            return yaml.safe_load((run_dir / name).read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, str | None, Path | None]:
+    """(base model ref, fine-tuned model dir or None, run dir or None) for a Chat dropdown value."""
+    choice = (choice or "").strip()
+    if not choice:
+        raise FinetuneError("No model selected.", "Pick an instruction run or the bundled SmolLM2.")
+    from ..jobs import _RUN_ID
+
+    if _RUN_ID.match(choice) and (ctx.runs_dir / choice).is_dir():
+        run_dir = ctx.run_dir(choice, owner)
+        info = _run_yaml(run_dir)
+        if info.get("task") == "classification":
+            raise FinetuneError("This run is a classifier: it predicts labels, it does not chat.",
+                                "Use 'Try the classifier' below, or pick an instruction run.")
+        if not (run_dir / "model").is_dir():
+            raise FinetuneError("This run has no saved model yet.", "Wait for it to finish, or pick another run.")
+        return info.get("model", "bundled:smollm2-135m"), str(run_dir / "model"), run_dir
+    if choice.startswith("bundled:") or "/" in choice and not choice.startswith((".", "/", "~")):
+        from ..models import resolve_model
+
+        resolve_model(choice, allowed_roots=[ctx.runs_dir])    # clear message when offline / unknown
+        return choice, None, None
+    raise FinetuneError(f"'{choice}' is neither a run nor a model id.", "Pick an entry from the list.")
+
+
+def _inference(ref: str):
+    from ..generate import load_for_inference
+
+    try:
+        return load_for_inference(ref)
+    except FinetuneError:
+        raise
+    except OSError as exc:
+        raise ModelError(f"Could not load the model '{ref}': {str(exc).splitlines()[0]}",
+                         "Check the run finished, or that the Hub is reachable for hub models.") from None
+
+
+def ratings_md(run_dir: Path | None) -> str:
+    if run_dir is None:
+        return "Ratings are saved per run: pick a fine-tuned run to rate its answers."
+    s = rating_summary(run_dir)
+
+    def one(name, d):
+        return f"{name}: **{d['mean']:.2f}** / 5 ({d['n']} ratings)" if d["n"] else f"{name}: no ratings yet"
+
+    return "Average rating · " + one("base", s["base"]) + " · " + one("fine-tuned", s["finetuned"])
+
+
+def build(ctx: AppContext, ui) -> None:
+    gr.Markdown("Ask the **base model** and your **fine-tuned model** the same thing with the same settings. "
+                "Rate the answers: averages are saved with the run (`ratings.jsonl`).")
+    with gr.Row():
+        ui.chat_model = gr.Dropdown(BASE_MODELS, value="bundled:smollm2-135m", label="Fine-tuned run to chat with",
+                                    allow_custom_value=True, scale=4,
+                                    info="Instruction runs (their base model answers on the left), or a base "
+                                         "model alone.")
+        ui.chat_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
+    with gr.Accordion("Generation settings (shared by both models)", open=False):
+        with gr.Row():
+            ui.temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature",
+                                       info="Randomness: 0.2 focused, 0.7 natural, >1 creative / erratic.")
+            ui.top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p",
+                                 info="Sample only from the most likely words covering this probability mass.")
+            ui.max_new_tokens = gr.Slider(8, 512, value=128, step=8, label="Max new tokens",
+                                          info="Upper bound on the answer length.")
+            ui.do_sample = gr.Checkbox(True, label="Sampling",
+                                       info="Off = greedy: always the most likely word (repeatable).")
+    with gr.Row():
+        ui.base_bot = gr.Chatbot(label="Base model", height=360, buttons=["copy"])
+        ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"])
+    with gr.Row():
+        ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
+                                 max_lines=4)
+        ui.chat_send = gr.Button("Send", variant="primary", scale=1)
+        ui.chat_clear = gr.Button("Clear", scale=1)
+    with gr.Row():
+        ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
+                                  scale=3)
+        ui.chat_rate_btn = gr.Button("Save rating", scale=1)
+    ui.ratings_md = gr.Markdown("")
+    with gr.Accordion("Held-out test: the run's validation prompts, both models, your ratings", open=False):
+        with gr.Row():
+            ui.heldout_n = gr.Slider(1, 20, value=5, step=1, label="Prompts", info="More prompts take longer on CPU.")
+            ui.heldout_btn = gr.Button("Run held-out test", variant="secondary")
+        ui.heldout_table = gr.Dataframe(
+            headers=["prompt", "reference", "base answer", "fine-tuned answer", "base rating", "fine-tuned rating"],
+            datatype=["str", "str", "str", "str", "number", "number"], interactive=True, static_columns=[0, 1, 2, 3],
+            column_widths=["20%", "18%", "23%", "23%", "8%", "8%"],
+            wrap=True, max_height=420, label="Type 1-5 in the rating columns, then save")
+        ui.heldout_save = gr.Button("Save ratings")
+    gr.Markdown("### Try the classifier")
+    with gr.Row():
+        with gr.Column(scale=3):
+            ui.cls_run = gr.Dropdown([], label="Classification run", allow_custom_value=True)
+            ui.cls_text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify")
+            ui.cls_btn = gr.Button("Classify", variant="primary")
+        ui.cls_label = gr.Label(label="Class probabilities", num_top_classes=10, scale=2)
+    ui.last_exchange = gr.State({})
+
+
+def wire(ctx: AppContext, ui) -> None:
+    @user_errors
+    def refresh(chat_current, cls_current, owner_state, request: gr.Request):
+        owner = owner_of(owner_state, request)
+        inst = run_choices(ctx, owner, task="instruction", with_model=True)
+        cls = run_choices(ctx, owner, task="classification", with_model=True)
+        return dropdown_update(inst + BASE_MODELS, chat_current), dropdown_update(cls, cls_current)
+
+    @user_errors
+    def chat(message="", model="bundled:smollm2-135m", temperature=0.7, top_p=0.9, max_new_tokens=128,
+             do_sample=True, base_history=None, finetuned_history=None, owner_state=None,
+             request: gr.Request = None):
+        """Send one message to the base and the fine-tuned model; streams both answers.
+
+        Returns (base_history, finetuned_history) in messages format: [{"role", "content"}, ...].
+        """
+        from ..generate import stream_generate
+
+        owner = owner_of(owner_state, request)
+        message = (message or "").strip()
+        if not message:
+            raise FinetuneError("The message is empty.", "Type something to ask the models.")
+        base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
+        base_history = [m for m in (base_history or []) if isinstance(m, dict)]
+        finetuned_history = [m for m in (finetuned_history or []) if isinstance(m, dict)]
+        settings = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                        do_sample=bool(do_sample))
+        histories = [base_history, finetuned_history]
+        refs = [base_ref, ft_dir]
+        for h in histories:
+            h.append({"role": "user", "content": message})
+        if ft_dir is None:
+            finetuned_history.append({"role": "assistant", "content": "(Pick a fine-tuned run above to compare.)"})
+        yield base_history, finetuned_history, {}
+        answers = {}
+        for i, (history, ref) in enumerate(zip(histories, refs)):
+            if ref is None:
+                continue
+            mdl, tok, info = _inference(ref)
+            if info["task"] != "instruction":
+                raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
+            msgs = [{"role": m["role"], "content": _text(m["content"])} for m in history
+                    if m.get("role") in ("user", "assistant", "system")]
+            history.append({"role": "assistant", "content": ""})
+            for text in stream_generate(mdl, tok, msgs, info["template"], **settings):
+                history[-1]["content"] = text
+                yield base_history, finetuned_history, gr.skip()
+            answers["base" if i == 0 else "finetuned"] = history[-1]["content"]
+        exchange = {"run_dir": str(run_dir) if run_dir else None, "prompt": message,
+                    "answer": answers.get("finetuned", "")}
+        yield base_history, finetuned_history, exchange
+
+    def _text(content) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
+        return str(content)
+
+    @user_errors
+    def rate(rating, exchange, model, owner_state, request: gr.Request):
+        owner = owner_of(owner_state, request)
+        if not exchange or not exchange.get("run_dir"):
+            raise FinetuneError("There is no fine-tuned answer to rate yet.", "Pick a run and send a message first.")
+        if rating is None:
+            raise FinetuneError("No rating chosen.", "Click 1 to 5, then save.")
+        run_dir = Path(exchange["run_dir"])
+        ctx.run_dir(run_dir.name, owner)   # still visible to this session
+        add_rating(run_dir, exchange.get("prompt", ""), "finetuned", exchange.get("answer", ""), rating,
+                   session=owner_key(owner))
+        gr.Info("Rating saved with the run.")
+        return ratings_md(run_dir), None
+
+    @user_errors
+    def show_ratings(model, owner_state, request: gr.Request):
+        owner = owner_of(owner_state, request)
+        try:
+            _, _, run_dir = resolve_chat_models(ctx, model, owner)
+        except FinetuneError:
+            run_dir = None
+        return ratings_md(run_dir), [], []
+
+    @user_errors
+    def heldout(model, n, max_new_tokens, owner_state, request: gr.Request):
+        from ..generate import generate_batch
+
+        owner = owner_of(owner_state, request)
+        base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
+        if run_dir is None:
+            raise FinetuneError("The held-out test needs a fine-tuned run.", "Pick an instruction run above.")
+        gens = read_generations(run_dir)[: int(n)]
+        if not gens:
+            raise FinetuneError("This run has no held-out prompts (generations.jsonl is missing).",
+                                "It is written at the end of an instruction run; pick a finished run.")
+        base, base_tok, base_info = _inference(base_ref)
+        ft, ft_tok, ft_info = _inference(ft_dir)
+        rows = []
+        for g in gens:
+            prompt = g["prompt"]
+            b = generate_batch(base, base_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
+            f = generate_batch(ft, ft_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
+            rows.append([prompt_preview(prompt), g.get("reference", ""), b, f, None, None])
+            yield rows
+        gr.Info("Done: type 1-5 in the rating columns and press 'Save ratings'.")
+
+    @user_errors
+    def save_heldout(table, model, owner_state, request: gr.Request):
+        owner = owner_of(owner_state, request)
+        _, _, run_dir = resolve_chat_models(ctx, model, owner)
+        if run_dir is None:
+            raise FinetuneError("No run selected.", "Pick an instruction run above.")
+        values = table.values.tolist() if hasattr(table, "values") else (table or [])
+        saved = 0
+        for row in values:
+            if len(row) < 6:
+                continue
+            for col, name, answer in ((4, "base", row[2]), (5, "finetuned", row[3])):
+                v = row[col]
+                try:
+                    v = int(float(v))
+                except (TypeError, ValueError):
+                    continue
+                if 1 <= v <= 5:
+                    add_rating(run_dir, str(row[0]), name, str(answer or ""), v, session=owner_key(owner))
+                    saved += 1
+        if not saved:
+            raise FinetuneError("No ratings to save.", "Type numbers from 1 to 5 in the two rating columns.")
+        gr.Info(f"{saved} ratings saved with the run.")
+        return ratings_md(run_dir)
+
+    @user_errors
+    def predict(text="", run="", owner_state=None, request: gr.Request = None):
+        """Class probabilities of a fine-tuned classifier for one text: {label: probability}."""
+        from ..generate import predict_proba
+
+        owner = owner_of(owner_state, request)
+        text = (text or "").strip()
+        if not text:
+            raise FinetuneError("The text is empty.", "Type a sentence to classify.")
+        run_dir = ctx.run_dir(run, owner)
+        if _run_yaml(run_dir).get("task") != "classification":
+            raise FinetuneError("This run is not a classifier.", "Pick a classification run.")
+        if not (run_dir / "model").is_dir():
+            raise FinetuneError("This run has no saved model yet.", "Wait for it to finish.")
+        model, tok, info = _inference(str(run_dir / "model"))
+        max_length = int((info.get("run") or {}).get("data", {}).get("max_length", 256))
+        return predict_proba(model, tok, text, max_length=max_length)
+
+    refresh_inputs = [ui.chat_model, ui.cls_run, ui.owner_state]
+    ui.chat_refresh.click(refresh, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
+    ui.chat_tab.select(refresh, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
+    chat_inputs = [ui.chat_msg, ui.chat_model, ui.temperature, ui.top_p, ui.max_new_tokens, ui.do_sample,
+                   ui.base_bot, ui.ft_bot, ui.owner_state]
+    chat_outputs = [ui.base_bot, ui.ft_bot, ui.last_exchange]
+    for trigger, api in ((ui.chat_send.click, True), (ui.chat_msg.submit, False)):
+        trigger(chat, chat_inputs, chat_outputs, api_name="chat" if api else None,
+                api_visibility="public" if api else "private", concurrency_id="inference",
+                concurrency_limit=INFERENCE_LIMIT).then(lambda: "", None, ui.chat_msg, api_visibility="private",
+                                                        queue=False)
+    ui.chat_clear.click(lambda: ([], [], {}), None, chat_outputs, api_visibility="private", queue=False)
+    ui.chat_model.change(show_ratings, [ui.chat_model, ui.owner_state], [ui.ratings_md, ui.base_bot, ui.ft_bot],
+                         api_visibility="private")
+    ui.chat_rate_btn.click(rate, [ui.chat_rating, ui.last_exchange, ui.chat_model, ui.owner_state],
+                           [ui.ratings_md, ui.chat_rating], api_visibility="private")
+    ui.heldout_btn.click(heldout, [ui.chat_model, ui.heldout_n, ui.max_new_tokens, ui.owner_state], ui.heldout_table,
+                         api_visibility="private", concurrency_id="inference", concurrency_limit=INFERENCE_LIMIT)
+    ui.heldout_save.click(save_heldout, [ui.heldout_table, ui.chat_model, ui.owner_state], ui.ratings_md,
+                          api_visibility="private")
+    for trigger, api in ((ui.cls_btn.click, True), (ui.cls_text.submit, False)):
+        trigger(predict, [ui.cls_text, ui.cls_run, ui.owner_state], ui.cls_label,
+                api_name="predict" if api else None, api_visibility="public" if api else "private",
+                concurrency_id="inference", concurrency_limit=INFERENCE_LIMIT)
+    ui.chat_refresh_fn = refresh

@@ -1,0 +1,688 @@
+"""Train tab: model, strategy and hyperparameters; Start / Stop; live progress, log and charts.
+
+Training runs in a worker process (finetune_core.jobs); this tab tails its events.jsonl with
+finetune_core.events.read_events from the last offset, so a tick reads only what is new.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import time
+from collections import deque
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import ConfigError, FinetuneError
+from ..jobs import read_events
+from ..jobs import ACTIVE
+from .common import AppContext, error_box, owner_of, user_errors, warm_ml_imports
+from .data_tab import data_config, read_frame, resolve_data
+
+STRATEGY_CHOICES = [("Full fine-tuning: every weight learns", "full"),
+                    ("Frozen backbone: only the top learns", "frozen"),
+                    ("LoRA: small adapters learn, base stays frozen", "lora")]
+STRATEGY_INFO = ("Cheat sheet: under 500 rows → freeze the backbone; 500-5,000 rows → full fine-tuning; "
+                 "LoRA when full fine-tuning overfits, and for LLMs (1-2% of the weights train, less forgetting).")
+TOP_LEVEL_KEYS = {"task", "model", "data", "strategy", "training", "seed"}
+# Overrides a shared app refuses: paths on the server, pushing with the server's token, other loggers.
+BLOCKED_OVERRIDES = ("output_dir", "resume", "data.train", "data.validation", "training.output_dir",
+                     "training.logging_dir", "training.push_to_hub", "training.hub_", "training.report_to",
+                     "training.deepspeed", "training.resume_from_checkpoint", "training.fsdp_config")
+POLL_SECONDS = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def model_choices() -> list[tuple[str, str]]:
+    from ..models import list_models
+
+    out = []
+    for row in list_models():
+        offline = "offline ✓" if row["available_offline"] else "needs the Hub"
+        out.append((f"{row['id']}  ({row['kind']}, {row['params']}, {offline})", row["id"]))
+    return out
+
+
+def model_description(model: str) -> str:
+    from ..models import BUNDLED, SUGGESTED_HUB_MODELS
+
+    if model in BUNDLED:
+        return BUNDLED[model]["description"]
+    if model in SUGGESTED_HUB_MODELS:
+        return f"Hub model: {SUGGESTED_HUB_MODELS[model]}."
+    return "Any Hugging Face model id or a run's model folder; the Hub must be reachable unless it is cached."
+
+
+@functools.lru_cache(maxsize=64)
+def quick_model_kind(model: str, task: str) -> str:
+    """'encoder' or 'causal' without loading weights (falls back on the task when the Hub is unreachable)."""
+    from ..models import BUNDLED, SUGGESTED_HUB_MODELS
+
+    if model in BUNDLED:
+        return BUNDLED[model]["kind"]
+    if model in SUGGESTED_HUB_MODELS:
+        return "causal" if "causal" in SUGGESTED_HUB_MODELS[model] else "encoder"
+    try:
+        from ..models import model_kind, resolve_model
+
+        return model_kind(resolve_model(model))
+    except Exception:  # noqa: BLE001
+        return "causal" if task == "instruction" else "encoder"
+
+
+def frozen_value(head_only: bool, frozen_layers) -> str | int:
+    return "all" if head_only else int(frozen_layers or 0)
+
+
+def lora_targets_value(text: str | None):
+    text = (text or "auto").strip()
+    if text in ("auto", "all-linear"):
+        return text
+    names = [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
+    if not names:
+        return "auto"
+    return names
+
+
+@functools.lru_cache(maxsize=32)
+def _count_params(path: str, task: str, kind: str, strategy: str, frozen, r: int, alpha: float, dropout: float,
+                  targets, num_labels: int) -> dict:
+    """Trainable / total parameters, built on the meta device (no weights loaded: instant, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ..config import LoraSettings, StrategyConfig
+    from ..strategies import apply_strategy, trainable_summary, transformer_blocks
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        if task == "classification" and strategy == "frozen" and frozen == "all" and kind == "encoder":
+            from ..heads import MeanPoolingConfig, MeanPoolingForSequenceClassification   # as train.py builds it
+
+            enc = config.to_dict()
+            for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
+                enc.pop(key, None)
+            model = MeanPoolingForSequenceClassification(MeanPoolingConfig(encoder=enc, num_labels=num_labels))
+        elif task == "classification":
+            config.num_labels = num_labels
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    blocks = len(transformer_blocks(model))
+    tgt = list(targets) if isinstance(targets, tuple) else targets
+    strat = StrategyConfig(name=strategy, frozen_layers=frozen,
+                           lora=LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=tgt))
+    model = apply_strategy(model, strat, task)
+    summary = trainable_summary(model)
+    summary["blocks"] = blocks
+    return summary
+
+
+def trainable_params(ctx: AppContext, model: str, task: str, strategy: str, head_only: bool, frozen_layers,
+                     lora_r, lora_alpha, lora_dropout, lora_targets, num_labels: int | None) -> dict:
+    from ..models import resolve_model
+
+    path = resolve_model(model, allowed_roots=[ctx.runs_dir])
+    kind = quick_model_kind(model, task)
+    targets = lora_targets_value(lora_targets)
+    targets = tuple(targets) if isinstance(targets, list) else targets
+    frozen = frozen_value(head_only, frozen_layers) if strategy == "frozen" else "all"
+    return _count_params(path, task, kind, strategy, frozen, int(lora_r), float(lora_alpha), float(lora_dropout),
+                         targets, int(num_labels or 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# config from the form
+
+
+def parse_overrides(text: str | None) -> list[str]:
+    """`key=value` lines (or `--set key=value`); keys without a section go under training."""
+    items = []
+    for raw in (text or "").replace(";", "\n").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--set"):
+            line = line[5:].strip()
+        if "=" not in line:
+            raise ConfigError(f"Override '{line}' has no '='.",
+                              "Write one key=value per line, e.g. max_steps=20 or strategy.lora.r=16.")
+        key, value = line.split("=", 1)
+        key = key.strip()
+        if key.split(".")[0] not in TOP_LEVEL_KEYS | {"output_dir", "resume"}:
+            key = "training." + key
+        for blocked in BLOCKED_OVERRIDES:
+            if key == blocked or (blocked.endswith("_") and key.startswith(blocked)) or key.startswith(blocked + "."):
+                raise ConfigError(f"The override '{key}' is not allowed in the app.",
+                                  "Pick data in the Data tab and export models in the Export tab; the CLI "
+                                  "accepts every key.")
+        items.append(f"{key}={value.strip()}")
+    return items
+
+
+def build_config(ctx: AppContext, data_path: Path, task: str, text_column, label_column, instruction_format,
+                 prompt_column, input_column, response_column, max_length, model, strategy, head_only,
+                 frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
+                 batch_size, early_stopping_patience, val_size, overrides) -> dict:
+    from ..config import apply_overrides, config_to_dict, RunConfig
+
+    d = data_config(task, text_column, label_column, instruction_format, prompt_column, input_column,
+                    response_column, max_length)
+    d.train = str(data_path)
+    d.val_size = float(val_size or 0.2)
+    cfg = config_to_dict(RunConfig(task=task, model=(model or "").strip(), data=d))
+    cfg["strategy"] = {"name": strategy, "frozen_layers": frozen_value(head_only, frozen_layers),
+                       "lora": {"r": int(lora_r), "alpha": lora_alpha, "dropout": float(lora_dropout),
+                                "target_modules": lora_targets_value(lora_targets)}}
+    training = {}
+    for key, value, cast in (("num_train_epochs", num_train_epochs, float),
+                             ("learning_rate", learning_rate, float),
+                             ("per_device_train_batch_size", batch_size, int),
+                             ("early_stopping_patience", early_stopping_patience, int)):
+        if value in (None, ""):
+            continue
+        v = cast(value)
+        if key != "early_stopping_patience" and v <= 0:
+            continue          # empty (the browser sends an empty number box as 0): the recommended value
+        if key == "early_stopping_patience" and v < 0:
+            raise ConfigError(f"early_stopping_patience must be 0 (off) or more, got {value}.", "Typical: 2.")
+        training[key] = int(v) if key == "num_train_epochs" and v == int(v) else v
+    cfg["training"] = training
+    cfg = apply_overrides(cfg, parse_overrides(overrides))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# progress rendering
+
+
+def _fmt_seconds(s) -> str:
+    if not isinstance(s, (int, float)) or s < 0:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def format_event(e: dict) -> str | None:
+    t = e.get("type")
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
+    if t == "log":
+        return (f"{stamp}  step {e.get('step')}/{e.get('max_steps')}  epoch {e.get('epoch') or 0:.2f}  "
+                f"loss {e.get('loss', float('nan')):.4f}  lr {e.get('learning_rate') or 0:.2e}")
+    if t == "eval":
+        shown = {k[5:]: v for k, v in e.items() if k.startswith("eval_") and isinstance(v, float)
+                 and not k.endswith(("runtime", "per_second", "preparation_time"))}
+        return f"{stamp}  eval @ step {e.get('step')}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    if t == "start":
+        return f"{stamp}  training started: {e.get('max_steps')} steps, {e.get('num_train_epochs')} epochs"
+    if t == "save":
+        return f"{stamp}  saved {e.get('message', 'checkpoint')}"
+    if t in ("info", "end", "error"):
+        return f"{stamp}  [{t}] {e.get('message', '')}"
+    return None
+
+
+class Progress:
+    """Accumulates a run's events (read incrementally) into what the Train tab shows."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.log: deque[str] = deque(maxlen=500)
+        self.offset = 0
+        self.changed_curves = True
+
+    def read(self, path: Path) -> int:
+        new, self.offset = read_events(path, self.offset)
+        for e in new:
+            if e.get("type") == "info" and str(e.get("message", "")).startswith("Loading model") and self.events:
+                self.log.append("— new attempt —")
+            line = format_event(e)
+            if line:
+                self.log.append(line)
+        self.events.extend(new)
+        if any(e.get("type") in ("log", "eval", "start") for e in new):
+            self.changed_curves = True
+        return len(new)
+
+
+def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
+    from ..plots import progress_from_events
+
+    p = progress_from_events(prog.events)
+    status = st["status"]
+    name = html.escape(st.get("name") or st["run_id"])
+    head = f"<b>{name}</b> <code>{html.escape(st['run_id'])}</code>"
+    if status == "queued":
+        pos = st.get("position") or 1
+        ahead = pos - 1 + st.get("running", 0)
+        return (f'<div class="ft-status">⏳ {head}: waiting in the queue, position <b>{pos}</b> '
+                f"({ahead} run(s) ahead of yours). It starts by itself; you can leave this page and come back.</div>")
+    if status in ("failed", "interrupted"):
+        return error_box(f"Run {st.get('name') or st['run_id']} {status}: {st.get('error') or ''}",
+                         st.get("error_lines"))
+    if status == "cancelled":
+        return f'<div class="ft-status">🚫 {head}: removed from the queue.</div>'
+    step, max_steps = p["step"] or 0, p["max_steps"] or 0
+    pct = 100.0 if status in ("finished", "stopped") else (100.0 * step / max_steps if max_steps else 0.0)
+    bits = []
+    if max_steps:
+        bits.append(f"step <b>{step}</b> / {max_steps}")
+    if p["epoch"]:
+        bits.append(f"epoch {p['epoch']:.2f}")
+    if status in ("running", "stopping") and p["phase"] == "training" and p["eta_seconds"] is not None:
+        last_t = next((e["time"] for e in reversed(prog.events) if e.get("eta_seconds") is not None), time.time())
+        bits.append(f"ETA {_fmt_seconds(max(0.0, p['eta_seconds'] - (time.time() - last_t)))}")
+    if p["loss"] is not None:
+        bits.append(f"train loss {p['loss']:.4f}")
+    if p["eval_loss"] is not None:
+        bits.append(f"eval loss {p['eval_loss']:.4f}")
+    if status == "running":
+        label = "🏃 Training" if p["phase"] == "training" and pct < 100 else "⚙️ Working"
+    elif status == "stopping":
+        label = "✋ Stopping after the current step; the model is then evaluated and saved"
+    elif status == "stopped":
+        label = "⏹️ Stopped by you; the model was evaluated and saved"
+    else:
+        label = "✅ Finished"
+    extra = ""
+    if status in ("running", "stopping") and p["message"] and (p["phase"] != "training" or pct >= 100):
+        extra = f"<br><small>{html.escape(str(p['message']))}</small>"
+    if metrics and status in ("finished", "stopped"):
+        extra += "<br>" + result_line(metrics)
+    return (f'<div class="ft-status">{label}: {head}<div class="ft-progress"><div style="width:{pct:.1f}%"></div>'
+            f'</div>{" · ".join(bits)}{extra}</div>')
+
+
+def result_line(m: dict) -> str:
+    if m.get("task") == "classification":
+        base = (m.get("baselines") or {}).get("tfidf_logreg", {}).get("f1_weighted")
+        s = f"weighted F1 <b>{m.get('f1_weighted', 0):.3f}</b>, accuracy {m.get('accuracy', 0):.3f}"
+        if isinstance(base, float):
+            s += f" (TF-IDF baseline F1 {base:.3f})"
+    else:
+        s = (f"eval loss <b>{m.get('eval_loss', float('nan')):.3f}</b> (before {m.get('eval_loss_before', float('nan')):.3f})"
+             f", forgetting: {html.escape(str(m.get('forgetting_verdict', '?')))}")
+    if isinstance(m.get("train_seconds"), (int, float)):
+        s += f" · trained in {m['train_seconds']:.0f} s"
+    return s + " · details in the Evaluate tab."
+
+
+def result_json(ctx: AppContext, st: dict) -> dict:
+    import json
+
+    out = {"run_id": st["run_id"], "status": st["status"]}
+    if st.get("error"):
+        out["error"] = st["error"]
+    path = ctx.runs_dir / st["run_id"] / "metrics.json"
+    if path.exists():
+        try:
+            m = json.loads(path.read_text())
+        except ValueError:
+            m = {}
+        keep = ("task", "strategy", "model", "accuracy", "f1_weighted", "f1_macro", "baselines", "before_finetuning",
+                "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
+                "general_perplexity", "forgetting_verdict", "rougeL", "rougeL_before", "trainable_params",
+                "total_params", "train_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user")
+        out["metrics"] = {k: m[k] for k in keep if k in m}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# UI
+
+
+def build(ctx: AppContext, ui) -> None:
+    from .. import plots
+    from ..config import training_defaults
+
+    defaults = training_defaults("classification", "encoder", "lora", 128, cuda=False)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=360):
+            gr.Markdown("### Model and strategy")
+            ui.model = gr.Dropdown(model_choices(), value="bundled:minilm-l6", label="Base model",
+                                   allow_custom_value=True,
+                                   info="Bundled models work offline. Encoders (MiniLM, BERT) classify; causal "
+                                        "LMs (SmolLM2, GPT-2) also learn to answer instructions. Or type any Hub id.")
+            ui.model_info = gr.Markdown(model_description("bundled:minilm-l6"))
+            ui.strategy = gr.Radio(STRATEGY_CHOICES, value="lora", label="Strategy", info=STRATEGY_INFO)
+            with gr.Group(visible=False) as ui.frozen_group:
+                ui.head_only = gr.Checkbox(True, label="Freeze the whole backbone (train only the new head)",
+                                           info="Fastest and safest with few rows. Untick to let the top blocks learn.")
+                ui.frozen_layers = gr.Slider(0, 48, value=3, step=1, label="Frozen blocks", visible=False,
+                                             info="Embeddings + this many lower blocks stay frozen; the blocks "
+                                                  "above learn. Lower blocks hold general language, upper ones the task.")
+            with gr.Group(visible=True) as ui.lora_group:
+                with gr.Row():
+                    ui.lora_r = gr.Slider(1, 64, value=8, step=1, label="LoRA rank r",
+                                          info="Size of each adapter: 8-16 is plenty on small data.")
+                    ui.lora_alpha = gr.Slider(1, 128, value=16, step=1, label="LoRA alpha",
+                                              info="Scales the adapters' effect; 2 × r is the usual choice.")
+                with gr.Row():
+                    ui.lora_dropout = gr.Slider(0.0, 0.5, value=0.05, step=0.01, label="LoRA dropout",
+                                                info="Regularises the adapters; raise it if the model overfits.")
+                    ui.lora_targets = gr.Textbox("auto", label="Target modules",
+                                                 info="auto = every attention and MLP projection of this "
+                                                      "architecture; or all-linear, or names like q_proj,v_proj.")
+            ui.params_md = gr.Markdown("")
+        with gr.Column(scale=1, min_width=360):
+            gr.Markdown("### Hyperparameters")
+            with gr.Row():
+                ui.recommend_btn = gr.Button("Recommend settings", size="sm")
+                ui.command_btn = gr.Button("Show command", size="sm")
+            ui.recommend_md = gr.Markdown("Empty fields use the recommended value shown in grey.")
+            with gr.Row():
+                ui.epochs = gr.Number(None, label="Epochs", minimum=0, placeholder=f"auto: {defaults['num_train_epochs']}",
+                                      info="Passes over the data. Early stopping usually ends sooner.")
+                ui.learning_rate = gr.Number(None, label="Learning rate", minimum=0,
+                                             placeholder=f"auto: {defaults['learning_rate']:g}",
+                                             info="Low keeps what the model knows: 2e-5 BERT, 1e-5 GPT, never "
+                                                  "above 5e-5 for full FT. Heads and LoRA need more (1e-3 / 2e-4).")
+            with gr.Row():
+                ui.batch_size = gr.Number(None, label="Batch size", minimum=1, precision=0,
+                                          placeholder=f"auto: {defaults['per_device_train_batch_size']}",
+                                          info="Rows per step. Lower it if memory runs out.")
+                ui.patience = gr.Number(2, label="Early stopping patience", minimum=0, precision=0,
+                                        info="Stop after this many evaluations without improvement and keep the "
+                                             "best checkpoint: it guards against overfitting. 0 = off.")
+            ui.val_size = gr.Slider(0.05, 0.5, value=0.2, step=0.05, label="Validation share",
+                                    info="Rows held out to measure the model; never trained on.")
+            ui.overrides = gr.Textbox("", label="Advanced overrides (optional)", lines=2,
+                                      placeholder="max_steps=20\nweight_decay=0.0\nseed=1",
+                                      info="One key=value per line, like the CLI's --set. Plain keys are "
+                                           "TrainingArguments fields (max_steps=20 makes a quick test run).")
+            with gr.Group(visible=False) as ui.command_group:
+                ui.command_md = gr.Markdown("")
+                ui.command_code = gr.Code(language="yaml", label="run.yaml", interactive=False)
+                ui.command_file = gr.File(label="Download run.yaml", interactive=False)
+    with gr.Row():
+        ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2)
+        ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
+        ui.run_id = gr.Textbox("", label="Run id", interactive=True, scale=2, max_lines=1,
+                               info="Your current run. Paste an id to watch another run.")
+    ui.status = gr.HTML(label="status", value='<div class="ft-status">No run yet. Set things up above and press Start.</div>')
+    with gr.Row():
+        ui.loss_plot = gr.Plot(plots.empty_figure("Train and eval loss appear here while training.", "Loss"),
+                               label="Loss", show_label=False)
+        ui.metric_plot = gr.Plot(plots.empty_figure("Validation scores appear after each evaluation.",
+                                                    "Validation metric"), label="Validation metric", show_label=False)
+    ui.result_msg = gr.Markdown("", label="message")
+    ui.log = gr.Textbox("", label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False)
+    with gr.Accordion("Result (JSON)", open=False):
+        ui.result = gr.JSON(label="result")
+    ui.last_rec = gr.State({})
+
+
+def wire(ctx: AppContext, ui) -> None:
+    from .. import plots
+
+    mgr = ctx.manager
+    watch_outputs = [ui.run_id, ui.status, ui.loss_plot, ui.metric_plot, ui.log, ui.result]
+
+    def watch(run_id: str, owner: str):
+        run_dir = ctx.run_dir(run_id, owner)
+        prog = Progress()
+        last_sig, last_yield = None, 0.0
+        while True:
+            prog.read(run_dir / "events.jsonl")
+            st = mgr.status(run_id)
+            terminal = st["status"] not in ACTIVE
+            sig = (len(prog.events), st["status"], st.get("position"))
+            now = time.time()
+            if terminal or sig != last_sig or now - last_yield >= 2.0:
+                metrics = None
+                if terminal and (run_dir / "metrics.json").exists():
+                    import json
+
+                    try:
+                        metrics = json.loads((run_dir / "metrics.json").read_text())
+                    except ValueError:
+                        metrics = None
+                log_text = "\n".join(prog.log)
+                if terminal and st["status"] == "failed" and st.get("error_lines"):
+                    log_text += "\n--- worker.log (last lines) ---\n" + "\n".join(st["error_lines"])
+                curves = prog.changed_curves or terminal
+                prog.changed_curves = False
+                yield (run_id, status_html(st, prog, metrics),
+                       plots.training_curves(prog.events) if curves else gr.skip(),
+                       plots.eval_metric_curve(prog.events) if curves else gr.skip(),
+                       log_text, result_json(ctx, st) if terminal else {"run_id": run_id, "status": st["status"],
+                                                                         "position": st.get("position")})
+                last_sig, last_yield = sig, now
+            if terminal:
+                return
+            time.sleep(POLL_SECONDS)
+
+    @user_errors
+    def train(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
+              text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
+              response_column="", max_length=256, model="bundled:minilm-l6", strategy="lora", head_only=True,
+              frozen_layers=3, lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="auto",
+              num_train_epochs=None, learning_rate=None, batch_size=None, early_stopping_patience=2,
+              val_size=0.2, overrides="", owner_state=None, request: gr.Request = None):
+        """Start a fine-tuning run in a worker process and stream its progress until it ends.
+
+        Yields (run_id, status_html, loss_plot, metric_plot, log, result); the last result holds the metrics.
+        """
+        owner = owner_of(owner_state, request)
+        path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
+        cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
+                           input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
+                           lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
+                           batch_size, early_stopping_patience, val_size, overrides)
+        # Fail fast on what the worker would only find after loading a model.
+        from ..data import detect_columns
+
+        df = read_frame(path)
+        detect_columns(df, task, data_config(task, text_column, label_column, instruction_format, prompt_column,
+                                             input_column, response_column, max_length), name=path.name)
+        if not cfg["model"].startswith("bundled:"):
+            from ..models import resolve_model
+
+            resolve_model(cfg["model"], allowed_roots=[ctx.runs_dir])
+        job = mgr.submit(cfg, owner)
+        yield from watch(job.run_id, owner)
+
+    @user_errors
+    def reconnect(owner_state, request: gr.Request):
+        """After a page reload: follow this session's active (or latest) job again, charts from offset 0."""
+        owner = owner_of(owner_state, request)
+        jobs = mgr.jobs(owner)
+        active = [j for j in jobs if j.active]
+        job = (active or jobs or [None])[-1]
+        if job is None:
+            return
+        yield from watch(job.run_id, owner)
+
+    @user_errors
+    def watch_id(run_id, owner_state, request: gr.Request):
+        owner = owner_of(owner_state, request)
+        run_id = (run_id or "").strip()
+        if not run_id:
+            return
+        yield from watch(run_id, owner)
+
+    @user_errors
+    def stop(run_id="", owner_state=None, request: gr.Request = None):
+        """Stop a run you started: training ends after the current step, then the model is evaluated and saved."""
+        owner = owner_of(owner_state, request)
+        run_id = (run_id or "").strip()
+        if not run_id:
+            raise FinetuneError("No run to stop.", "Start a run first.")
+        message = mgr.stop(run_id, owner)
+        gr.Info(message)
+        return message
+
+    @user_errors
+    def recommend(task, model, strategy, head_only, frozen_layers, val_size, info):
+        from ..config import training_defaults
+
+        kind = quick_model_kind(model, task)
+        n_rows = (info or {}).get("n_rows")
+        n_train = int(n_rows * (1 - float(val_size or 0.2))) if n_rows else 128
+        import torch
+
+        d = training_defaults(task, kind, strategy, n_train, frozen_value(head_only, frozen_layers),
+                              cuda=torch.cuda.is_available())
+        rec = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"],
+               "patience": d["early_stopping_patience"]}
+        return (rec["epochs"], rec["lr"], rec["batch"], rec["patience"],
+                advice(kind, strategy, frozen_value(head_only, frozen_layers), n_rows, n_train, d), rec)
+
+    def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
+        lines = []
+        if n_rows:
+            if kind == "causal":
+                best = "lora"
+                why = "for an LLM the article recommends **LoRA**: 1-2% of the weights train and it forgets less"
+            elif n_rows < 500:
+                best = "frozen"
+                why = f"with {n_rows} rows the cheat sheet says **freeze the backbone** (full fine-tuning overfits)"
+            elif n_rows <= 5000:
+                best = "full"
+                why = f"with {n_rows} rows the cheat sheet says **full fine-tuning** (LoRA if it overfits)"
+            else:
+                best = "full"
+                why = f"with {n_rows} rows **full fine-tuning** pays off; LoRA is cheaper on big models"
+            lines.append(f"- Strategy: {why}." + ("" if best == strategy else
+                                                   f" You picked **{strategy}**: fine if you are comparing."))
+        else:
+            lines.append("- Load data in the Data tab to get advice sized to your rows.")
+        lr = d["learning_rate"]
+        if strategy == "full" or (strategy == "frozen" and frozen != "all"):
+            lines.append(f"- Learning rate **{lr:g}**: low on purpose, large steps erase what pretraining taught "
+                         "(2e-5 BERT, 1e-5 GPT, never above 5e-5 for full fine-tuning).")
+        else:
+            lines.append(f"- Learning rate **{lr:g}**: only new, small weights learn ({strategy}), so they need "
+                         "larger steps than full fine-tuning's 1e-5 to 5e-5.")
+        lines.append(f"- **{d['num_train_epochs']} epochs** at batch {d['per_device_train_batch_size']} "
+                     f"(~{max(1, -(-n_train // d['per_device_train_batch_size']))} steps per epoch); early stopping "
+                     f"(patience {d['early_stopping_patience']}) ends training when the validation score stops "
+                     "improving and keeps the best checkpoint.")
+        return "\n".join(lines)
+
+    @user_errors
+    def context_changed(task, model, strategy, head_only, frozen_layers, val_size, info, epochs, lr, batch, patience,
+                        last_rec):
+        """Refresh the 'auto' placeholders; values filled by Recommend follow the new context, edits stay."""
+        from ..config import training_defaults
+
+        kind = quick_model_kind(model, task)
+        n_rows = (info or {}).get("n_rows") or 160
+        d = training_defaults(task, kind, strategy, int(n_rows * (1 - float(val_size or 0.2))),
+                              frozen_value(head_only, frozen_layers), cuda=False)
+        auto = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"]}
+        following = bool(last_rec) and [epochs, lr, batch] == [last_rec.get("epochs"), last_rec.get("lr"),
+                                                                last_rec.get("batch")]
+        updates = []
+        for key, current in (("epochs", epochs), ("lr", lr), ("batch", batch)):
+            hint = f"auto: {auto[key]:g}"
+            if not current or current <= 0:
+                updates.append(gr.update(value=None, placeholder=hint))     # shows empty = recommended
+            elif following:
+                updates.append(gr.update(value=auto[key], placeholder=hint))
+            else:
+                updates.append(gr.update(placeholder=hint))                 # the user's own value stays
+        rec = dict(auto, patience=patience) if following else last_rec
+        return (*updates, rec)
+
+    def show_strategy(strategy, head_only):
+        return (gr.update(visible=strategy == "frozen"), gr.update(visible=strategy == "lora"),
+                gr.update(visible=strategy == "frozen" and not head_only))
+
+    def count(task, model, strategy, head_only, frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, info):
+        warm_ml_imports()
+        try:
+            s = trainable_params(ctx, model, task, strategy, head_only, frozen_layers, lora_r, lora_alpha,
+                                 lora_dropout, lora_targets, (info or {}).get("n_classes") or 2)
+        except FinetuneError as exc:
+            return f"⚠️ {exc.message}", gr.update(), model_description(model)
+        except Exception as exc:  # noqa: BLE001
+            return f"⚠️ Cannot count parameters for this setting: {type(exc).__name__}: {exc}", gr.update(), \
+                model_description(model)
+        text = (f"**Trainable: {s['trainable_params']:,}** of {s['total_params']:,} parameters "
+                f"(**{s['trainable_percent']:.2f}%**) · {s['blocks']} transformer blocks")
+        return text, gr.update(maximum=max(0, s["blocks"] - (1 if task == "instruction" else 0))), \
+            model_description(model)
+
+    @user_errors
+    def show_command(data_file, example, hub_dataset, hub_split, task, text_column, label_column, instruction_format,
+                     prompt_column, input_column, response_column, max_length, model, strategy, head_only,
+                     frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
+                     batch_size, early_stopping_patience, val_size, overrides):
+        from ..config import config_from_dict, dump_config
+        from .common import REPO_ROOT
+
+        path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
+        cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
+                           input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
+                           lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
+                           batch_size, early_stopping_patience, val_size, overrides)
+        try:
+            portable = str(path.resolve().relative_to(REPO_ROOT))
+            note = ""
+        except ValueError:
+            portable = path.name
+            note = f" Put your data file `{path.name}` in the folder you run the command from."
+        cfg["data"]["train"] = portable
+        cfg["output_dir"] = f"runs/{task[:5]}-{strategy}"
+        text = dump_config(config_from_dict(cfg))
+        out = ctx.temp_dir() / "run.yaml"
+        out.write_text(text, encoding="utf-8")
+        md = ("Same run from a terminal (the app runs exactly this in its worker):\n\n"
+              "```bash\npython -m finetune_core train run.yaml\n```\n"
+              f"Empty hyperparameters are filled with the recommended values at start.{note}")
+        return gr.update(visible=True), md, text, str(out)
+
+    train_inputs = [ui.data_file, ui.example, ui.hub_dataset, ui.hub_split, ui.task, ui.text_column, ui.label_column,
+                    ui.instruction_format, ui.prompt_column, ui.input_column, ui.response_column, ui.max_length,
+                    ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout,
+                    ui.lora_targets, ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.val_size,
+                    ui.overrides]
+    # Watchers are generators that only read files: they do not count against the queue's concurrency.
+    reconnect_event = ui.session_load.then(reconnect, [ui.owner_state], watch_outputs, api_visibility="private",
+                                           concurrency_limit=None)
+    watch_event = ui.run_id.submit(watch_id, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
+                                   concurrency_limit=None, cancels=[reconnect_event])
+    ui.train_event = ui.start_btn.click(train, train_inputs + [ui.owner_state], watch_outputs, api_name="train",
+                                        api_visibility="public", concurrency_limit=None,
+                                        cancels=[reconnect_event, watch_event])
+    ui.stop_btn.click(stop, [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop", api_visibility="public",
+                      concurrency_limit=None)
+    ui.watch_outputs = watch_outputs
+
+    def task_defaults(task, model, head_only):
+        """Instruction tuning needs a causal LM, and a frozen LLM has no new head to train."""
+        if task == "instruction" and quick_model_kind(model, task) == "encoder":
+            return gr.update(value="bundled:smollm2-135m"), gr.update(value=False)
+        if task == "classification" and model == "bundled:smollm2-135m":
+            return gr.update(value="bundled:minilm-l6"), gr.update(value=True)
+        return gr.update(), gr.update(value=False) if task == "instruction" else gr.update()
+
+    ui.task.change(task_defaults, [ui.task, ui.model, ui.head_only], [ui.model, ui.head_only],
+                   api_visibility="private")
+
+    rec_inputs = [ui.task, ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.val_size, ui.data_info]
+    ui.recommend_btn.click(recommend, rec_inputs,
+                           [ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.recommend_md, ui.last_rec],
+                           api_visibility="private")
+    ctx_inputs = rec_inputs + [ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.last_rec]
+    count_inputs = [ui.task, ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.lora_r, ui.lora_alpha,
+                    ui.lora_dropout, ui.lora_targets, ui.data_info]
+    for comp in (ui.task, ui.model, ui.strategy, ui.head_only, ui.data_info):
+        comp.change(context_changed, ctx_inputs, [ui.epochs, ui.learning_rate, ui.batch_size, ui.last_rec],
+                    api_visibility="private")
+    for comp in (ui.task, ui.model, ui.strategy, ui.head_only, ui.data_info, ui.lora_targets):
+        comp.change(count, count_inputs, [ui.params_md, ui.frozen_layers, ui.model_info], api_visibility="private")
+    for comp in (ui.frozen_layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout):
+        comp.release(count, count_inputs, [ui.params_md, ui.frozen_layers, ui.model_info], api_visibility="private")
+    for comp in (ui.strategy, ui.head_only):
+        comp.change(show_strategy, [ui.strategy, ui.head_only], [ui.frozen_group, ui.lora_group, ui.frozen_layers],
+                    api_visibility="private", queue=False)
+    ui.command_btn.click(show_command, train_inputs, [ui.command_group, ui.command_md, ui.command_code,
+                                                      ui.command_file], api_visibility="private")
+    ui.count_fn = count
+    ui.count_inputs = count_inputs

@@ -1,0 +1,180 @@
+"""Shared test setup: offline hub, a stable cache for the converted bundled model, tiny random models.
+
+Environment (set at import time, before anything imports transformers):
+- HF_HUB_OFFLINE=1: nothing is ever downloaded.
+- FINETUNE_MODEL_CACHE: the float32 copy of the bundled SmolLM2 (~20 s to convert) is reused across
+  test sessions under ~/.cache/finetune_lab/models unless the variable is already set.
+- FINETUNE_HOME: a throwaway folder per session (runs written by the app's job manager go there).
+- OMP_NUM_THREADS=1 unless set (see below).
+
+Tiny models (session fixtures) are 2-layer, 32-wide random models built from a config, saved with a
+real bundled tokenizer into a folder, so `train()` loads them by path like any model directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread: the tiny models' ops take microseconds, and on a shared 2-core machine a second
+# OpenMP thread turns each into milliseconds of barrier waiting (measured ~500x slower). train() keeps
+# this setting (it only picks a thread count when OMP_NUM_THREADS is unset); the slow tests on real
+# models raise it with the `all_cores` fixture.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("FINETUNE_MODEL_CACHE", str(Path.home() / ".cache" / "finetune_lab" / "models"))
+if not os.environ.get("FINETUNE_HOME"):
+    _home = tempfile.mkdtemp(prefix="finetune_home_")
+    os.environ["FINETUNE_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# real bundled tokenizers
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    from transformers import AutoTokenizer
+
+    from finetune_core.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("bundled:minilm-l6"))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (BPE, chat template); the first session converts the GGUF once (~20 s)."""
+    from finetune_core.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("bundled:smollm2-135m"))
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny random models saved as model folders
+
+
+def _save_tiny(path: Path, model, tokenizer) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, bert_tokenizer):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(bert_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=128)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), BertModel(cfg), bert_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory, bert_tokenizer):
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=len(bert_tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                           max_position_embeddings=128)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-distilbert"), DistilBertModel(cfg), bert_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(cfg), smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer):
+    """GPT-2 architecture (Conv1D layers, no pad token in the config) with a real BPE tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=32, n_inner=64, n_layer=2, n_head=2, n_positions=256,
+                     bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel(cfg), smol_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny data
+
+
+CLASS_WORDS = {
+    "sport": "goal match team coach striker league referee season stadium penalty",
+    "food": "recipe oven flour sauce garlic butter dinner chef spicy bake",
+    "tech": "server code python cloud database laptop network kernel compiler api",
+}
+
+
+def class_rows(rows_per_label: int = 8, seed: int = 0, words=CLASS_WORDS) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for label, vocab in words.items():
+        vocab = vocab.split()
+        for _ in range(rows_per_label):
+            rows.append({"text": " ".join(rng.choice(vocab) for _ in range(6)) + ".", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def instruction_rows(n: int = 12) -> list[dict]:
+    notes = ["refund approved", "order delayed", "password reset sent", "invoice corrected", "outage fixed",
+             "feature noted", "warranty covers it", "plan upgraded", "account unlocked", "parcel lost"]
+    return [{"instruction": "Rewrite this support note as a polite reply.", "input": notes[i % len(notes)] + f" #{i}",
+             "output": f"Thank you for your patience. Your case {i} is handled: {notes[i % len(notes)]}."}
+            for i in range(n)]
+
+
+def write_csv(path: Path, rows: list[dict]) -> str:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def class_csv(tmp_path):
+    return write_csv(tmp_path / "train.csv", class_rows())
+
+
+@pytest.fixture
+def instr_jsonl(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", instruction_rows())
+
+
+# Fast TrainingArguments for unit runs on tiny models: a few steps, no checkpoints.
+FAST_TRAINING = {"max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                 "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-2,
+                 "warmup_steps": 0, "train_sampling_strategy": "random"}

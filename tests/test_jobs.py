@@ -1,0 +1,277 @@
+"""Training jobs in worker processes: run to end, graceful stop, kill -9, queue, owners, restart.
+
+Real workers (`python -m finetune_core train`, bundled MiniLM, a few steps) check the outcomes that
+matter: a finished run, a stopped run with a saved and evaluable model, a crashed worker reported
+fast. A fake worker (a tiny script speaking the events.jsonl protocol) checks the queue mechanics
+in well under a second each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from finetune_core.jobs import JobError, JobManager, owner_key, run_status_from_disk
+
+REPO = Path(__file__).resolve().parents[1]
+DOMAINS = str(REPO / "examples" / "data" / "domains.csv")
+
+
+def cls_config(max_steps: int, **training) -> dict:
+    return {"task": "classification", "model": "bundled:minilm-l6",
+            "data": {"train": DOMAINS, "max_length": 64},
+            "strategy": {"name": "lora"},
+            "training": {"max_steps": max_steps, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no",
+                         **training}}
+
+
+def wait_for(predicate, timeout: float, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def events_of(job) -> list[dict]:
+    path = job.run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def no_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def manager(tmp_path):
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=60, poll_interval=0.2, cwd=REPO)
+    yield mgr
+    mgr.shutdown(kill=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# a fake worker: same command line and files as the real one, no model
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import yaml
+    cfg = yaml.safe_load(open(sys.argv[-1]))
+    out = cfg["output_dir"]
+    behaviour = cfg["training"].get("run_name", "normal")   # tests pick the behaviour through run_name
+    def emit(t, **kw):
+        kw.update(type=t, time=time.time())
+        with open(os.path.join(out, "events.jsonl"), "a") as f:
+            f.write(json.dumps(kw) + "\\n")
+    emit("info", message="Loading model fake ...")
+    emit("start", step=0, max_steps=1000)
+    for step in range(1, 1000):
+        time.sleep(0.05)
+        if behaviour != "ignore_stop" and os.path.exists(os.path.join(out, "STOP")):
+            emit("end", step=step, max_steps=1000, message="stopped")
+            sys.exit(0)
+        emit("log", step=step, max_steps=1000, loss=1.0 / step)
+    emit("end", step=1000, max_steps=1000, message="done")
+""")
+
+
+@pytest.fixture
+def fake_manager(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    shim = tmp_path / "fake_python"
+    # the manager runs `<python> -m finetune_core train RUN_DIR/run_request.yaml`
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    shim.chmod(0o755)
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=1.5, poll_interval=0.1, python=str(shim),
+                     cwd=REPO)
+    yield mgr
+    mgr.shutdown(kill=True)
+
+
+def fake_config(behaviour: str = "normal") -> dict:
+    cfg = cls_config(10)
+    cfg["training"]["run_name"] = behaviour
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# real workers
+
+
+@pytest.mark.slow
+def test_job_runs_to_end(manager):
+    job = manager.submit(cls_config(3), owner="alice")
+    assert len(job.run_id) == 16 and job.run_dir.parent == manager.runs_dir
+    assert manager.wait(job.run_id, timeout=240) == "finished", (job.error, job.error_lines)
+    for name in ("run.yaml", "events.jsonl", "metrics.json", "predictions.csv", "model", "worker.log",
+                 "data/train_domains.csv"):
+        assert (job.run_dir / name).exists(), name
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and 0 <= metrics["f1_weighted"] <= 1
+    assert events_of(job)[-1]["type"] == "end"
+    assert no_zombie(job.pid)
+    info = json.loads((job.run_dir / "job.json").read_text())
+    assert info["status"] == "finished" and info["owner"] == owner_key("alice") and "alice" not in json.dumps(info)
+
+
+@pytest.mark.slow
+def test_graceful_stop_leaves_saved_evaluable_model(manager):
+    job = manager.submit(cls_config(400), owner="alice")
+    assert wait_for(lambda: any(e["type"] == "log" for e in events_of(job)), 240), job.error_lines
+    with pytest.raises(JobError, match="Only the browser session"):
+        manager.stop(job.run_id, owner="bob")
+    assert "Stop requested" in manager.stop(job.run_id, owner="alice")
+    assert manager.get(job.run_id).status == "stopping"
+    assert manager.wait(job.run_id, timeout=180) == "stopped", (job.error, job.error_lines)
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
+    assert metrics["stopped_by_user"] is True and metrics["global_step"] < 400
+    assert not (job.run_dir / "STOP").exists()
+
+    from finetune_core.generate import load_for_inference, predict_proba
+
+    model, tok, info = load_for_inference(str(job.run_dir / "model"))
+    probs = predict_proba(model, tok, "The court ruled in favour of the plaintiff.")
+    assert set(probs) == {"finance", "legal", "medical", "technology"}
+    assert abs(sum(probs.values()) - 1) < 1e-4
+
+
+@pytest.mark.slow
+def test_killed_worker_reported_within_5s_without_zombie(manager):
+    job = manager.submit(cls_config(400), owner="alice")
+    assert wait_for(lambda: events_of(job), 60), "worker never started"
+    pid = job.pid
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    status = wait_for(lambda: manager.get(job.run_id).status == "failed", 5.0, step=0.05)
+    elapsed = time.time() - t0
+    assert status, f"not reported after {elapsed:.1f}s"
+    assert elapsed < 5.0
+    assert "SIGKILL" in job.error
+    assert no_zombie(pid)
+    st = manager.status(job.run_id)
+    assert st["status"] == "failed" and st["error"] == job.error
+
+
+# ---------------------------------------------------------------------------------------------
+# fake workers: queue, owners, hard kill, restart
+
+
+def test_queue_position_and_owner(fake_manager):
+    mgr = fake_manager
+    a = mgr.submit(fake_config(), owner="alice")
+    b = mgr.submit(fake_config(), owner="bob")
+    c = mgr.submit(fake_config(), owner="alice")
+    assert wait_for(lambda: mgr.get(a.run_id).status == "running", 5)
+    assert mgr.position(a.run_id) == 0
+    assert (mgr.position(b.run_id), mgr.position(c.run_id)) == (1, 2)
+    assert mgr.status(c.run_id)["status"] == "queued"
+    assert mgr.is_owner(b.run_id, "bob") and not mgr.is_owner(b.run_id, "alice")
+    with pytest.raises(JobError):
+        mgr.stop(b.run_id, owner="alice")
+    with pytest.raises(JobError):
+        mgr.stop(a.run_id, owner=None)
+    assert "queue" in mgr.stop(b.run_id, owner="bob")          # a queued job is simply cancelled
+    assert mgr.get(b.run_id).status == "cancelled"
+    assert mgr.position(c.run_id) == 1
+    mgr.stop(a.run_id, owner="alice")
+    assert mgr.wait(a.run_id, timeout=10) == "stopped"
+    assert wait_for(lambda: mgr.get(c.run_id).status == "running", 5)   # the next one starts by itself
+    mgr.stop(c.run_id, owner="alice")
+    assert mgr.wait(c.run_id, timeout=10) == "stopped"
+    assert no_zombie(a.pid) and no_zombie(c.pid)
+
+
+def test_queue_limit_per_session(fake_manager):
+    mgr = fake_manager
+    mgr.max_queued_per_owner = 2
+    mgr.submit(fake_config(), owner="alice")
+    mgr.submit(fake_config(), owner="alice")
+    mgr.submit(fake_config(), owner="alice")
+    with pytest.raises(JobError, match="waiting in the queue"):
+        mgr.submit(fake_config(), owner="alice")
+
+
+def test_hard_kill_after_stop_timeout(fake_manager):
+    mgr = fake_manager
+    job = mgr.submit(fake_config("ignore_stop"), owner="alice")
+    assert wait_for(lambda: events_of(job), 5)
+    mgr.stop(job.run_id, owner="alice")
+    assert mgr.wait(job.run_id, timeout=10) == "failed"
+    assert job.killed and "did not stop" in job.error
+    assert no_zombie(job.pid)
+
+
+def test_restart_lists_runs_requeues_and_adopts(tmp_path, fake_manager):
+    mgr = fake_manager
+    done = mgr.submit(fake_config(), owner="alice")
+    assert wait_for(lambda: events_of(done), 5)
+    mgr.stop(done.run_id, owner="alice")
+    assert mgr.wait(done.run_id, timeout=10) == "stopped"
+    running = mgr.submit(fake_config(), owner="alice")
+    queued = mgr.submit(fake_config(), owner="bob")
+    assert wait_for(lambda: events_of(running), 5)
+    mgr.shutdown(kill=False)                        # the app goes away; its worker keeps running
+
+    again = JobManager(mgr.runs_dir, max_concurrent=1, stop_timeout=1.5, poll_interval=0.1, python=mgr.python,
+                       cwd=REPO)
+    try:
+        rows = {r["run_id"]: r for r in again.list_runs("alice")}
+        assert rows[done.run_id]["status"] == "stopped" and rows[done.run_id]["mine"]
+        assert rows[running.run_id]["status"] == "running"           # reconnected through its pid
+        assert rows[queued.run_id]["status"] == "queued" and not rows[queued.run_id]["mine"]
+        assert again.position(queued.run_id) == 1
+        again.stop(running.run_id, owner="alice")      # owner still recognised after the restart
+        assert again.wait(running.run_id, timeout=10) == "stopped"
+        assert wait_for(lambda: again.get(queued.run_id).status == "running", 5)
+        again.stop(queued.run_id, owner="bob")
+        assert again.wait(queued.run_id, timeout=10) == "stopped"
+    finally:
+        again.shutdown(kill=True)
+        if running.proc is not None:
+            running.proc.wait(timeout=10)              # reap the first app's child in this test process
+
+
+def test_interrupted_run_detected(tmp_path):
+    runs = tmp_path / "runs"
+    cli_run = runs / "cli-run"                          # written by the CLI, no job.json, no end event
+    cli_run.mkdir(parents=True)
+    (cli_run / "events.jsonl").write_text(
+        json.dumps({"type": "info", "time": 1.0, "message": "Loading model x"}) + "\n"
+        + json.dumps({"type": "start", "time": 2.0, "step": 0, "max_steps": 10}) + "\n")
+    app_run = runs / "0123456789abcdef"                # the app died with it running
+    app_run.mkdir()
+    (app_run / "events.jsonl").write_text(json.dumps({"type": "start", "time": 2.0}) + "\n")
+    (app_run / "job.json").write_text(json.dumps({"run_id": app_run.name, "status": "running", "pid": 999999999,
+                                                  "created": 3.0, "owner": owner_key("alice")}))
+    finished = runs / "finished-run"
+    finished.mkdir()
+    (finished / "events.jsonl").write_text(json.dumps({"type": "start", "time": 1.0}) + "\n"
+                                           + json.dumps({"type": "end", "time": 2.0}) + "\n")
+    assert run_status_from_disk(cli_run)["status"] == "interrupted"
+    mgr = JobManager(runs, poll_interval=0.2)
+    try:
+        rows = {r["run_id"]: r for r in mgr.list_runs()}
+        assert rows["cli-run"]["status"] == "interrupted"
+        assert rows[app_run.name]["status"] == "interrupted"
+        assert rows["finished-run"]["status"] == "finished"
+        assert json.loads((app_run / "job.json").read_text())["status"] == "interrupted"
+        with pytest.raises(JobError):
+            mgr.run_dir("../etc")
+    finally:
+        mgr.shutdown()
