@@ -47,7 +47,7 @@ def print_event(event: dict) -> None:
         shown = {k: v for k, v in event.items() if k.startswith("eval_") and isinstance(v, float)
                  and not k.endswith(("runtime", "per_second"))}
         print("  eval " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in shown.items()), flush=True)
-    elif t in ("start", "end", "error", "info") and event.get("message"):
+    elif t in ("start", "end", "info") and event.get("message"):   # errors go to stderr once, from main()
         print(f"[{t}] {event['message']}", flush=True)
     elif t == "start":
         print(f"[start] {event.get('max_steps')} steps", flush=True)

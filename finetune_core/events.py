@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
 
 
 def is_main_process() -> bool:
@@ -78,48 +77,62 @@ def read_all_events(path: str | Path) -> list[dict]:
     return read_events(path, 0)[0]
 
 
-class EventsCallback(TrainerCallback):
-    """Turns Trainer callbacks into events, with an ETA from the measured step rate."""
+def _make_callback_class():
+    # transformers (and torch) load only when a run starts: the app reads events without them.
+    from transformers import TrainerCallback
 
-    def __init__(self, writer: EventWriter, stop_file: str | Path | None = None):
-        self.writer = writer
-        self.stop_file = Path(stop_file) if stop_file else None
-        self.t0 = None
-        self.first_step = 0
-        self.stopped_by_user = False
+    class EventsCallback(TrainerCallback):
+        """Turns Trainer callbacks into events, with an ETA from the measured step rate."""
 
-    def _eta(self, state) -> float | None:
-        done = state.global_step - self.first_step
-        if not self.t0 or done <= 0 or not state.max_steps:
-            return None
-        rate = (time.time() - self.t0) / done
-        return max(0.0, rate * (state.max_steps - state.global_step))
+        def __init__(self, writer: EventWriter, stop_file: str | Path | None = None):
+            self.writer = writer
+            self.stop_file = Path(stop_file) if stop_file else None
+            self.t0 = None
+            self.first_step = 0
+            self.stopped_by_user = False
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.t0 = time.time()
-        self.first_step = state.global_step
-        self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
-                         epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
+        def _eta(self, state) -> float | None:
+            done = state.global_step - self.first_step
+            if not self.t0 or done <= 0 or not state.max_steps:
+                return None
+            rate = (time.time() - self.t0) / done
+            return max(0.0, rate * (state.max_steps - state.global_step))
 
-    def on_step_end(self, args, state, control, **kwargs):
-        # A stop request (file written by the app or the CLI's Ctrl-C handler) ends training at this
-        # step; the Trainer then saves and we evaluate the model as it is.
-        if self.stop_file is not None and self.stop_file.exists():
-            self.stopped_by_user = True
-            control.should_training_stop = True
-            control.should_save = True
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.time()
+            self.first_step = state.global_step
+            self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
+                             epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
-        common = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-                  "eta_seconds": self._eta(state)}
-        if any(k.startswith("eval_") for k in logs):
-            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in common}
-            self.writer.emit("eval", **common, **metrics)
-        elif "loss" in logs:
-            self.writer.emit("log", **common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
-                             grad_norm=logs.get("grad_norm"))
+        def on_step_end(self, args, state, control, **kwargs):
+            # A stop request (file written by the app or the CLI's Ctrl-C handler) ends training at this
+            # step; the Trainer then saves and we evaluate the model as it is.
+            if self.stop_file is not None and self.stop_file.exists():
+                self.stopped_by_user = True
+                control.should_training_stop = True
+                control.should_save = True
 
-    def on_save(self, args, state, control, **kwargs):
-        self.writer.emit("save", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                         message=f"checkpoint-{state.global_step}")
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            common = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                      "eta_seconds": self._eta(state)}
+            if any(k.startswith("eval_") for k in logs):
+                metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in common}
+                self.writer.emit("eval", **common, **metrics)
+            elif "loss" in logs:
+                self.writer.emit("log", **common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                                 grad_norm=logs.get("grad_norm"))
+
+        def on_save(self, args, state, control, **kwargs):
+            self.writer.emit("save", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                             message=f"checkpoint-{state.global_step}")
+
+    return EventsCallback
+
+
+def __getattr__(name):
+    if name == "EventsCallback":
+        cls = _make_callback_class()
+        globals()["EventsCallback"] = cls
+        return cls
+    raise AttributeError(name)

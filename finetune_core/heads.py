@@ -29,6 +29,17 @@ class MeanPoolingConfig(PretrainedConfig):
         return int(self.encoder.get("hidden_size", 0))
 
 
+def mean_pooling_config(encoder_config, num_labels: int, id2label: dict | None = None,
+                        dropout: float = 0.1) -> MeanPoolingConfig:
+    """The config of a mean-pooling classifier around `encoder_config` (used by train and the UI's counter)."""
+    enc = encoder_config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
+        enc.pop(key, None)
+    id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+    return MeanPoolingConfig(encoder=enc, classifier_dropout=dropout, num_labels=num_labels, id2label=id2label,
+                             label2id={v: int(k) for k, v in id2label.items()})
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -55,12 +66,7 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder_path: str, num_labels: int, id2label: dict, dropout: float = 0.1):
         encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
-        enc_dict = encoder.config.to_dict()
-        for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
-            enc_dict.pop(key, None)
-        config = MeanPoolingConfig(encoder=enc_dict, classifier_dropout=dropout, num_labels=num_labels,
-                                   id2label=id2label, label2id={v: int(k) for k, v in id2label.items()})
-        model = cls(config)
+        model = cls(mean_pooling_config(encoder.config, num_labels, id2label, dropout))
         state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
         model.encoder.load_state_dict(state, strict=False)
         return model

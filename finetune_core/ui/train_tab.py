@@ -101,12 +101,9 @@ def _count_params(path: str, task: str, kind: str, strategy: str, frozen, r: int
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         if task == "classification" and strategy == "frozen" and frozen == "all" and kind == "encoder":
-            from ..heads import MeanPoolingConfig, MeanPoolingForSequenceClassification   # as train.py builds it
+            from ..heads import MeanPoolingForSequenceClassification, mean_pooling_config   # as train.py builds it
 
-            enc = config.to_dict()
-            for key in ("_name_or_path", "transformers_version", "architectures", "id2label", "label2id"):
-                enc.pop(key, None)
-            model = MeanPoolingForSequenceClassification(MeanPoolingConfig(encoder=enc, num_labels=num_labels))
+            model = MeanPoolingForSequenceClassification(mean_pooling_config(config, num_labels))
         elif task == "classification":
             config.num_labels = num_labels
             model = AutoModelForSequenceClassification.from_config(config)
