@@ -32,11 +32,18 @@ from pathlib import Path
 from .errors import FinetuneError
 
 
-def read_events(path, offset: int = 0):
-    """finetune_core.events.read_events, imported on first use (events.py imports transformers)."""
-    from .events import read_events as _read
+from .events import read_events  # noqa: E402,F401 - light: transformers loads only when a run starts
 
-    return _read(path, offset)
+
+def worker_command(python: str, request_path) -> list[str]:
+    """The worker's command line. FINETUNE_LAUNCHER hands the job to a launcher instead of a plain
+    process, e.g. `accelerate launch --config_file examples/accelerate/ddp_multi_gpu.yaml` to train on
+    every GPU of the machine; the launcher gets `-m finetune_core train RUN_DIR/run_request.yaml`."""
+    import shlex
+
+    launcher = os.environ.get("FINETUNE_LAUNCHER", "").strip()
+    prefix = shlex.split(launcher) if launcher else [python]
+    return prefix + ["-m", "finetune_core", "train", str(request_path)]
 
 STOP_FILE = "STOP"              # train.py's EventsCallback checks output_dir/STOP at every step end
 REQUEST_FILE = "run_request.yaml"
@@ -592,10 +599,11 @@ class JobManager:
         env["FINETUNE_WORKER"] = "1"
         log = open(job.log_path, "ab")   # noqa: SIM115 - the child inherits it; closed right after
         try:
-            log.write(f"$ {Path(self.python).name} -m finetune_core train {job.request_path}\n".encode())
+            command = worker_command(self.python, job.request_path)
+            log.write(("$ " + " ".join(command) + "\n").encode())
             log.flush()
             job.proc = subprocess.Popen(
-                [self.python, "-m", "finetune_core", "train", str(job.request_path)],
+                command,
                 cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)   # own process group: a hard kill takes its children too
         except OSError as exc:

@@ -320,6 +320,15 @@ def _resource_error(exc: BaseException) -> FinetuneError | None:
     return None
 
 
+def _process_start_time() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001
+        return time.time()
+
+
 def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: int | None = None) -> dict:
     """Run one fine-tuning job end to end and return metrics (also written to metrics.json).
 
@@ -332,8 +341,10 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
         out.mkdir(parents=True, exist_ok=True)
     writer = EventWriter(out / "events.jsonl", enabled=main, echo=echo)
     stop_path = Path(stop_file) if stop_file else out / STOP_FILE
-    if main and stop_path.exists():
-        stop_path.unlink()   # a stale request, also when resuming: the STOP that ended the last run is spent
+    if main and stop_path.exists() and stop_path.stat().st_mtime < _process_start_time():
+        # A stale request, also when resuming: the STOP that ended the last run is spent. A STOP
+        # written after this process started (a Stop clicked during start-up) still counts.
+        stop_path.unlink()
 
     def report(message: str) -> None:
         try:
@@ -362,6 +373,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     t_start = time.time()
     set_seed(cfg.seed)
     threads = set_cpu_threads()
+    # Data first: a bad file is reported in a second, not after a model load.
+    train_df, val_df, cols = _load_frames(cfg, max_bytes)
     writer.emit("info", message=f"Loading model {cfg.model} ...")
     path = resolve_model(cfg.model)
     kind = model_kind(path)
@@ -369,7 +382,6 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         raise ConfigError(f"The model '{cfg.model}' is an encoder; it cannot generate text for instruction tuning.",
                           "Use a causal LM such as bundled:smollm2-135m or gpt2.")
     tokenizer = load_tokenizer(path, kind)
-    train_df, val_df, cols = _load_frames(cfg, max_bytes)
 
     from .audit import audit_dataframe
 
