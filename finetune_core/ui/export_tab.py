@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from ..errors import FinetuneError
@@ -19,13 +21,13 @@ def build(ctx: AppContext, ui) -> None:
             gr.Markdown("#### Download\nWeights (safetensors), tokenizer and model card. No optimizer state, "
                         "no data, no tokens.")
             ui.zip_btn = gr.Button("Build zip", variant="primary")
-            ui.zip_file = gr.File(label="Model zip", interactive=False)
+            ui.zip_file = gr.File(label="Model zip", interactive=False, elem_id="zip-file")
         with gr.Column():
             gr.Markdown("#### Merge LoRA\nFold the adapter into the base weights: a plain model that loads "
                         "without `peft` and runs as fast as the original.")
             ui.merge_btn = gr.Button("Merge LoRA adapter")
             ui.merge_md = gr.Markdown("")
-        with gr.Column():
+        with gr.Column(visible=push_allowed(), elem_id="push-column"):
             gr.Markdown("#### Push to the Hugging Face Hub")
             ui.repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-model",
                                     info="Created if it does not exist.")
@@ -37,6 +39,13 @@ def build(ctx: AppContext, ui) -> None:
             ui.push_btn = gr.Button("Push")
             ui.push_md = gr.Markdown("Offline: pushing is disabled." if is_offline() else "")
     ui.snippet = gr.Code(language="python", label="Use it in Python (ready to paste)", interactive=False)
+
+
+def push_allowed() -> bool:
+    """Demo mode (a public Space) hides push-to-hub unless the Space owner configured HF_TOKEN."""
+    from ..limits import demo_mode
+
+    return not demo_mode() or bool(os.environ.get("HF_TOKEN"))
 
 
 def wire(ctx: AppContext, ui) -> None:
@@ -78,6 +87,9 @@ def wire(ctx: AppContext, ui) -> None:
 
     @user_errors
     def push(run_id, repo_id, token, private, merged, owner_state, request: gr.Request):
+        if not push_allowed():
+            raise FinetuneError("Pushing to the Hub is off in demo mode.",
+                                "The Space owner can enable it by setting the HF_TOKEN secret.")
         run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
         url = export.push_to_hub(run_dir, repo_id, token=token or None, private=bool(private), merged=bool(merged))
         return f"✅ Pushed to [{repo_id}]({url}).", ""

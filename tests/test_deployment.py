@@ -1,4 +1,4 @@
-"""FINETUNE_LAUNCHER: the app hands a job to a launcher (torchrun / accelerate launch) instead of a process."""
+"""Deployment settings: FINETUNE_LAUNCHER (torchrun / accelerate launch jobs) and demo mode for public Spaces."""
 
 import json
 import sys
@@ -38,3 +38,15 @@ def test_job_through_torchrun_launcher_trains_on_two_processes(tmp_path, monkeyp
         assert "torchrun" in (job.run_dir / "worker.log").read_text().splitlines()[0]
     finally:
         manager.shutdown(kill=True)
+
+
+def test_demo_mode_hides_push_to_hub_unless_a_token_is_configured(monkeypatch):
+    from finetune_core.ui.export_tab import push_allowed
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("FINETUNE_DEMO_MODE", raising=False)
+    assert push_allowed()
+    monkeypatch.setenv("FINETUNE_DEMO_MODE", "1")
+    assert not push_allowed()
+    monkeypatch.setenv("HF_TOKEN", "hf_configured_by_the_space_owner")
+    assert push_allowed()
