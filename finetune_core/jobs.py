@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FinetuneError
+from .limits import max_concurrent_jobs as _max_concurrent_jobs
+from .limits import safe_filename as _safe_name
 
 
 from .events import read_events  # noqa: E402,F401 - light: transformers loads only when a run starts
@@ -289,24 +291,6 @@ class Job:
                 "pid": self.pid, "pid_create_time": self.pid_create_time, "returncode": self.returncode,
                 "error": self.error, "started": self.started, "ended": self.ended,
                 "stop_requested": self.stop_requested, "killed": self.killed}
-
-
-def _safe_name(name: str) -> str:
-    try:
-        from .limits import safe_filename
-
-        return safe_filename(name)
-    except ImportError:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "data"
-
-
-def _max_concurrent_jobs() -> int:
-    try:
-        from .limits import max_concurrent_jobs   # FINETUNE_MAX_CONCURRENT_JOBS, demo mode
-
-        return max_concurrent_jobs()
-    except ImportError:
-        return _env_int("FINETUNE_MAX_CONCURRENT_JOBS", 1)
 
 
 def _env_int(name: str, default: int) -> int:
