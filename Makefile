@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup run test test-fast bench browser clean
+.PHONY: setup run test test-fast bench browser screenshots clean
 
 $(VENV)/.installed: requirements.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,15 +22,18 @@ run: setup
 
 # Debian's chromium drives the browser tests (playwright cannot download browsers here).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
-	  echo "WARNING: could not install chromium; browser tests will be skipped"
+	@dpkg -s chromium fonts-noto-color-emoji >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium fonts-noto-color-emoji >/dev/null; } || \
+	  echo "WARNING: could not install chromium; browser tests skip locally and fail under CI"
 
 test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow and not e2e"
+
+screenshots: setup browser
+	UPDATE_SCREENSHOTS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/e2e
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run

@@ -104,7 +104,8 @@ def launch(demo: gr.Blocks, **kwargs):
     options = dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        max_file_size=f"{max_mb:g}mb", theme=gr.themes.Soft(), css=CSS, show_error=True,
+        max_file_size=int(max_mb * 1_000_000),   # bytes: gradio reads "50mb" as 50 MiB, the engine as 50e6
+        theme=gr.themes.Soft(), css=CSS, show_error=True,
         max_threads=int(os.environ.get("FINETUNE_MAX_THREADS", "80")),
     )
     try:

@@ -93,12 +93,12 @@ def build(ctx: AppContext, ui) -> None:
             ui.do_sample = gr.Checkbox(True, label="Sampling",
                                        info="Off = greedy: always the most likely word (repeatable).")
     with gr.Row():
-        ui.base_bot = gr.Chatbot(label="Base model", height=360, buttons=["copy"])
-        ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"])
+        ui.base_bot = gr.Chatbot(label="Base model", height=360, buttons=["copy"], elem_id="base-bot")
+        ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"], elem_id="ft-bot")
     with gr.Row():
         ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
                                  max_lines=4)
-        ui.chat_send = gr.Button("Send", variant="primary", scale=1)
+        ui.chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         ui.chat_clear = gr.Button("Clear", scale=1)
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
@@ -121,7 +121,7 @@ def build(ctx: AppContext, ui) -> None:
             ui.cls_run = gr.Dropdown([], label="Classification run", allow_custom_value=True)
             ui.cls_text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify")
             ui.cls_btn = gr.Button("Classify", variant="primary")
-        ui.cls_label = gr.Label(label="Class probabilities", num_top_classes=10, scale=2)
+        ui.cls_label = gr.Label(label="Class probabilities", num_top_classes=10, scale=2, elem_id="cls-label")
     ui.last_exchange = gr.State({})
 
 

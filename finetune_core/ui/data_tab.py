@@ -155,6 +155,17 @@ def _preview(df, n: int = 50):
     return df.head(n).apply(lambda col: col.map(short))
 
 
+def _column_widths(preview) -> list[str]:
+    """Share the preview's width by typical cell length, so short columns (labels) stay in view."""
+    lens = []
+    for col in preview.columns:
+        cells = preview[col].astype(str).str.len()
+        typical = int(cells.quantile(0.9)) if len(cells) else 0
+        lens.append(min(60, max(len(str(col)), typical)) + 4)
+    total = sum(lens) or 1
+    return [f"{100 * n / total:.1f}%" for n in lens]
+
+
 # ---------------------------------------------------------------------------------------------
 # audit rendering
 
@@ -228,7 +239,8 @@ def build(ctx: AppContext, ui) -> None:
             ui.example = gr.Dropdown([(label, name) for name, (label, _) in EXAMPLES.items()], value="domains.csv",
                                      label="Built-in example", allow_custom_value=True,
                                      info="Small on purpose: a run takes well under a minute on a laptop CPU.")
-            ui.data_file = gr.File(label="Your data file", file_types=FILE_TYPES, type="filepath", visible=False)
+            ui.data_file = gr.File(label="Your data file", file_types=FILE_TYPES, type="filepath", visible=False,
+                                   elem_id="data-file")
             with gr.Row(visible=False) as ui.hub_row:
                 ui.hub_dataset = gr.Textbox("", label="Hub dataset id", placeholder="ag_news  or  glue:sst2", scale=3,
                                             info="Needs the internet the first time; then it is cached.")
@@ -255,21 +267,22 @@ def build(ctx: AppContext, ui) -> None:
             ui.max_length = gr.Slider(32, 2048, value=256, step=16, label="max_length (tokens)",
                                       info="Longer rows are cut. Pick it so ~95% of rows fit (see the histogram); "
                                            "memory and time grow with it.")
-            ui.audit_btn = gr.Button("Run the data audit", variant="primary")
+            ui.audit_btn = gr.Button("Run the data audit", variant="primary", elem_id="audit-btn")
         with gr.Column(scale=3, min_width=420):
             ui.data_summary = gr.Markdown("")
             ui.preview = gr.Dataframe(label="Preview (first 50 rows)", interactive=False, wrap=True,
-                                      max_height=360)
-    ui.audit_summary = gr.Markdown("", label="summary")
-    ui.audit_warnings = gr.HTML("", label="warnings")
+                                      max_height=300)
+            # the audit verdict sits next to the preview: visible without scrolling at 1280x800
+            ui.audit_summary = gr.Markdown("", label="summary", elem_id="audit-summary")
+            ui.audit_warnings = gr.HTML("", label="warnings")
     with gr.Row():
-        ui.class_plot = gr.Plot(label="Class distribution", show_label=False)
-        ui.token_plot = gr.Plot(label="Token lengths", show_label=False)
+        ui.class_plot = gr.Plot(label="Class distribution", show_label=False, elem_id="class-plot")
+        ui.token_plot = gr.Plot(label="Token lengths", show_label=False, elem_id="token-plot")
     with gr.Row():
         ui.audit_table = gr.Dataframe(headers=["check", "value"], label="Audit details", interactive=False,
                                       max_height=300)
         with gr.Accordion("Full audit report (JSON)", open=False):
-            ui.audit_json = gr.JSON(label="audit")
+            ui.audit_json = gr.JSON(label="audit", elem_id="audit-json")
     ui.data_info = gr.State({})
 
 
@@ -306,7 +319,9 @@ def wire(ctx: AppContext, ui) -> None:
         columns = list(map(str, df.columns))
         summary = (f"**{path.name}** · {len(df)} rows · columns: {', '.join(f'`{c}`' for c in columns)} · "
                    f"looks like **{task}** data.")
-        return [summary, _preview(df), task, *column_updates(columns, task, det), info_for(df, path, task, det)]
+        preview = _preview(df)
+        table = gr.update(value=preview, column_widths=_column_widths(preview))
+        return [summary, table, task, *column_updates(columns, task, det), info_for(df, path, task, det)]
 
     load_outputs = [ui.data_summary, ui.preview, ui.task, *col_outputs, ui.data_info]
 

@@ -93,18 +93,16 @@ def build(ctx: AppContext, ui) -> None:
         ui.eval_run = gr.Dropdown([], label="Run", allow_custom_value=True, scale=4,
                                   info="Finished runs, yours and (unless private) others'. Newest first.")
         ui.eval_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
-    ui.eval_header = gr.Markdown("Pick a run.")
-    with gr.Row():
-        ui.eval_loss_plot = gr.Plot(show_label=False)
-        ui.eval_metric_plot = gr.Plot(show_label=False)
+    ui.eval_header = gr.Markdown("Pick a run.", elem_id="eval-header")
     with gr.Column(visible=False) as ui.cls_col:
         gr.Markdown("#### Fine-tuned model vs baselines (same validation rows)\nA fine-tuned model should beat "
                     "TF-IDF + logistic regression; if not, the data may be too small or too easy for a transformer.")
-        ui.cls_summary = gr.Dataframe(headers=["model", "accuracy", "f1_weighted", "f1_macro"], interactive=False)
+        ui.cls_summary = gr.Dataframe(headers=["model", "accuracy", "f1_weighted", "f1_macro"], interactive=False,
+                                       buttons=[], elem_id="eval-baselines")
         with gr.Row():
-            ui.f1_plot = gr.Plot(show_label=False)
+            ui.f1_plot = gr.Plot(show_label=False, elem_id="f1-plot")
             with gr.Column():
-                ui.cm_plot = gr.Plot(show_label=False)
+                ui.cm_plot = gr.Plot(show_label=False, elem_id="cm-plot")
                 ui.cm_normalize = gr.Checkbox(False, label="Normalise rows (recall per class)",
                                               info="Counts show volumes; normalised rows compare classes of "
                                                    "different sizes.")
@@ -126,8 +124,13 @@ def build(ctx: AppContext, ui) -> None:
                                              "ROUGE-L after"], interactive=False, wrap=True,
                                     column_widths=["22%", "22%", "22%", "22%", "6%", "6%"], max_height=420,
                                     label="Held-out prompts: answers before and after fine-tuning")
+    # results first (above the fold), then how training went
+    with gr.Row():
+        ui.eval_loss_plot = gr.Plot(show_label=False)
+        ui.eval_metric_plot = gr.Plot(show_label=False)
     gr.Markdown("### All runs side by side")
-    ui.runs_table = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, max_height=320)
+    ui.runs_table = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, max_height=320,
+                                 column_widths=["18%", "7%", "12%", "7%", "13%", "8%", "7%", "7%", "8%", "13%"])
     ui.runs_plot = gr.Plot(show_label=False)
 
 

@@ -150,6 +150,9 @@ def parse_overrides(text: str | None) -> list[str]:
                               "Write one key=value per line, e.g. max_steps=20 or strategy.lora.r=16.")
         key, value = line.split("=", 1)
         key = key.strip()
+        if not key:
+            raise ConfigError(f"Override '{line}' has no key before the '='.",
+                              "Write one key=value per line, e.g. max_steps=20 or strategy.lora.r=16.")
         if key.split(".")[0] not in TOP_LEVEL_KEYS | {"output_dir", "resume"}:
             key = "training." + key
         for blocked in BLOCKED_OVERRIDES:
@@ -396,18 +399,21 @@ def build(ctx: AppContext, ui) -> None:
                 ui.command_code = gr.Code(language="yaml", label="run.yaml", interactive=False)
                 ui.command_file = gr.File(label="Download run.yaml", interactive=False)
     with gr.Row():
-        ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2)
+        ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2, elem_id="start-btn")
         ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
         ui.run_id = gr.Textbox("", label="Run id", interactive=True, scale=2, max_lines=1,
                                info="Your current run. Paste an id to watch another run.")
-    ui.status = gr.HTML(label="status", value='<div class="ft-status">No run yet. Set things up above and press Start.</div>')
+    ui.status = gr.HTML(label="status", elem_id="train-status",
+                        value='<div class="ft-status">No run yet. Set things up above and press Start.</div>')
     with gr.Row():
         ui.loss_plot = gr.Plot(plots.empty_figure("Train and eval loss appear here while training.", "Loss"),
-                               label="Loss", show_label=False)
+                               label="Loss", show_label=False, elem_id="loss-plot")
         ui.metric_plot = gr.Plot(plots.empty_figure("Validation scores appear after each evaluation.",
-                                                    "Validation metric"), label="Validation metric", show_label=False)
+                                                    "Validation metric"), label="Validation metric", show_label=False,
+                                    elem_id="metric-plot")
     ui.result_msg = gr.Markdown("", label="message")
-    ui.log = gr.Textbox("", label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False)
+    ui.log = gr.Textbox("", label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                        elem_id="train-log")
     with gr.Accordion("Result (JSON)", open=False):
         ui.result = gr.JSON(label="result")
     ui.last_rec = gr.State({})
@@ -470,18 +476,32 @@ def wire(ctx: AppContext, ui) -> None:
                            input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
                            lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
                            batch_size, early_stopping_patience, val_size, overrides)
-        # Fail fast on what the worker would only find after loading a model.
-        from ..data import detect_columns
+        # Fail fast on what the worker would only find after loading a model: the engine's own config,
+        # column and row checks (labels, classes, split, chat messages) run here in milliseconds.
+        import copy
 
+        from ..config import config_from_dict
+        from ..data import clean_classification, detect_columns, row_to_messages, split_frame
+
+        run_cfg = config_from_dict(copy.deepcopy(cfg))
         df = read_frame(path)
-        detect_columns(df, task, data_config(task, text_column, label_column, instruction_format, prompt_column,
-                                             input_column, response_column, max_length), name=path.name)
-        if not cfg["model"].startswith("bundled:"):
-            from ..models import resolve_model
+        cols = detect_columns(df, run_cfg.task, run_cfg.data, name=path.name)
+        if run_cfg.task == "classification":
+            rows = clean_classification(df, cols["text"], cols["label"], path.name)
+            split_frame(rows, run_cfg.data.val_size, run_cfg.seed, stratify="label")
+        else:
+            for i, row in enumerate(df.to_dict("records"), start=1):
+                row_to_messages(row, cols, i)
+        from ..models import BUNDLED, resolve_model
 
+        if cfg["model"] not in BUNDLED:      # unknown bundled ids, hub ids offline, folders: refused now
             resolve_model(cfg["model"], allowed_roots=[ctx.runs_dir])
         job = mgr.submit(cfg, owner)
         yield from watch(job.run_id, owner)
+        st = mgr.status(job.run_id)
+        if st["status"] in ("failed", "interrupted"):      # API clients get an error, not just a red box
+            raise FinetuneError(f"Run {job.run_id} {st['status']}: {st.get('error') or 'see the log'}",
+                                "The log shows the worker's last lines.")
 
     @user_errors
     def reconnect(owner_state, request: gr.Request):
