@@ -293,6 +293,17 @@ class Job:
                 "stop_requested": self.stop_requested, "killed": self.killed}
 
 
+def _private_runs_default() -> bool:
+    """Runs are private to their browser session on a public deployment (demo mode) or when
+    FINETUNE_PRIVATE_RUNS=1; on a laptop (the default) every run stays reachable after a restart."""
+    from .limits import demo_mode
+
+    value = os.environ.get("FINETUNE_PRIVATE_RUNS", "").strip().lower()
+    if value:
+        return value in ("1", "true", "yes", "on")
+    return demo_mode()
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return max(1, int(os.environ.get(name, default)))
@@ -320,7 +331,7 @@ class JobManager:
         self.python = python or sys.executable
         self.cwd = str(cwd or os.getcwd())
         if private_runs is None:
-            private_runs = os.environ.get("FINETUNE_PRIVATE_RUNS", "0").lower() in ("1", "true", "yes")
+            private_runs = _private_runs_default()
         self.private_runs = private_runs
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []

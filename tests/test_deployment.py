@@ -50,3 +50,15 @@ def test_demo_mode_hides_push_to_hub_unless_a_token_is_configured(monkeypatch):
     assert not push_allowed()
     monkeypatch.setenv("HF_TOKEN", "hf_configured_by_the_space_owner")
     assert push_allowed()
+
+
+def test_runs_are_private_in_demo_mode_and_shared_on_a_laptop(monkeypatch, tmp_path):
+    from finetune_core.jobs import JobManager
+
+    monkeypatch.delenv("FINETUNE_PRIVATE_RUNS", raising=False)
+    monkeypatch.delenv("FINETUNE_DEMO_MODE", raising=False)
+    assert JobManager(tmp_path / "a").private_runs is False
+    monkeypatch.setenv("FINETUNE_DEMO_MODE", "1")
+    assert JobManager(tmp_path / "b").private_runs is True
+    monkeypatch.setenv("FINETUNE_PRIVATE_RUNS", "0")          # an explicit setting wins
+    assert JobManager(tmp_path / "c").private_runs is False
