@@ -426,6 +426,40 @@ class JobManager:
         self._wake.set()
         return job
 
+    def resume(self, run_id: str, owner: str | None) -> Job:
+        """Queue a stopped, interrupted or failed run again with `resume: true`: training continues
+        from its last complete checkpoint, with the same step count; events.jsonl continues."""
+        run_dir = self.run_dir(run_id)
+        info = _read_json(run_dir / JOB_FILE)
+        if not info:
+            raise JobError(f"No run with id '{run_id}'.", "Pick a run from the list.")
+        if not self.is_owner(run_id, owner):
+            raise JobError("Only the browser session that started this run can resume it.",
+                           "Open the app in the browser that started it, or use the CLI with resume: true.")
+        current = self.get(run_id)
+        if current is not None and current.active:
+            raise JobError("This run is still queued or running.", "Stop it first, or wait for it to end.")
+        complete = [c for c in (run_dir / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+        if not complete:
+            raise JobError("This run has no complete checkpoint to resume from.",
+                           "A run keeps checkpoints when it is stopped or interrupted after its first save "
+                           "(each epoch); start a new run instead.")
+        from .config import dump_config, load_config
+
+        cfg = load_config(run_dir / REQUEST_FILE)
+        cfg.resume = True
+        dump_config(cfg, run_dir / REQUEST_FILE)
+        job = Job(run_id=run_id, run_dir=run_dir, owner=info.get("owner"), name=info.get("name", run_id),
+                  created=info.get("created", time.time()), task=info.get("task", ""), model=info.get("model", ""),
+                  strategy=info.get("strategy", ""))
+        with self._lock:
+            self._jobs[run_id] = job
+            self._queue.append(run_id)
+            self._save(job)
+            self._schedule()
+        self._wake.set()
+        return job
+
     def get(self, run_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(run_id)

@@ -275,3 +275,26 @@ def test_interrupted_run_detected(tmp_path):
             mgr.run_dir("../etc")
     finally:
         mgr.shutdown()
+
+
+@pytest.mark.slow
+def test_resume_button_path_continues_a_stopped_run_to_the_same_step(manager):
+    from finetune_core.jobs import JobError
+
+    config = cls_config(24, eval_strategy="steps", save_strategy="steps", eval_steps=4, save_steps=4)
+    job = manager.submit(config, owner="alice")
+    assert wait_for(lambda: (job.run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists(), 240)
+    manager.stop(job.run_id, owner="alice")
+    assert manager.wait(job.run_id, timeout=180) == "stopped", (job.error, job.error_lines)
+    stopped_at = json.loads((job.run_dir / "metrics.json").read_text())["global_step"]
+    assert stopped_at < 24
+    with pytest.raises(JobError, match="Only the browser session"):
+        manager.resume(job.run_id, owner="bob")
+    resumed = manager.resume(job.run_id, owner="alice")
+    assert manager.wait(resumed.run_id, timeout=240) == "finished", (resumed.error, resumed.error_lines)
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 24                   # same end step as an uninterrupted run
+    starts = [e for e in events_of(job) if e["type"] == "start"]
+    assert len(starts) == 2 and starts[1]["step"] > 0     # the second attempt began at a checkpoint
+    with pytest.raises(JobError, match="no complete checkpoint"):
+        manager.resume(job.run_id, owner="alice")          # a finished run's checkpoints are cleaned up

@@ -401,6 +401,7 @@ def build(ctx: AppContext, ui) -> None:
     with gr.Row():
         ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2, elem_id="start-btn")
         ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
+        ui.resume_btn = gr.Button("↻ Resume", scale=1, elem_id="resume-btn")
         ui.run_id = gr.Textbox("", label="Run id", interactive=True, scale=2, max_lines=1,
                                info="Your current run. Paste an id to watch another run.")
     ui.status = gr.HTML(label="status", elem_id="train-status",
@@ -532,6 +533,17 @@ def wire(ctx: AppContext, ui) -> None:
         message = mgr.stop(run_id, owner)
         gr.Info(message)
         return message
+
+    @user_errors
+    def resume(run_id="", owner_state=None, request: gr.Request = None):
+        """Continue a stopped or interrupted run of yours from its last checkpoint, then watch it."""
+        owner = owner_of(owner_state, request)
+        run_id = (run_id or "").strip()
+        if not run_id:
+            raise FinetuneError("No run to resume.", "Paste the run id of a stopped or interrupted run.")
+        mgr.resume(run_id, owner)
+        gr.Info("Resuming from the last checkpoint.")
+        yield from watch(run_id, owner)
 
     @user_errors
     def recommend(task, model, strategy, head_only, frozen_layers, val_size, info):
@@ -669,6 +681,8 @@ def wire(ctx: AppContext, ui) -> None:
                                         cancels=[reconnect_event, watch_event])
     ui.stop_btn.click(stop, [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop", api_visibility="public",
                       concurrency_limit=None)
+    ui.resume_btn.click(resume, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
+                        concurrency_limit=None, cancels=[reconnect_event, watch_event])
     ui.watch_outputs = watch_outputs
 
     def task_defaults(task, model, head_only):
