@@ -35,7 +35,8 @@ def peak_rss_mb() -> float:
 
 
 def set_cpu_threads() -> int:
-    """One torch thread per physical core: hyper-threads slow matmul-bound training down."""
+    """One torch thread per physical core (hyper-threads slow matmul-bound training down); on CPU, a
+    malloc setting that keeps freed tensor memory for reuse. Returns the torch thread count."""
     import torch
 
     try:
@@ -48,6 +49,19 @@ def set_cpu_threads() -> int:
     threads = max(1, cores // max(1, world))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        # glibc returns every freed block above its mmap threshold (at most 32 MB) to the kernel, so each
+        # step's logits, activations and gradients come back as fresh zero-filled pages: ~200k page
+        # faults and ~5% of a SmolLM2 step on CPU. Keeping them in the heap for reuse avoids that (the
+        # peak memory is the same; the process just keeps it until it exits). No-op off glibc.
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 30)          # M_MMAP_THRESHOLD: only blocks over 1 GiB are mmapped
+            libc.mallopt(-1, 2 ** 31 - 1)      # M_TRIM_THRESHOLD: do not shrink the heap below 2 GiB free
+        except (OSError, AttributeError):
+            pass
     return torch.get_num_threads()
 
 
@@ -145,7 +159,42 @@ def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokeni
 
 
 def _make_trainer_class():
+    import torch
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class LengthGroupedBatches(torch.utils.data.Sampler):
+        """`group_by_length` that still groups on small datasets.
+
+        transformers sorts by length inside "megabatches" of min(50, n // (4 x batch)) batches: below
+        ~200 rows a megabatch is a single batch, so nothing is grouped and dynamic padding still pads
+        ~45% of every batch (48 Self-Instruct rows, batch 8). Here a megabatch is 50 batches whatever
+        the data size: rows are shuffled, sorted by length within each megabatch, cut into batches
+        (one optimizer step's rows each), and the batches are shuffled (a partial one stays last).
+        Same rows per epoch, same batch size, batches in random order as before; only which rows
+        share a batch changes. (transformers also moves the longest batch first; we do not: the
+        first step runs at learning rate 0 under warmup, and that would always be the batch with
+        the most response tokens.)
+        """
+
+        def __init__(self, lengths, group: int, megabatch_mult: int = 50):
+            self.lengths = [int(x) for x in lengths]
+            self.group = max(1, int(group))
+            self.megabatch = self.group * megabatch_mult
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def __iter__(self):
+            n, g = len(self.lengths), self.group
+            perm = torch.randperm(n).tolist()      # global torch RNG, as transformers' own sampler uses
+            groups = []
+            for s in range(0, n, self.megabatch):
+                chunk = sorted(perm[s:s + self.megabatch], key=lambda i: -self.lengths[i])  # stable: ties random
+                groups += [chunk[j:j + g] for j in range(0, len(chunk), g)]
+            tail = [groups.pop()] if groups and len(groups[-1]) < g else []
+            groups = [groups[k] for k in torch.randperm(len(groups)).tolist()]
+            return iter([i for grp in groups + tail for i in grp])
 
     class FinetuneTrainer(Trainer):
         """Trainer whose causal-LM loss projects only response positions through the LM head.
@@ -162,6 +211,12 @@ def _make_trainer_class():
 
             super().__init__(*args, **kwargs)
             self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                return LengthGroupedBatches(sampler.lengths, sampler.batch_size)
+            return sampler
 
         def _get_eval_sampler(self, eval_dataset):
             # Evaluation stays in dataset order (transformers groups it by length too), so row i of the
@@ -206,6 +261,10 @@ def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: 
     from transformers import TrainingArguments
 
     values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers)
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in cfg.training and new not in cfg.training:   # transformers 5 renamed them; keep both working
+            values.pop(new, None)
     values.update(cfg.training)
     patience = values.pop("early_stopping_patience", None)
     import torch
@@ -477,11 +536,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
         trainer.response_only = _response_only_ok(model)
-        metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix="_before"))
-        from .generate import generate_batch, heldout_prompts
-
-        writer.emit("info", message="Generating answers to held-out prompts before training ...")
-        before_generations = generate_batch(model, tokenizer, heldout_prompts(p)[0], p.template)
+        # The base model's loss, perplexities and answers are measured after training (see
+        # _measure_base_model), so the first loss point reaches the UI seconds after the model loads.
 
     resume = _resume_checkpoint(checkpoints) if cfg.resume else None
     if cfg.resume and resume is None:
@@ -527,6 +583,10 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                               p.label_names)
     else:
         metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix=""))
+        _release_training_state(trainer)     # Adam's state goes before a base copy is loaded
+        writer.emit("info", message="Measuring the base model for comparison: loss, general-text perplexity "
+                                    "and answers to the held-out prompts ...")
+        before_generations = _measure_base_model(model, path, kind, tokenizer, p, collator, cfg, metrics, main)
         from .evaluation import forgetting_report
 
         metrics.update(forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
@@ -600,6 +660,49 @@ def _classification_eval(trainer, eval_ds, p: _Prepared) -> dict:
     m = classification_metrics(p.val_labels, pred, p.label_names)
     m.update(pred=pred, probs=probs)
     return m
+
+
+def _release_training_state(trainer) -> None:
+    """Drop the optimizer and scheduler (Adam keeps two copies of every trainable weight) and, on glibc,
+    hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse (see
+    set_cpu_threads), and without this a base model loaded after training would stack on top of it."""
+    import gc
+
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()       # the accelerator holds its own references to both
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure_base_model(model, path: str, kind: str, tokenizer, p: _Prepared, collator, cfg: RunConfig,
+                        metrics: dict, main: bool) -> list[str] | None:
+    """The "before" side of an instruction run, measured after training on the untouched base weights:
+    LoRA switches its adapters off (the base weights never changed); full and frozen runs load the base
+    model again from its files (the same load as at the start, so the same weights). Adds the `_before`
+    metrics; returns the base model's answers to the held-out prompts (rank 0 only, which writes them)."""
+    import gc
+
+    from .generate import generate_batch, heldout_prompts
+
+    def measure(base) -> list[str] | None:
+        metrics.update(_lm_probe(base, tokenizer, p, collator, cfg, suffix="_before"))
+        return generate_batch(base, tokenizer, heldout_prompts(p)[0], p.template) if main else None
+
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            return measure(model)
+    gc.collect()
+    base = load_model(path, "instruction", kind).to(next(model.parameters()).device)
+    try:
+        return measure(base)
+    finally:
+        del base
+        gc.collect()
 
 
 def _lm_probe(model, tokenizer, p: _Prepared, collator, cfg: RunConfig, suffix: str) -> dict:

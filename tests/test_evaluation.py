@@ -326,6 +326,59 @@ def test_instruction_run_writes_generations_rouge_and_forgetting(tmp_path):
     assert on_disk["rougeL"] == pytest.approx(m["rougeL"])
 
 
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
+    """The base model is measured after training (LoRA: adapters off; full: the base reloaded): its loss,
+    general perplexity and answers must be exactly those of the base model measured on its own, and the
+    loss curve must start before that measurement does. LoRA on a causal LM trains with (reentrant)
+    activation checkpointing by default on CPU: its adapters must still receive gradients."""
+    from safetensors.torch import load_file
+
+    from finetune_core import data as D
+    from finetune_core import train as T
+    from finetune_core.config import config_from_dict
+    from finetune_core.events import read_all_events
+    from finetune_core.generate import generate_batch, heldout_prompts
+    from finetune_core.models import load_model, load_tokenizer
+
+    model_dir = str(wordpiece_llama_dir(tmp_path / "tiny-llama"))
+    rows = [{"instruction": f"Say the colour number {i}.", "input": "", "output": f"colour {i} is blue"}
+            for i in range(24)]
+    data = tmp_path / "inst.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    values = {"task": "instruction", "model": model_dir,
+              "data": {"train": str(data), "val_size": 0.25, "max_length": 48, "template": "alpaca"},
+              "strategy": {"name": strategy},
+              "training": {"max_steps": 4, "per_device_train_batch_size": 4, "eval_strategy": "no",
+                           "save_strategy": "no", "logging_steps": 1, "learning_rate": 5e-3},
+              "output_dir": str(tmp_path / "run"), "seed": 3}
+    cfg = config_from_dict(values)
+    m = T.train(cfg)
+    assert m["eval_loss"] != pytest.approx(m["eval_loss_before"], rel=1e-4)     # it did train
+
+    tok = load_tokenizer(model_dir, "causal")
+    train_df, val_df, cols = T._load_frames(cfg, None)
+    p = T.prepare_instruction(cfg, tok, train_df, val_df, cols)
+    base = load_model(model_dir, "instruction", "causal")
+    ref = T._lm_probe(base, tok, p, D.CausalCollator(tok.pad_token_id), cfg, "_before")
+    assert m["eval_loss_before"] == pytest.approx(ref["eval_loss_before"], rel=1e-5)
+    assert m["general_perplexity_before"] == pytest.approx(ref["general_perplexity_before"], rel=1e-5)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [g["before"] for g in lines] == generate_batch(base, tok, heldout_prompts(p)[0], p.template)
+
+    events = read_all_events(tmp_path / "run" / "events.jsonl")
+    first_log = next(i for i, e in enumerate(events) if e["type"] == "log")
+    measuring = next(i for i, e in enumerate(events) if "Measuring the base model" in (e.get("message") or ""))
+    assert first_log < measuring
+
+    args = T.resolve_training_args(cfg, "causal", 18, tmp_path / "ck")[0]
+    assert args.activation_checkpointing is (strategy == "lora")
+    if strategy == "lora":
+        weights = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
+        b = [w for n, w in weights.items() if "lora_B" in n]
+        assert b and all(float(w.abs().max()) > 0 for w in b)     # B starts at zero: every adapter learned
+
+
 def test_rouge_l_matches_reference_package():
     from rouge_score import rouge_scorer
 
