@@ -112,6 +112,29 @@ def test_defaults_follow_task_and_strategy():
     assert ins["learning_rate"] == 2e-4
 
 
+def test_activation_checkpointing_only_for_causal_lora_on_cpu():
+    for task, kind, strategy in [("instruction", "causal", "full"), ("instruction", "causal", "frozen"),
+                                 ("classification", "encoder", "lora")]:
+        assert training_defaults(task, kind, strategy, 64, cuda=False)["activation_checkpointing"] is False
+    assert training_defaults("instruction", "causal", "lora", 64, cuda=True)["activation_checkpointing"] is False
+    lora = training_defaults("instruction", "causal", "lora", 64, cuda=False)
+    assert lora["activation_checkpointing"] is True
+    assert lora["activation_checkpointing_kwargs"] == {"use_reentrant": True}
+
+
+@pytest.mark.parametrize("given, expected", [({}, True), ({"gradient_checkpointing": False}, False),
+                                             ({"activation_checkpointing": False}, False),
+                                             ({"gradient_checkpointing": True}, True)])
+def test_old_gradient_checkpointing_name_still_wins_over_our_default(tmp_path, given, expected):
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing; a config with the old
+    name must not be silently overridden by our default under the new one."""
+    from finetune_core.train import resolve_training_args
+
+    cfg = config_from_dict({"task": "instruction", "strategy": {"name": "lora"}, "training": given})
+    args, _ = resolve_training_args(cfg, "causal", 64, tmp_path / "ckpt")
+    assert args.activation_checkpointing is expected
+
+
 # ---------------------------------------------------------------------------------------------
 # --set overrides: YAML scalars
 
