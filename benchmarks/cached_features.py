@@ -1,0 +1,109 @@
+"""Target 2: frozen backbone, head only, with and without cached features (strategy.cache_features).
+
+BANKING77 subset: 15 intents x 30 rows from ../shared/datasets/banking77/train.csv (the first 15 intents
+of categories.json, the first 30 rows of each in file order); `train()` holds out 20% (stratified) for
+validation. 10 epochs, head only on bundled MiniLM (mean pooling), our defaults otherwise, evaluation
+and checkpoints off so both sides do exactly 10 epochs (no early stopping).
+
+- uncached: cache_features false, the frozen encoder re-runs on every batch of every epoch.
+- cached: cache_features auto (must resolve to on): the encoder runs once over train and validation
+  rows, the head trains on the stored vectors. Its train_seconds include that feature pass.
+
+Order: cached, uncached, cached, uncached (the ratio uses the means), all in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from . import common as C
+
+NAME = "cached_features"
+TITLE = "Frozen head-only on BANKING77 (15 intents x 30 rows), cached vs re-run encoder"
+
+
+def banking_subset(n_intents: int = 15, per_intent: int = 30) -> list[dict]:
+    import pandas as pd
+
+    folder = C.datasets_dir() / "banking77"
+    df = pd.read_csv(folder / "train.csv")
+    cats_file = folder / "categories.json"
+    cats = json.loads(cats_file.read_text()) if cats_file.exists() else list(dict.fromkeys(df["category"]))
+    cats = [c for c in cats if c in set(df["category"])][:n_intents]
+    parts = [df[df["category"] == c].head(per_intent) for c in cats]
+    return pd.concat(parts).to_dict("records")
+
+
+def config(model: str, train_file: str, out_dir: Path, cache, epochs: int) -> dict:
+    return {"task": "classification", "model": model, "data": {"train": train_file, "text_column": "text",
+                                                                "label_column": "category"},
+            "strategy": {"name": "frozen", "frozen_layers": "all", "cache_features": cache},
+            "training": {"num_train_epochs": epochs, "eval_strategy": "no", "save_strategy": "no"},
+            "output_dir": str(out_dir), "seed": 42}
+
+
+def run_side(model: str, train_file: str, out_dir: Path, cache, epochs: int) -> dict:
+    from finetune_core.config import config_from_dict
+    from finetune_core.train import train
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        m = train(config_from_dict(config(model, train_file, out_dir, cache, epochs)))
+    return {"train_seconds": m["train_seconds"], "feature_seconds": m.get("feature_seconds"),
+            "cache_features": m.get("cache_features"), "accuracy": m["accuracy"], "f1_weighted": m["f1_weighted"],
+            "global_step": m.get("global_step"), "train_samples": m["train_samples"],
+            "val_samples": m.get("val_samples")}
+
+
+def run(quick: bool = False, out_dir: Path | None = None, model: str = C.MINILM) -> dict:
+    C.quiet_env()
+    import pandas as pd
+
+    from finetune_core.train import set_cpu_threads
+
+    threads = set_cpu_threads()
+    n_intents, per_intent, epochs = (5, 10, 2) if quick else (15, 30, 10)
+    rows = banking_subset(n_intents, per_intent)
+    work = C.scratch_dir(NAME)
+    train_file = str(work / "banking_subset.csv")
+    pd.DataFrame(rows).to_csv(train_file, index=False)
+
+    print(f"[{NAME}] {len(rows)} rows, {epochs} epochs: cached, uncached, cached, uncached ...", flush=True)
+    cached1 = run_side(model, train_file, work / "cached1", "auto", epochs)
+    uncached = run_side(model, train_file, work / "uncached", False, epochs)
+    cached2 = run_side(model, train_file, work / "cached2", "auto", epochs)
+    uncached2 = run_side(model, train_file, work / "uncached2", False, epochs)
+    cached_s = (cached1["train_seconds"] + cached2["train_seconds"]) / 2
+    uncached_s = (uncached["train_seconds"] + uncached2["train_seconds"]) / 2
+    speedup = uncached_s / cached_s
+    acc_diff = abs(uncached["accuracy"] - cached1["accuracy"])
+    result = {
+        "title": TITLE,
+        "setup": {"model": model, "intents": n_intents, "rows_per_intent": per_intent, "epochs": epochs,
+                  "rows": len(rows), "torch_threads": threads},
+        "uncached": uncached, "uncached_repeat": uncached2, "cached": cached1, "cached_repeat": cached2,
+        "speedup": round(speedup, 2), "accuracy_difference": round(acc_diff, 4),
+        "auto_resolved_on": bool(cached1["cache_features"]) and bool(cached2["cache_features"]),
+        "load_average_end": C.load_average(),
+    }
+    result["met"] = {"speedup": speedup >= 5, "accuracy": acc_diff <= 0.02, "auto": result["auto_resolved_on"]}
+    result["summary"] = [
+        {"what": "head-only 10 epochs, re-run encoder / cached features",
+         "value": f"{uncached_s:.1f}s / {cached_s:.2f}s = {speedup:.1f}x (mean of 2 each, interleaved)",
+         "target": ">= 5x",
+         "met": result["met"]["speedup"]},
+        {"what": "accuracy uncached / cached", "value": f"{uncached['accuracy']:.3f} / {cached1['accuracy']:.3f}",
+         "target": "within 0.02", "met": result["met"]["accuracy"]},
+        {"what": "cache_features: auto turns it on", "value": str(result["auto_resolved_on"]).lower(),
+         "target": "true", "met": result["met"]["auto"]},
+    ]
+    C.write_result(NAME, result, quick, out_dir)
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
