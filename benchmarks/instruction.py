@@ -251,7 +251,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     threads = set_cpu_threads()
     rows = C.self_instruct_rows()
     n_train, n_val, max_length = (12, 8, 128) if quick else (48, 25, 256)
-    repeats = repeats or (1 if quick else 2)
+    repeats = repeats or (1 if quick else 3)
     train_rows, val_rows = split_rows(rows, n_train, n_val)
     model_path = resolve_model(model)
     tok = load_tokenizer(model_path)

@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if not a.table:
+        # Training in a benchmark gets the same heap as `python -m finetune_core train` (both sides).
+        from finetune_core.malloc import restart_with_hugepages
+
+        restart_with_hugepages()
     if a.table:
         update_readme(load_results())
         print(table(load_results(a.quick)))

@@ -1,8 +1,17 @@
-"""`python -m finetune_core ...`: see cli.py."""
+"""`python -m finetune_core ...`: see cli.py.
+
+`train` and `compare` first restart themselves once with glibc's huge-page heap turned on (see
+malloc.py): glibc reads that setting only at process start. The restart keeps the process id and the
+interpreter flags, so torchrun and accelerate see no difference.
+"""
 
 import sys
 
-from .cli import main
-
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "compare"):
+        from .malloc import restart_with_hugepages
+
+        restart_with_hugepages()
+    from .cli import main
+
     sys.exit(main())

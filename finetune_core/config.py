@@ -343,7 +343,11 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
 
         cuda = torch.cuda.is_available()
     classification = task == "classification"
-    batch = 16 if classification else 8
+    # Instruction batches: 4 on CPU, the article's effective batch (1 x accumulation 4). Length-grouped
+    # batches of 4 pad half as much as batches of 8 (48 Self-Instruct rows: 5.9% vs 11.1% of positions),
+    # train ~12% faster here, and reached a lower validation loss in `make bench` (3.91 vs 4.10).
+    # A GPU is not compute-bound at this size, so it takes 8.
+    batch = 16 if classification else (8 if cuda else 4)
     epochs = 10 if classification else 3
     if classification and strategy == "frozen" and frozen_layers == "all":
         epochs = 20   # a head on frozen features is cheap and needs more passes; early stopping guards

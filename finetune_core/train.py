@@ -50,18 +50,9 @@ def set_cpu_threads() -> int:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
     if not torch.cuda.is_available():
-        # glibc returns every freed block above its mmap threshold (at most 32 MB) to the kernel, so each
-        # step's logits, activations and gradients come back as fresh zero-filled pages: ~200k page
-        # faults and ~5% of a SmolLM2 step on CPU. Keeping them in the heap for reuse avoids that (the
-        # peak memory is the same; the process just keeps it until it exits). No-op off glibc.
-        try:
-            import ctypes
+        from .malloc import keep_freed_memory
 
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 30)          # M_MMAP_THRESHOLD: only blocks over 1 GiB are mmapped
-            libc.mallopt(-1, 2 ** 31 - 1)      # M_TRIM_THRESHOLD: do not shrink the heap below 2 GiB free
-        except (OSError, AttributeError):
-            pass
+        keep_freed_memory()
     return torch.get_num_threads()
 
 
@@ -505,7 +496,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                      "total_params": summary["total_params"], "torch_threads": threads,
                      "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                      "device": "cuda" if torch.cuda.is_available() else "cpu",
-                     "dropped_rows": int(p.dropped_rows)}
+                     "dropped_rows": int(p.dropped_rows),
+                     "hugepage_heap": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
 
     if cfg.task == "classification":
         from .evaluation import compute_metrics_fn
@@ -668,15 +660,12 @@ def _release_training_state(trainer) -> None:
     set_cpu_threads), and without this a base model loaded after training would stack on top of it."""
     import gc
 
+    from .malloc import release_free_memory
+
     trainer.optimizer = trainer.lr_scheduler = None
     trainer.accelerator.free_memory()       # the accelerator holds its own references to both
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_memory()
 
 
 def _measure_base_model(model, path: str, kind: str, tokenizer, p: _Prepared, collator, cfg: RunConfig,

@@ -202,3 +202,7 @@ def test_train_runs_from_the_cli_on_a_latin1_file(tmp_path, tiny_bert_dir):
     assert run_yaml["training"]["max_steps"] == 2 and run_yaml["data"]["max_length"] == 32
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["strategy"] == "full"
+    # `train` restarted itself with glibc's huge-page heap where the platform supports it (malloc.py)
+    from finetune_core.malloc import with_hugepages
+
+    assert metrics["hugepage_heap"] is ("GLIBC_TUNABLES" in with_hugepages({}))

@@ -163,12 +163,20 @@ def wire(ctx: AppContext, ui) -> None:
         for i, (history, ref) in enumerate(zip(histories, refs)):
             if ref is None:
                 continue
-            mdl, tok, info = _inference(ref)
-            if info["task"] != "instruction":
-                raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
             msgs = [{"role": m["role"], "content": _text(m["content"])} for m in history
                     if m.get("role") in ("user", "assistant", "system")]
-            history.append({"role": "assistant", "content": ""})
+            # Loading can take a while the first time (the bundled SmolLM2 is converted once): say so.
+            history.append({"role": "assistant", "content": "⏳ Loading the model ..."})
+            yield base_history, finetuned_history, gr.skip()
+            try:
+                mdl, tok, info = _inference(ref)
+            except FinetuneError:
+                history.pop()
+                raise
+            if info["task"] != "instruction":
+                history.pop()
+                raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
+            history[-1]["content"] = ""
             for text in stream_generate(mdl, tok, msgs, info["template"], **settings):
                 history[-1]["content"] = text
                 yield base_history, finetuned_history, gr.skip()
