@@ -37,19 +37,10 @@ TITLE = "Speed ideas one at a time (forward+backward, time per real token relati
 
 def sample_rows(model_path: str, n_train: int, max_length: int):
     """(tokenizer, rows sorted by length) for the first n_train rows; a row is (input_ids, labels)."""
-    import pandas as pd
+    from .instruction import split_rows, tokenize_rows
 
-    from finetune_core import data as D
-    from finetune_core.config import DataConfig
-    from finetune_core.models import load_tokenizer
-
-    from .instruction import split_rows
-
-    tok = load_tokenizer(model_path)
     rows, _ = split_rows(C.self_instruct_rows(), n_train, 1)
-    df = pd.DataFrame(rows)
-    cols = D.detect_columns(df, "instruction", DataConfig(train="train.jsonl"))
-    ex = D.tokenize_instruction(df, cols, tok, "alpaca", max_length)
+    tok, ex = tokenize_rows(model_path, rows, max_length)
     order = sorted(range(len(ex.input_ids)), key=lambda i: len(ex.input_ids[i]))
     return tok, [(ex.input_ids[i], ex.labels[i]) for i in order]
 

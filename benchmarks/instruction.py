@@ -188,7 +188,8 @@ def our_config(model: str, train_file: str, val_file: str, out_dir: Path, max_le
             "output_dir": str(out_dir), "seed": 42}
 
 
-def train_ids(model_path: str, train_rows: list[dict], max_length: int) -> list[list[int]]:
+def tokenize_rows(model_path: str, rows: list[dict], max_length: int):
+    """(tokenizer, tokenized examples) of Self-Instruct rows the way train() tokenizes them (alpaca)."""
     import pandas as pd
 
     from finetune_core import data as D
@@ -196,9 +197,13 @@ def train_ids(model_path: str, train_rows: list[dict], max_length: int) -> list[
     from finetune_core.models import load_tokenizer
 
     tok = load_tokenizer(model_path)
-    df = pd.DataFrame(train_rows)
+    df = pd.DataFrame(rows)
     cols = D.detect_columns(df, "instruction", DataConfig(train="train.jsonl"))
-    return D.tokenize_instruction(df, cols, tok, "alpaca", max_length).input_ids
+    return tok, D.tokenize_instruction(df, cols, tok, "alpaca", max_length)
+
+
+def train_ids(model_path: str, train_rows: list[dict], max_length: int) -> list[list[int]]:
+    return tokenize_rows(model_path, train_rows, max_length)[1].input_ids
 
 
 def run_ours(model: str, model_path: str, train_rows: list[dict], val_rows: list[dict], work: Path,

@@ -24,23 +24,12 @@ TITLE = "Response-only LM head vs full logits (same loss, time)"
 
 def training_batches(model_path: str, n_rows: int, max_length: int, batch: int = 8) -> list[dict]:
     from finetune_core import data as D
-    from finetune_core.models import load_tokenizer
 
-    from .instruction import split_rows, train_ids
+    from .ideas import sample_rows
 
-    tok = load_tokenizer(model_path)
-    rows, _ = split_rows(C.self_instruct_rows(), n_rows, 1)
-    import pandas as pd
-
-    from finetune_core.config import DataConfig
-
-    df = pd.DataFrame(rows)
-    cols = D.detect_columns(df, "instruction", DataConfig(train="train.jsonl"))
-    ex = D.tokenize_instruction(df, cols, tok, "alpaca", max_length)
-    order = sorted(range(len(ex.input_ids)), key=lambda i: len(ex.input_ids[i]))
+    tok, rows = sample_rows(model_path, n_rows, max_length)
     collate = D.CausalCollator(tok.pad_token_id)
-    feats = [{"input_ids": ex.input_ids[i], "labels": ex.labels[i]} for i in order]
-    del train_ids
+    feats = [{"input_ids": ids, "labels": labels} for ids, labels in rows]
     return [collate(feats[i:i + batch]) for i in range(0, len(feats), batch)]
 
 
