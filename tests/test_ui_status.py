@@ -9,12 +9,13 @@ BASE = {"task": "classification", "f1_weighted": 0.9, "accuracy": 0.9, "global_s
 
 def test_early_stopping_is_named_with_its_step():
     html = status_html(ST, Progress(), BASE | {"stopped_early": True, "stopped_by_user": False})
+    assert "✅ Finished: <b>cls-lora</b>" in html       # the browser test reads the run name from here
     assert "Finished early at step 40 of 60" in html and "best checkpoint was kept" in html
 
 
 def test_time_limit_and_plain_finish():
     limited = status_html(ST, Progress(), BASE | {"stopped_early": True, "stopped_by_time_limit": True})
-    assert "time limit" in limited and "Finished early" not in limited
+    assert "step 40 of 60 by this deployment's time limit" in limited and "Finished early" not in limited
     plain = status_html(ST, Progress(), BASE | {"stopped_early": False})
     assert "✅ Finished:" in plain and "early" not in plain
 

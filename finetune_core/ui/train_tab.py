@@ -286,14 +286,15 @@ def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
         label = "✋ Stopping after the current step; the model is then evaluated and saved"
     elif status == "stopped":
         label = "⏹️ Stopped by you; the model was evaluated and saved"
-    elif metrics and metrics.get("stopped_by_time_limit"):
-        label = "⏱️ Finished at this deployment's time limit; the model was evaluated and saved"
-    elif metrics and metrics.get("stopped_early") and not metrics.get("stopped_by_user"):
-        label = (f"✅ Finished early at step {metrics.get('global_step')} of {metrics.get('max_steps')}: early "
-                 "stopping saw the validation score stop improving, and the best checkpoint was kept")
     else:
         label = "✅ Finished"
     extra = ""
+    if status == "finished" and metrics and metrics.get("stopped_by_time_limit"):
+        extra = (f"<br><small>⏱️ Stopped at step {metrics.get('global_step')} of {metrics.get('max_steps')} by this "
+                 "deployment's time limit; the model was evaluated and saved.</small>")
+    elif status == "finished" and metrics and metrics.get("stopped_early"):
+        extra = (f"<br><small>Finished early at step {metrics.get('global_step')} of {metrics.get('max_steps')}: "
+                 "early stopping saw the validation score stop improving; the best checkpoint was kept.</small>")
     if status in ("running", "stopping") and p["message"] and (p["phase"] != "training" or pct >= 100):
         extra = f"<br><small>{html.escape(str(p['message']))}</small>"
     if metrics and status in ("finished", "stopped"):
