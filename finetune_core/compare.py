@@ -41,6 +41,7 @@ STOP_FILE = "STOP"
 KEEP_TRAINABLE_BLOCKS = 2        # frozen on an instruction task: the last 2 blocks learn
 NAMES = {"full": "Full fine-tuning", "frozen": "Frozen backbone", "lora": "LoRA"}
 POLL_SECONDS = 0.5
+FORGETTING_NA = "n/a (classification)"   # compare rows and comparison.md for classifiers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +259,9 @@ def _row(plan: dict, task: str, metrics: dict | None, wall: float, error: str | 
                     "accuracy": metrics.get("accuracy"), "f1_weighted": metrics.get("f1_weighted"),
                     "f1_macro": metrics.get("f1_macro"), "accuracy_before": before.get("accuracy"),
                     "baselines": metrics.get("baselines"),
-                    "forgetting_change": None, "forgetting_verdict": None})
+                    # the forgetting probe is a language model's perplexity on general text: an encoder
+                    # with a classification head has none, so say so instead of leaving a blank
+                    "forgetting_change": None, "forgetting_verdict": FORGETTING_NA})
     else:
         row.update({"main_metric_value": metrics.get("eval_loss"), "main_metric_before": metrics.get("eval_loss_before"),
                     "eval_loss": metrics.get("eval_loss"), "perplexity": metrics.get("perplexity"),
@@ -432,7 +435,8 @@ def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], s
         " validation rows, differences of a few points are within noise (one row = "
         + (f"{1 / n_val:.1%}" if n_val else "a large share") + " of accuracy)."
         if cls else "one run per strategy with one seed: small differences in loss are within noise.",
-    ]
+    ] + ([f"forgetting: {FORGETTING_NA}; the general-text perplexity probe needs a language model, so it "
+          "runs for instruction tuning only."] if cls else [])
     lines += [f"- {n}" for n in all_notes]
     lines.append("")
     return "\n".join(lines)

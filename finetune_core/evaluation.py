@@ -1,7 +1,8 @@
 """Evaluation people can trust: metrics, baselines, error analysis, perplexity and forgetting.
 
-    m = classification_metrics(y_true, y_pred, probs, label_names)
-    b = baselines(train_texts, train_labels, val_texts, val_labels)     # same split as the model
+    m = classification_metrics(y_true, y_pred, label_names)             # accuracy, F1, per class, confusion
+    b = baselines(train_texts, train_labels, val_texts, val_labels)     # same split and metrics as the model
+    e = error_analysis(val_texts, y_true, y_pred, probs, label_names)   # confident mistakes, confused pairs
     ppl = perplexity(model, tokenizer, general_text_paragraphs())        # the forgetting probe
 
 Metrics come from scikit-learn (evaluate.load() needs the hub). Nothing here trains the model.
@@ -53,20 +54,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def baselines(train_texts, train_labels, val_texts, val_labels) -> dict:
-    """Majority class and TF-IDF + logistic regression (the article's Level-1 comparison), same split."""
+def _scores(y_true, y_pred, labels) -> dict:
+    """The model row's three numbers, for a baseline: accuracy, weighted and macro F1 over `labels`."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "f1_weighted": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+            "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))}
+
+
+def baselines(train_texts, train_labels, val_texts, val_labels, labels=None) -> dict:
+    """Majority class and TF-IDF + logistic regression (the article's Level-1 comparison), same split.
+
+    Each gets accuracy, f1_weighted and f1_macro like the model. labels: the label ids macro F1
+    averages over (default: every label of either split, as classification_metrics does for the
+    model), so a class a baseline never predicts counts as F1 0 instead of disappearing.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline
 
     train_labels = np.asarray(train_labels)
     val_labels = np.asarray(val_labels)
+    labels = list(np.union1d(train_labels, val_labels)) if labels is None else list(labels)
     values, counts = np.unique(train_labels, return_counts=True)
     majority = values[counts.argmax()]
     maj_pred = np.full_like(val_labels, majority)
-    out = {"majority": {"accuracy": float(accuracy_score(val_labels, maj_pred)),
-                        "f1_weighted": float(f1_score(val_labels, maj_pred, average="weighted", zero_division=0))}}
+    out = {"majority": _scores(val_labels, maj_pred, labels)}
     if len(values) < 2:
         pred = maj_pred          # one class in the training split: logistic regression cannot fit
     else:
@@ -81,8 +95,7 @@ def baselines(train_texts, train_labels, val_texts, val_labels) -> dict:
                                  LogisticRegression(max_iter=2000, C=10.0))
             pipe.fit(list(train_texts), train_labels)
         pred = pipe.predict(list(val_texts))
-    out["tfidf_logreg"] = {"accuracy": float(accuracy_score(val_labels, pred)),
-                           "f1_weighted": float(f1_score(val_labels, pred, average="weighted", zero_division=0))}
+    out["tfidf_logreg"] = _scores(val_labels, pred, labels)
     return out
 
 

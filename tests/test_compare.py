@@ -126,7 +126,8 @@ def test_compare_full_frozen_lora_rows_and_files(tmp_path, tiny_bert_dir):
         assert r["trainable_params"] == m["trainable_params"] > 0
         assert r["main_metric"] == "f1_weighted" and r["main_metric_value"] == m["f1_weighted"]
         assert r["main_metric_before"] == m["before_finetuning"]["f1_weighted"]
-        assert r["forgetting_change"] is None           # encoders have no general-text probe
+        assert r["forgetting_change"] is None           # encoders have no general-text probe,
+        assert r["forgetting_verdict"] == "n/a (classification)"     # and the row says so
         assert (run / "predictions.csv").exists() and (run / "run.yaml").exists()
         assert yaml.safe_load((run / "run.yaml").read_text())["strategy"]["name"] == r["strategy"]
     by = {r["strategy"]: r for r in rows}
@@ -147,11 +148,44 @@ def test_compare_full_frozen_lora_rows_and_files(tmp_path, tiny_bert_dir):
         assert line.startswith(f"| **{r['strategy']}") and f"{r['train_seconds']:.1f}" in line
     assert "LoRA reached F1" in md and "of the parameters in" in md
     assert "own default learning rate" in md and "TF-IDF" in md
+    assert "- forgetting: n/a (classification)" in md and "None" not in md
 
     # progress reached the caller: our announcements plus each run's own events
     starts = [e for e in events if e.get("type") == "info" and "[compare" in e.get("message", "")]
     assert len(starts) == 3
     assert sum(e.get("type") == "end" for e in events) == 3
+
+
+def test_compare_cli_one_row_per_strategy_with_real_timings(tmp_path, tiny_bert_dir):
+    """`python -m finetune_core compare CONFIG --strategies full,lora --set ...` as a user types it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    csv = tiny_csv(tmp_path / "data.csv")
+    cfg = write_config(tmp_path / "c.yaml", classification_values(tmp_path, tiny_bert_dir, csv))
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "finetune_core", "compare", str(cfg), "--strategies", "full,lora",
+                           "--set", "training.max_steps=2", "--set", "training.eval_strategy=no",
+                           "--set", "training.save_strategy=no"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "cmp"
+    saved = json.loads((out / "comparison.json").read_text())
+    rows = saved["rows"]
+    assert saved["strategies"] == ["full", "lora"] and [r["strategy"] for r in rows] == ["full", "lora"]
+    for r in rows:
+        m = json.loads((out / r["strategy"] / "metrics.json").read_text())
+        assert r["status"] == "ok" and m["global_step"] == 2
+        # real timings: each strategy's own Trainer.train() time, inside its own process's wall time
+        assert r["train_seconds"] == m["train_seconds"] > 0 and r["wall_seconds"] > r["train_seconds"]
+    # the CLI prints the same table it wrote: one line per strategy, with that strategy's train seconds
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| **")]
+    assert len(table) == 2
+    for r, line in zip(rows, table):
+        assert line.startswith(f"| **{r['strategy']}") and f"| {r['train_seconds']:.1f} |" in line
+    assert (out / "comparison.md").read_text() in proc.stdout
 
 
 def test_compare_reports_a_failed_strategy_and_keeps_going(tmp_path, tiny_bert_dir):

@@ -183,9 +183,24 @@ def test_baselines_majority_is_exact():
     val_t = ["good", "bad awful", "nice"]
     val_y = [1, 0, 1]
     b = baselines(train_t, train_y, val_t, val_y)
-    assert b["majority"] == pytest.approx({"accuracy": 2 / 3, "f1_weighted": (0.8 * 2 + 0.0) / 3})
+    # class 1: precision 2/3, recall 1 -> F1 0.8 (support 2); class 0 never predicted -> F1 0 (support 1)
+    assert b["majority"] == pytest.approx({"accuracy": 2 / 3, "f1_weighted": (0.8 * 2 + 0.0) / 3,
+                                           "f1_macro": (0.8 + 0.0) / 2})
     assert set(b) == {"majority", "tfidf_logreg"}
-    assert set(b["tfidf_logreg"]) == {"accuracy", "f1_weighted"}
+    assert set(b["tfidf_logreg"]) == {"accuracy", "f1_weighted", "f1_macro"}
+
+
+def test_baselines_macro_f1_counts_labels_missing_from_validation():
+    """Macro F1 averages over every label of the run (as the model's row does): a label only in the
+    training split still counts, as F1 0, so the baseline and model columns are comparable."""
+    train_t = ["red apple", "red cherry", "blue sky", "blue sea", "green leaf"]
+    train_y = [0, 0, 1, 1, 2]
+    b = baselines(train_t, train_y, ["red", "blue"], [0, 1])
+    assert b["tfidf_logreg"]["accuracy"] == 1.0
+    # labels 0 and 1 are perfect, label 2 has no support and no prediction: F1 0 by zero_division
+    assert b["tfidf_logreg"]["f1_macro"] == pytest.approx(2 / 3)
+    assert b["tfidf_logreg"]["f1_weighted"] == pytest.approx(1.0)
+    assert baselines(train_t, train_y, ["red", "blue"], [0, 1], labels=[0, 1])["tfidf_logreg"]["f1_macro"] == 1.0
 
 
 def test_baselines_survive_texts_without_words():
@@ -212,6 +227,11 @@ def test_run_metrics_before_row_and_required_keys(tiny_run):
     assert m["train_seconds"] > 0 and m["peak_rss_mb"] > 0
     on_disk = json.loads((tiny_run["out"] / "metrics.json").read_text())
     assert on_disk["baselines"] == m["baselines"] and on_disk["before_finetuning"] == m["before_finetuning"]
+    # the Evaluate tab's "model vs baselines" table: every row has all three numbers, no empty cell
+    from finetune_core.plots import classification_summary_rows
+
+    rows = classification_summary_rows(m)
+    assert len(rows) == 4 and all(isinstance(v, float) for r in rows for v in r[1:]), rows
 
 
 def test_baselines_use_the_models_split(tiny_run):
@@ -387,3 +407,11 @@ def test_rouge_l_matches_reference_package():
     pred, ref = "the cat sat on the mat", "a cat sat on a mat today"
     expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure
     assert rouge_l([pred, ref], [ref, ref]) == pytest.approx([expected, 1.0])
+
+
+def test_rouge_l_scores_non_latin_text_zero_as_the_readme_says():
+    """rouge-score's default tokenizer keeps only a-z and 0-9: an exact answer in Chinese or Cyrillic
+    scores 0 (README, Evaluation). If a tokenizer change fixes this, update the README."""
+    from finetune_core.generate import rouge_l
+
+    assert rouge_l(["你好世界", "Привет мир", "hello world"], ["你好世界", "Привет мир", "hello world"]) == [0, 0, 1.0]
