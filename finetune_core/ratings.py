@@ -1,12 +1,17 @@
 """Human ratings of answers, base model vs fine-tuned: the article's Level-3 exercise.
 
     add_rating("runs/my-run", "How do I reset my password?", "finetuned", "Open Settings ...", 4)
-    read_ratings("runs/my-run")      # every rating, oldest first
+    add_rating("runs/my-run", full_prompt, "base", answer, 2, session=key, index=3)   # generations.jsonl row 3
+    read_ratings("runs/my-run")      # every rating ever saved, oldest first (the log)
+    latest_ratings("runs/my-run")    # the one that counts per (session, prompt/index, model, answer)
     rating_summary("runs/my-run")    # {"base": {"mean": 2.5, "n": 4, ...}, "finetuned": {"mean": 4.0, "n": 4, ...}}
 
 Ratings live in `<run_dir>/ratings.jsonl`, one JSON object per line, so they survive restarts of
-the app and travel with the run folder. Each append is a single write of one whole line, under an
-exclusive file lock where the OS has one, flushed and fsynced before add_rating returns.
+the app and travel with the run folder. The file is an append-only log: saving the same answer's
+rating again (a second click on "Save ratings", a changed mind) appends a new line, and the summary
+counts only the latest line per (session, generation index, prompt, model, answer), so nothing is
+counted twice and a correction replaces the old score. Each append is a single write of one whole
+line, under an exclusive file lock where the OS has one, flushed and fsynced before add_rating returns.
 """
 
 from __future__ import annotations
@@ -86,10 +91,22 @@ def _append_line(path: Path, line: str) -> None:
         os.close(fd)      # closing releases the lock
 
 
-def add_rating(run_dir: str | Path, prompt: str, model: str, answer: str, score, session: str | None = None) -> dict:
+def _index(index) -> int | None:
+    if index is None:
+        return None
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise FinetuneError(f"A held-out rating's generation index must be a whole number >= 0, got {index!r}.",
+                            "Pass the row's 'index' from generations.jsonl, or None for a chat answer.")
+    return index
+
+
+def add_rating(run_dir: str | Path, prompt: str, model: str, answer: str, score, session: str | None = None,
+               index: int | None = None) -> dict:
     """Append one rating to `<run_dir>/ratings.jsonl` and return the stored record.
 
     model: 'base' (the model before fine-tuning) or 'finetuned'. score: 1..5, else FinetuneError.
+    prompt: the whole prompt (texts over MAX_TEXT_CHARS are cut and marked). index: the prompt's
+    row in the run's generations.jsonl for held-out ratings, None for a chat answer.
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -108,14 +125,21 @@ def add_rating(run_dir: str | Path, prompt: str, model: str, answer: str, score,
         "answer": _text(answer, "answer", required=False),
         "score": _score(score),
         "session": None if session is None else str(session),
+        "index": _index(index),
     }
     _append_line(ratings_path(run), json.dumps(record, ensure_ascii=False))
     return record
 
 
 def _valid(rec) -> bool:
-    return (isinstance(rec, dict) and rec.get("model") in MODELS and isinstance(rec.get("score"), int)
-            and not isinstance(rec.get("score"), bool) and MIN_SCORE <= rec["score"] <= MAX_SCORE)
+    if not (isinstance(rec, dict) and rec.get("model") in MODELS and isinstance(rec.get("score"), int)
+            and not isinstance(rec.get("score"), bool) and MIN_SCORE <= rec["score"] <= MAX_SCORE):
+        return False
+    index = rec.get("index")
+    # the fields rating_key reads must be plain values (a hand-edited line must not break the summary)
+    return (isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer", ""), str)
+            and isinstance(rec.get("session"), (str, type(None)))
+            and (index is None or (isinstance(index, int) and not isinstance(index, bool))))
 
 
 def read_ratings(run_dir: str | Path, session: str | None = None) -> list[dict]:
@@ -140,9 +164,26 @@ def read_ratings(run_dir: str | Path, session: str | None = None) -> list[dict]:
     return out
 
 
+def rating_key(rec: dict) -> tuple:
+    """What makes two log lines the same rating: who, which prompt (held-out row), which model, which answer."""
+    return (rec.get("session"), rec.get("index"), rec.get("prompt"), rec["model"], rec.get("answer"))
+
+
+def latest_ratings(run_dir: str | Path, session: str | None = None) -> list[dict]:
+    """The ratings that count: the latest line per rating_key, in the order they were last saved."""
+    latest: dict[tuple, dict] = {}
+    for rec in read_ratings(run_dir, session=session):
+        key = rating_key(rec)
+        latest.pop(key, None)          # re-insert: a re-rated answer moves to its newest position
+        latest[key] = rec
+    return list(latest.values())
+
+
 def rating_summary(run_dir: str | Path, session: str | None = None) -> dict:
-    """{"base": {"mean", "n", "counts"}, "finetuned": {...}}; mean is None when there is no rating."""
-    ratings = read_ratings(run_dir, session=session)
+    """{"base": {"mean", "n", "counts"}, "finetuned": {...}}; mean is None when there is no rating.
+
+    Counts latest_ratings(): a rating saved twice counts once, with its latest score."""
+    ratings = latest_ratings(run_dir, session=session)
     summary = {}
     for m in MODELS:
         scores = [r["score"] for r in ratings if r["model"] == m]

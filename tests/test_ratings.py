@@ -48,6 +48,51 @@ def test_ratings_persist_and_summarise(tmp_path):
     assert len(lines) == 5 and all(json.loads(ln)["prompt"] for ln in lines)
 
 
+def test_saving_the_same_rating_twice_counts_once_with_the_latest_score(tmp_path):
+    """ratings.jsonl is a log (every save appended); the summary counts the latest line per
+    (session, generation index, prompt, model, answer)."""
+    prompt = "### Instruction:\n" + "Summarise this long text. " * 40      # longer than any table preview
+    for _ in range(2):                                  # "Save ratings" pressed twice
+        ratings.add_rating(tmp_path, prompt, "base", "meh", 2, session="s1", index=0)
+        ratings.add_rating(tmp_path, prompt, "finetuned", "good", 4, session="s1", index=0)
+    ratings.add_rating(tmp_path, prompt, "finetuned", "good", 5, session="s1", index=0)     # changed their mind
+    assert len(ratings.read_ratings(tmp_path)) == 5                                         # the log keeps all
+    s = ratings.rating_summary(tmp_path)
+    assert (s["base"]["mean"], s["base"]["n"]) == (2.0, 1)
+    assert (s["finetuned"]["mean"], s["finetuned"]["n"]) == (5.0, 1)
+    assert ratings.latest_ratings(tmp_path)[-1]["prompt"] == prompt                        # stored whole
+    assert ratings.latest_ratings(tmp_path)[-1]["index"] == 0
+
+    # these are different ratings and all count: another person, another held-out row, another answer
+    ratings.add_rating(tmp_path, prompt, "finetuned", "good", 1, session="s2", index=0)
+    ratings.add_rating(tmp_path, "other prompt", "finetuned", "good", 3, session="s1", index=1)
+    ratings.add_rating(tmp_path, prompt, "finetuned", "a new answer after a re-run", 3, session="s1", index=0)
+    s = ratings.rating_summary(tmp_path)
+    assert s["finetuned"]["n"] == 4 and s["finetuned"]["mean"] == pytest.approx((5 + 1 + 3 + 3) / 4)
+    assert ratings.rating_summary(tmp_path, session="s2")["finetuned"]["mean"] == 1.0
+
+    # a chat answer (no index) rated twice also counts once
+    ratings.add_rating(tmp_path, "hi", "finetuned", "hello!", 4, session="s1")
+    ratings.add_rating(tmp_path, "hi", "finetuned", "hello!", 2, session="s1")
+    assert ratings.rating_summary(tmp_path)["finetuned"]["n"] == 5
+
+
+def test_bad_generation_index_refused(tmp_path):
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(FinetuneError, match="generation index"):
+            ratings.add_rating(tmp_path, "p", "base", "a", 3, index=bad)
+    assert not (tmp_path / "ratings.jsonl").exists()
+
+
+def test_hand_edited_lines_with_odd_fields_are_skipped(tmp_path):
+    ratings.add_rating(tmp_path, "p", "base", "a", 3)
+    with open(tmp_path / "ratings.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": {"x": 1}, "model": "base", "answer": "a", "score": 1}) + "\n")
+        f.write(json.dumps({"prompt": "p", "model": "base", "answer": "a", "score": 1, "index": [0]}) + "\n")
+    assert ratings.rating_summary(tmp_path)["base"] == {"mean": 3.0, "n": 1,
+                                                        "counts": {"1": 0, "2": 0, "3": 1, "4": 0, "5": 0}}
+
+
 @pytest.mark.parametrize("bad", [0, 6, -1, 2.5, "five", "", None, True, float("nan"), [3]])
 def test_bad_score_refused_and_nothing_written(tmp_path, bad):
     with pytest.raises(FinetuneError, match="1 to 5"):
