@@ -259,6 +259,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not _is_int(d.max_length) or d.max_length < 16:
         raise ConfigError(f"data.max_length must be a whole number >= 16, got {d.max_length!r}.",
                           "Typical: 128 to 512 tokens.")
+    if cfg.training is None:
+        cfg.training = {}          # `training:` with nothing under it is YAML null: no overrides
     if not isinstance(cfg.training, dict):
         raise ConfigError("'training' must be a mapping of TrainingArguments fields.",
                           "For example: training: {num_train_epochs: 3, learning_rate: 2e-5}.")
@@ -324,6 +326,25 @@ def _validate_training_values(training: dict) -> None:
 # defaults: the article's best practices, per task, model kind and strategy
 
 
+def half_precision_key() -> str:
+    """bf16 where the GPU does it natively (Ampere and later), else fp16. `including_emulation=False`:
+    torch's default also says yes on older GPUs that only emulate bf16, slowly."""
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def merge_training(defaults: dict, given: dict) -> dict:
+    """`training:` over the defaults. A user's fp16 or bf16 replaces our half-precision choice, so
+    `fp16: true` on a bf16 GPU means fp16, not "At most one of fp16 and bf16"."""
+    values = dict(defaults)
+    if any(k in given for k in ("fp16", "bf16")):
+        values.pop("fp16", None)
+        values.pop("bf16", None)
+    values.update(given)
+    return values
+
+
 def default_learning_rate(task: str, model_kind: str, strategy: str, frozen_layers: Any = "all") -> float:
     """The article's table, adjusted where measurement on 60-150 rows said otherwise (see README)."""
     if strategy == "lora":
@@ -383,9 +404,7 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
     if args["activation_checkpointing"]:
         args["activation_checkpointing_kwargs"] = {"use_reentrant": True}
     if cuda:
-        import torch
-
-        args["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
+        args[half_precision_key()] = True
     else:
         args["use_cpu"] = True               # never half precision on CPU: bf16 is ~400x slower there
     return args

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .config import RunConfig, config_from_dict, dump_config, load_config, training_defaults
+from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
 from .errors import ConfigError, FinetuneError
 from .events import EventsCallback, EventWriter, is_main_process
 from .models import load_model, load_tokenizer, model_kind, resolve_model
@@ -223,10 +223,14 @@ def _make_trainer_class():
 
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             body = getattr(base, base.base_model_prefix)
-            hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
             labels = inputs["labels"][:, 1:]
             keep = labels != -100
-            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+            # accelerate applies bf16/fp16 autocast by wrapping model.forward; calling the body and the
+            # head directly bypasses that wrapper, so enter the same autocast here (a no-op in float32).
+            with self.accelerator.autocast():
+                hidden = body(input_ids=inputs["input_ids"],
+                              attention_mask=inputs["attention_mask"]).last_hidden_state
+                logits = base.get_output_embeddings()(hidden[:, :-1][keep])
             loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                 loss = loss_sum / num_items_in_batch
@@ -247,30 +251,83 @@ def _response_only_ok(model) -> bool:
             and hasattr(base, base.base_model_prefix))
 
 
-def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: Path):
-    """TrainingArguments = our defaults, overridden by every key the user gave in `training:`."""
-    from transformers import TrainingArguments
+def _align_checkpoints(values: dict, given: dict, patience, notes: list[str]) -> None:
+    """Best-model restoring and early stopping need a checkpoint at every evaluation.
 
-    values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers)
+    A user who changes only `eval_strategy` (say to steps) keeps both: our default save schedule
+    follows the evaluation one. A user who sets both to schedules that do not line up gets them
+    switched off, and a note that says so and how to get them back (TrainingArguments would refuse).
+    """
+    wants_best = values.get("load_best_model_at_end")
+    ev, sv = values.get("eval_strategy", "no"), values.get("save_strategy", "steps")
+    if ev == "no":
+        if wants_best and ("load_best_model_at_end" in given or "early_stopping_patience" in given):
+            notes.append("eval_strategy is 'no', so there are no evaluations: load_best_model_at_end and early "
+                         "stopping are off. Set eval_strategy (and save_strategy) to epoch or steps to use them.")
+        values["load_best_model_at_end"] = False
+        return
+    if not wants_best or sv == "best":
+        return
+    eval_steps = values.get("eval_steps") or values.get("logging_steps")
+    if sv != ev and "save_strategy" not in given:
+        values["save_strategy"] = sv = ev
+        if ev == "steps" and "save_steps" not in given:
+            values["save_steps"] = eval_steps
+        notes.append(f"save_strategy follows eval_strategy ({ev}"
+                     + (f", every {eval_steps} steps" if ev == "steps" else "")
+                     + "), so the best checkpoint can be restored at the end.")
+    elif ev == "steps" and sv == "steps" and "save_steps" not in given:
+        values["save_steps"] = eval_steps
+    mismatch = sv != ev or (ev == "steps" and _not_multiple(values.get("save_steps", 500), eval_steps))
+    if mismatch:
+        values["load_best_model_at_end"] = False
+        what = "early stopping " if patience else ""
+        where = (f"eval_strategy is '{ev}' but save_strategy is '{sv}'" if sv != ev else
+                 f"save_steps={values.get('save_steps', 500)} is not a multiple of eval_steps={eval_steps}")
+        notes.append(f"load_best_model_at_end and {what}are off: they need a checkpoint at every evaluation, "
+                     f"and {where}. To keep them, set save_strategy to the same value as eval_strategy "
+                     "(and save_steps equal to eval_steps).")
+
+
+def _not_multiple(save_steps, eval_steps) -> bool:
+    if not eval_steps:
+        return False
+    return round(save_steps * 1_000_000) % round(eval_steps * 1_000_000) != 0
+
+
+def training_values(cfg: RunConfig, kind: str, n_train: int, cuda: bool | None = None,
+                    notes: list[str] | None = None) -> tuple[dict, int | None]:
+    """The TrainingArguments keyword values: our defaults, overridden by every key of `training:`.
+    Returns (values, early_stopping_patience); `notes` collects what a user should be told."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    notes = notes if notes is not None else []
+    values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers, cuda=cuda)
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
         if old in cfg.training and new not in cfg.training:   # transformers 5 renamed them; keep both working
             values.pop(new, None)
-    values.update(cfg.training)
+    values = merge_training(values, cfg.training)
     patience = values.pop("early_stopping_patience", None)
-    import torch
-
-    if not torch.cuda.is_available():
+    if not cuda:
         # Half precision on CPU is ~400x slower here: refuse it rather than train for hours.
         for key in ("bf16", "fp16"):
             if values.get(key):
                 raise ConfigError(f"training.{key} is on but there is no CUDA GPU.",
                                   f"Remove training.{key}; on CPU we train in float32.")
         values["use_cpu"] = True
-    if values.get("eval_strategy", "no") == "no":
-        values["load_best_model_at_end"] = False
-    elif values.get("save_strategy") != values.get("eval_strategy"):
-        values["load_best_model_at_end"] = False     # best-model tracking needs a save at each eval
+    _align_checkpoints(values, cfg.training, patience, notes)
+    return values, patience
+
+
+def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: Path,
+                          notes: list[str] | None = None):
+    """TrainingArguments = our defaults, overridden by every key the user gave in `training:`."""
+    from transformers import TrainingArguments
+
+    values, patience = training_values(cfg, kind, n_train, notes=notes)
     values.update(output_dir=str(checkpoints), seed=cfg.seed, disable_tqdm=True,
                   save_only_model=False, remove_unused_columns=True)
     if cfg.task == "instruction":
@@ -466,7 +523,10 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                 total_params=summary["total_params"])
 
     checkpoints = out / "checkpoints"
-    args, patience = resolve_training_args(cfg, kind, n_train, checkpoints)
+    notes: list[str] = []
+    args, patience = resolve_training_args(cfg, kind, n_train, checkpoints, notes)
+    for note in notes:
+        writer.emit("info", message=note)
     if not args.push_to_hub:
         args.hub_token = None        # unused without push_to_hub; never pickled into checkpoints/training_args.bin
     callbacks = [EventsCallback(writer, stop_file=stop_path)]

@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..errors import FinetuneError, ModelError
 from ..jobs import owner_key
-from ..ratings import add_rating, rating_summary
+from ..ratings import add_rating, latest_ratings, rating_summary
 from .common import AppContext, dropdown_update, owner_of, run_choices, user_errors
 from .evaluate_tab import prompt_preview, read_generations
 
@@ -63,6 +63,7 @@ def _inference(ref: str):
 
 
 def ratings_md(run_dir: Path | None) -> str:
+    """The average rating per model, each answer counted once with its latest score (ratings.latest_ratings)."""
     if run_dir is None:
         return "Ratings are saved per run: pick a fine-tuned run to rate its answers."
     s = rating_summary(run_dir)
@@ -70,7 +71,39 @@ def ratings_md(run_dir: Path | None) -> str:
     def one(name, d):
         return f"{name}: **{d['mean']:.2f}** / 5 ({d['n']} ratings)" if d["n"] else f"{name}: no ratings yet"
 
-    return "Average rating · " + one("base", s["base"]) + " · " + one("fine-tuned", s["finetuned"])
+    return ("Average rating · " + one("base", s["base"]) + " · " + one("fine-tuned", s["finetuned"])
+            + " · an answer rated again counts once, with its latest score")
+
+
+def ratable_run(ctx: AppContext, run_id: str, owner: str) -> Path:
+    """The run folder ratings may go to: a run this session may view (JobManager.can_view, through
+    ctx.run_dir), never a path taken from the browser or the session state."""
+    return ctx.run_dir(run_id, owner)
+
+
+def _score_cell(value, row: int, column: str):
+    """A rating cell of the held-out table: None when empty, else 1..5 (FinetuneError otherwise)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is not None and number != number:      # NaN: an empty numeric cell of a DataFrame
+        return None
+    if number is None or not number.is_integer() or not 1 <= number <= 5:
+        raise FinetuneError(f"Row {row}, {column}: {value!r} is not a rating; nothing was saved.",
+                            "Type a whole number from 1 to 5, or leave the cell empty.")
+    return int(number)
+
+
+def _generation_for(gens: list[dict], position: int, preview: str) -> dict | None:
+    """The generations.jsonl row a table row shows: the table lists gens in order, its first column is
+    prompt_preview(prompt); a table that no longer matches (the run was re-trained) gives None."""
+    if position < len(gens) and prompt_preview(gens[position].get("prompt", "")) == preview:
+        return gens[position]
+    matches = [g for g in gens if prompt_preview(g.get("prompt", "")) == preview]
+    return matches[0] if len(matches) == 1 else None
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -199,8 +232,8 @@ def wire(ctx: AppContext, ui) -> None:
             raise FinetuneError("There is no fine-tuned answer to rate yet.", "Pick a run and send a message first.")
         if rating is None:
             raise FinetuneError("No rating chosen.", "Click 1 to 5, then save.")
-        run_dir = Path(exchange["run_dir"])
-        ctx.run_dir(run_dir.name, owner)   # still visible to this session
+        # the run the answer came from, looked up again: still there and still visible to this session
+        run_dir = ratable_run(ctx, Path(exchange["run_dir"]).name, owner)
         add_rating(run_dir, exchange.get("prompt", ""), "finetuned", exchange.get("answer", ""), rating,
                    session=owner_key(owner))
         gr.Info("Rating saved with the run.")
@@ -229,38 +262,51 @@ def wire(ctx: AppContext, ui) -> None:
                                 "It is written at the end of an instruction run; pick a finished run.")
         base, base_tok, base_info = _inference(base_ref)
         ft, ft_tok, ft_info = _inference(ft_dir)
+        # this session's earlier ratings of the same answers fill the rating columns again
+        mine = {(r.get("index"), r["model"], r.get("answer")): r["score"]
+                for r in latest_ratings(run_dir, session=owner_key(owner))}
         rows = []
-        for g in gens:
-            prompt = g["prompt"]
+        for pos, g in enumerate(gens):
+            prompt, index = g["prompt"], g.get("index", pos)
             b = generate_batch(base, base_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
             f = generate_batch(ft, ft_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
-            rows.append([prompt_preview(prompt), g.get("reference", ""), b, f, None, None])
+            rows.append([prompt_preview(prompt), g.get("reference", ""), b, f,
+                         mine.get((index, "base", b)), mine.get((index, "finetuned", f))])
             yield rows
         gr.Info("Done: type 1-5 in the rating columns and press 'Save ratings'.")
 
     @user_errors
     def save_heldout(table, model, owner_state, request: gr.Request):
+        """Save the table's ratings with the full prompt and its generations.jsonl index.
+
+        Saving again appends to the log; the summary counts each answer once (ratings.latest_ratings)."""
         owner = owner_of(owner_state, request)
         _, _, run_dir = resolve_chat_models(ctx, model, owner)
         if run_dir is None:
             raise FinetuneError("No run selected.", "Pick an instruction run above.")
+        run_dir = ratable_run(ctx, run_dir.name, owner)
         values = table.values.tolist() if hasattr(table, "values") else (table or [])
-        saved = 0
-        for row in values:
+        gens = read_generations(run_dir)
+        todo = []          # validate every cell first: a typo saves nothing rather than half the table
+        for pos, row in enumerate(values):
             if len(row) < 6:
                 continue
-            for col, name, answer in ((4, "base", row[2]), (5, "finetuned", row[3])):
-                v = row[col]
-                try:
-                    v = int(float(v))
-                except (TypeError, ValueError):
-                    continue
-                if 1 <= v <= 5:
-                    add_rating(run_dir, str(row[0]), name, str(answer or ""), v, session=owner_key(owner))
-                    saved += 1
-        if not saved:
+            cells = [(name, answer, _score_cell(row[col], pos + 1, label)) for col, name, answer, label in
+                     ((4, "base", row[2], "base rating"), (5, "finetuned", row[3], "fine-tuned rating"))]
+            cells = [c for c in cells if c[2] is not None]
+            if not cells:
+                continue
+            g = _generation_for(gens, pos, str(row[0]))
+            if g is None:
+                raise FinetuneError(f"Row {pos + 1} of the table is not one of this run's held-out prompts "
+                                    "any more; nothing was saved.", "Run the held-out test again, then rate.")
+            todo += [(g, name, answer, score) for name, answer, score in cells]
+        if not todo:
             raise FinetuneError("No ratings to save.", "Type numbers from 1 to 5 in the two rating columns.")
-        gr.Info(f"{saved} ratings saved with the run.")
+        for g, name, answer, score in todo:
+            add_rating(run_dir, g["prompt"], name, str(answer or ""), score, session=owner_key(owner),
+                       index=int(g.get("index", gens.index(g))))
+        gr.Info(f"{len(todo)} ratings saved with the run.")
         return ratings_md(run_dir)
 
     @user_errors
