@@ -138,3 +138,148 @@ def test_concurrent_appends_from_processes_do_not_interleave(tmp_path):
     assert len(rows) == 75
     assert len((tmp_path / "ratings.jsonl").read_text(encoding="utf-8").splitlines()) == 75
     assert ratings.rating_summary(tmp_path)["base"]["n"] + ratings.rating_summary(tmp_path)["finetuned"]["n"] == 75
+
+
+# ---------------------------------------------------------------------------------------------
+# the Chat tab's rating handlers on a real run, through an app restart
+
+
+OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
+OTHER = "b" * 32
+
+
+def _handlers(demo) -> dict:
+    """The app's event handlers by name (they are closures inside chat_tab.wire)."""
+    return {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values() if f.fn is not None}
+
+
+def _drain(gen):
+    out = None
+    for out in gen:
+        pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tiny_llama_dir):
+    """A finished instruction run (tiny Llama, 1 step) in an app's runs folder, owned by OWNER."""
+    from conftest import instruction_rows, write_jsonl
+
+    from finetune_core.config import config_from_dict
+    from finetune_core.jobs import owner_key
+    from finetune_core.train import train
+
+    root = tmp_path_factory.mktemp("ratings_app")
+    runs = root / "runs"
+    run_id = "0123456789abcdef"
+    data = write_jsonl(root / "train.jsonl", instruction_rows(12))
+    train(config_from_dict({
+        "task": "instruction", "model": tiny_llama_dir,
+        "data": {"train": data, "val_size": 0.34, "max_length": 64, "template": "alpaca"},
+        "strategy": {"name": "full"},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "eval_strategy": "no",
+                     "save_strategy": "no", "logging_steps": 1},
+        "output_dir": str(runs / run_id), "seed": 1}))
+    # as the app's JobManager records a run it started: job.json with the owner's hash
+    (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(OWNER),
+                                                        "status": "finished", "name": "rated"}))
+    return runs, run_id
+
+
+def _app(runs, private: bool):
+    from finetune_core.jobs import JobManager
+    from finetune_core.ui import build_app
+
+    manager = JobManager(runs, poll_interval=0.2, private_runs=private)
+    demo = build_app(manager)
+    return manager, demo, _handlers(demo)
+
+
+def test_ratings_from_the_chat_handlers_persist_across_an_app_restart(chat_run):
+    from finetune_core.jobs import owner_key
+    from finetune_core.ui.evaluate_tab import prompt_preview, read_generations
+
+    runs, run_id = chat_run
+    run_dir = runs / run_id
+    (run_dir / "ratings.jsonl").unlink(missing_ok=True)
+    gens = read_generations(run_dir)
+    assert len(gens) >= 3
+    manager, demo, h = _app(runs, private=False)
+    try:
+        # chat, then rate the fine-tuned answer twice (a double click, then a changed mind)
+        _, ft_history, exchange = _drain(h["chat"]("Say hello.", run_id, 0.7, 0.9, 8, False, [], [], OWNER, None))
+        assert exchange["run_dir"] == str(run_dir) and exchange["answer"] == ft_history[-1]["content"]
+        h["rate"](4, exchange, run_id, OWNER, None)
+        h["rate"](4, exchange, run_id, OWNER, None)
+        md, cleared = h["rate"](5, exchange, run_id, OWNER, None)
+        assert cleared is None and "fine-tuned: **5.00** / 5 (1 ratings)" in md
+
+        # the held-out test: one row per generations.jsonl prompt, both models' answers
+        table = _drain(h["heldout"](run_id, 3, 8, OWNER, None))
+        assert len(table) == 3 and [r[0] for r in table] == [prompt_preview(g["prompt"]) for g in gens[:3]]
+        assert all(isinstance(r[2], str) and isinstance(r[3], str) and r[4] is None and r[5] is None for r in table)
+        table[0][4], table[0][5] = 2, 4
+        table[2][5] = "3"
+        md = h["save_heldout"](table, run_id, OWNER, None)
+        md = h["save_heldout"](table, run_id, OWNER, None)          # "Save ratings" pressed twice
+        assert "base: **2.00** / 5 (1 ratings)" in md and "fine-tuned: **4.00** / 5 (3 ratings)" in md
+
+        # the log has every save; held-out lines keep the full prompt and the generations.jsonl index
+        log = ratings.read_ratings(run_dir)
+        assert len(log) == 3 + 3 * 2
+        held = [r for r in log if r["index"] is not None]
+        assert {(r["index"], r["model"], r["score"]) for r in held} == {(0, "base", 2), (0, "finetuned", 4),
+                                                                        (2, "finetuned", 3)}
+        for r in held:
+            assert r["prompt"] == gens[r["index"]]["prompt"] != prompt_preview(gens[r["index"]]["prompt"])
+            assert r["session"] == owner_key(OWNER)
+
+        # a re-run of the held-out test shows this session's ratings again
+        again = _drain(h["heldout"](run_id, 3, 8, OWNER, None))
+        assert (again[0][4], again[0][5], again[2][5]) == (2, 4, 3)
+    finally:
+        demo.close()
+        manager.shutdown(kill=True)
+
+    # a restarted app: a new JobManager and app context on the same folder, nothing kept in memory
+    manager, demo, h = _app(runs, private=False)
+    try:
+        md, _, _ = h["show_ratings"](run_id, OWNER, None)
+        assert "base: **2.00** / 5 (1 ratings)" in md and "fine-tuned: **4.00** / 5 (3 ratings)" in md
+        assert ratings.rating_summary(run_dir)["finetuned"]["counts"] == {"1": 0, "2": 0, "3": 1, "4": 1, "5": 1}
+    finally:
+        demo.close()
+        manager.shutdown(kill=True)
+
+
+def test_rating_handlers_refuse_bad_cells_and_runs_the_session_may_not_view(chat_run):
+    runs, run_id = chat_run
+    run_dir = runs / run_id
+    (run_dir / "ratings.jsonl").unlink(missing_ok=True)
+    from finetune_core.ui.evaluate_tab import prompt_preview, read_generations
+
+    gens = read_generations(run_dir)
+    row = [prompt_preview(gens[0]["prompt"]), gens[0]["reference"], "base answer", "ft answer", 4, 9]
+    manager, demo, h = _app(runs, private=True)          # runs private to their session (demo mode)
+    try:
+        with pytest.raises(Exception, match="Row 1, fine-tuned rating: 9 is not a rating; nothing was saved"):
+            h["save_heldout"]([row], run_id, OWNER, None)
+        with pytest.raises(Exception, match="No ratings to save"):
+            h["save_heldout"]([row[:4] + [None, float("nan")]], run_id, OWNER, None)
+        stale = ["a prompt this run never had"] + row[1:5] + [3]
+        with pytest.raises(Exception, match="not one of this run's held-out prompts"):
+            h["save_heldout"]([stale], run_id, OWNER, None)
+        assert not (run_dir / "ratings.jsonl").exists()
+
+        # another browser session cannot see this private run, so it cannot rate it either
+        exchange = {"run_dir": str(run_dir), "prompt": "hi", "answer": "hello"}
+        with pytest.raises(Exception, match="was not found"):
+            h["rate"](5, exchange, run_id, OTHER, None)
+        with pytest.raises(Exception, match="was not found"):
+            h["save_heldout"]([row[:5] + [5]], run_id, OTHER, None)
+        assert not (run_dir / "ratings.jsonl").exists()
+        h["save_heldout"]([row[:5] + [5]], run_id, OWNER, None)      # its owner can
+        assert [(r["model"], r["score"]) for r in ratings.read_ratings(run_dir)] == [("base", 4), ("finetuned", 5)]
+    finally:
+        demo.close()
+        manager.shutdown(kill=True)
