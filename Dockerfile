@@ -49,5 +49,6 @@ EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ.get('GRADIO_SERVER_PORT', '7860'), timeout=8)"]
 
-# Sets FINETUNE_HOME (/data/finetune_lab when /data is mounted) and starts `python app.py`.
+# Sets FINETUNE_HOME (/data/finetune_lab when /data is mounted), demo mode on a Space (SPACE_ID)
+# unless FINETUNE_DEMO_MODE is set, and starts `python app.py`.
 ENTRYPOINT ["/bin/sh", "/home/user/app/docker/entrypoint.sh"]

@@ -62,3 +62,81 @@ def test_runs_are_private_in_demo_mode_and_shared_on_a_laptop(monkeypatch, tmp_p
     assert JobManager(tmp_path / "b").private_runs is True
     monkeypatch.setenv("FINETUNE_PRIVATE_RUNS", "0")          # an explicit setting wins
     assert JobManager(tmp_path / "c").private_runs is False
+
+
+# ---------------------------------------------------------------------------------------------
+# docker/entrypoint.sh: persistent storage and demo mode on a Space
+
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+SHOW_ENV = [sys.executable, "-c", "import os; print(os.environ['FINETUNE_HOME']); "
+                                  "print(os.environ.get('FINETUNE_DEMO_MODE', '<unset>'))"]
+
+
+def entrypoint(env_extra: dict, tmp_path) -> list[str]:
+    """Run the entrypoint with a command (it execs it instead of the app); returns its two lines."""
+    import os
+    import shutil
+    import subprocess
+
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no POSIX sh on this machine")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FINETUNE_HOME", "FINETUNE_DEMO_MODE", "SPACE_ID", "FINETUNE_DATA_DIR")}
+    env.update(HOME=str(tmp_path / "home"), **env_extra)
+    out = subprocess.run([sh, str(ENTRYPOINT), *SHOW_ENV], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_entrypoint_uses_the_persistent_volume_when_it_is_writable(tmp_path):
+    volume = tmp_path / "data"
+    volume.mkdir()
+    home, demo = entrypoint({"FINETUNE_DATA_DIR": str(volume)}, tmp_path)
+    assert home == str(volume / "finetune_lab") and (volume / "finetune_lab").is_dir()
+    assert demo == "<unset>"                                  # not a Space: no demo mode
+    not_a_dir = tmp_path / "data-file"                       # no usable volume: the home cache instead
+    not_a_dir.write_text("")
+    home, _ = entrypoint({"FINETUNE_DATA_DIR": str(not_a_dir)}, tmp_path)
+    assert home == str(tmp_path / "home" / ".cache" / "finetune_lab")
+
+
+def test_entrypoint_turns_demo_mode_on_for_a_space_unless_opted_out(tmp_path):
+    no_volume = {"FINETUNE_DATA_DIR": str(tmp_path / "none")}
+    assert entrypoint({**no_volume, "SPACE_ID": "someone/finetune-lab"}, tmp_path)[1] == "1"
+    assert entrypoint({**no_volume, "SPACE_ID": "someone/finetune-lab", "FINETUNE_DEMO_MODE": "0"},
+                      tmp_path)[1] == "0"
+    assert entrypoint({**no_volume, "SPACE_ID": ""}, tmp_path)[1] == "<unset>"
+
+
+def test_app_turns_demo_mode_on_for_a_space_unless_opted_out():
+    from finetune_core.ui import apply_space_defaults
+
+    env = {"SPACE_ID": "someone/finetune-lab"}
+    assert apply_space_defaults(env) and env["FINETUNE_DEMO_MODE"] == "1"
+    env = {"SPACE_ID": "someone/finetune-lab", "FINETUNE_DEMO_MODE": "0"}
+    assert not apply_space_defaults(env) and env["FINETUNE_DEMO_MODE"] == "0"
+    env = {}
+    assert not apply_space_defaults(env) and "FINETUNE_DEMO_MODE" not in env
+    assert "apply_space_defaults()" in (REPO / "app.py").read_text()      # before build_app()
+
+
+# ---------------------------------------------------------------------------------------------
+# the README front matter: what Hugging Face reads to build the Space
+
+
+def front_matter() -> dict:
+    import yaml
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n"), "README.md must start with the Spaces front matter"
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_readme_front_matter_is_a_valid_docker_space():
+    meta = front_matter()
+    assert meta["sdk"] == "docker" and meta["app_port"] == 7860
+    assert meta["title"] and isinstance(meta["title"], str)
+    assert meta["emoji"] and len(meta["emoji"]) <= 2
+    # Hugging Face refuses a short_description longer than 60 characters
+    assert 0 < len(meta["short_description"]) <= 60, meta["short_description"]

@@ -141,7 +141,8 @@ def test_entrypoint_script():
     assert ENTRYPOINT.is_file()
     assert any("docker/entrypoint.sh" in args for args in _args("ENTRYPOINT") + _args("CMD"))
     text = ENTRYPOINT.read_text(encoding="utf-8")
-    assert "/data/finetune_lab" in text and ".cache/finetune_lab" in text
+    assert 'FINETUNE_DATA_DIR="${FINETUNE_DATA_DIR:-/data}"' in text      # the Spaces volume by default
+    assert '"$FINETUNE_DATA_DIR/finetune_lab"' in text and ".cache/finetune_lab" in text
     assert "exec python app.py" in text
     sh = shutil.which("sh")
     if sh is None:
@@ -166,12 +167,10 @@ def test_entrypoint_sets_finetune_home(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(chosen) and chosen.is_dir()
 
-    if os.path.isdir("/data"):
-        pytest.skip("/data exists here: the default would point into it")
     home = tmp_path / "home"
-    out = subprocess.run(
+    out = subprocess.run(          # no volume (a FINETUNE_DATA_DIR that does not exist): the home cache
         [sh, str(ENTRYPOINT), *show],
-        env={**env, "HOME": str(home)},
+        env={**env, "HOME": str(home), "FINETUNE_DATA_DIR": str(tmp_path / "no-volume")},
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr

@@ -28,7 +28,20 @@ from . import chat_tab, data_tab, evaluate_tab, export_tab, train_tab  # noqa: E
 from .common import (CSS, AppContext, dropdown_update, limits_line, owner_of, run_choices,  # noqa: E402
                      upload_limit_mb, warm_ml_imports)
 
-__all__ = ["build_app", "launch", "AppContext"]
+__all__ = ["build_app", "launch", "AppContext", "apply_space_defaults"]
+
+
+def apply_space_defaults(environ=os.environ) -> bool:
+    """On a Hugging Face Space (SPACE_ID is set) turn demo mode on unless FINETUNE_DEMO_MODE is set.
+
+    A Space pushed as is must not start open: no limits, runs shared between visitors, the owner's
+    HF_TOKEN within everyone's reach. FINETUNE_DEMO_MODE=0 opts out. docker/entrypoint.sh does the
+    same; this covers `python app.py` started some other way. Returns whether demo mode was turned on.
+    """
+    if environ.get("SPACE_ID", "").strip() and not environ.get("FINETUNE_DEMO_MODE", "").strip():
+        environ["FINETUNE_DEMO_MODE"] = "1"
+        return True
+    return False
 
 INTRO = """# FineTune Lab
 Fine-tune a classifier or a small chat model on your own data, see how good it is, talk to it, export it.
