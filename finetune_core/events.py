@@ -5,7 +5,9 @@
     events, offset = read_events("runs/x/events.jsonl", offset=0)   # incremental tail for the UI
 
 Types: start, log, eval, save, end, error (and `info` for messages such as the trainable-parameter
-line). The app, the CLI and benchmarks all read this one file.
+line). The app, the CLI and benchmarks all read this one file. One `info` event carries
+`phase: "finishing"`: the Trainer has stopped (a Stop was honoured, or training ended) and what is
+left is saving and evaluating; the job manager's kill clock covers only the time before it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ from pathlib import Path
 def is_main_process() -> bool:
     # torchrun and accelerate set RANK (global); LOCAL_RANK alone means a single machine.
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's `flag`, shared with every rank (one tiny broadcast) under torchrun / accelerate; the
+    local flag in a single process. Every rank must call it at the same point of each step: ranks that
+    stop at different steps wait forever for each other in the gradient all-reduce, so a stop (a STOP
+    file, a time limit) is decided by rank 0 alone and all ranks stop together."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return bool(flag)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return bool(flag)
+    device = torch.device("cpu")     # gloo takes CPU tensors; NCCL only CUDA ones
+    if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    decision = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def _clean(value):
@@ -90,6 +112,7 @@ def _make_callback_class():
             self.t0 = None
             self.first_step = 0
             self.stopped_by_user = False
+            self.finishing = False
 
         def _eta(self, state) -> float | None:
             done = state.global_step - self.first_step
@@ -104,13 +127,29 @@ def _make_callback_class():
             self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
                              epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
 
+        def _finishing(self, state, message: str) -> None:
+            # Tells the job manager the Trainer honoured the stop (or is done): from here on, saving and
+            # evaluating may take minutes, and a hard kill would lose the model.
+            if not self.finishing:
+                self.finishing = True
+                self.writer.emit("info", phase="finishing", step=state.global_step, max_steps=state.max_steps,
+                                 message=message)
+
         def on_step_end(self, args, state, control, **kwargs):
-            # A stop request (file written by the app or the CLI's Ctrl-C handler) ends training at this
-            # step; the Trainer then saves and we evaluate the model as it is.
-            if self.stop_file is not None and self.stop_file.exists():
+            # A stop request (file written by the app or by compare) ends training at this step; the
+            # Trainer then saves a checkpoint and train() saves and evaluates the model as it is. Rank 0
+            # alone looks at the file and every rank follows its decision (see rank0_decides).
+            requested = self.stop_file is not None and state.is_world_process_zero and self.stop_file.exists()
+            if rank0_decides(requested):
                 self.stopped_by_user = True
                 control.should_training_stop = True
                 control.should_save = True
+                self._finishing(state, f"Stop received: training ends at step {state.global_step} of "
+                                       f"{state.max_steps}; saving a checkpoint, then the model, then evaluating.")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._finishing(state, f"Training ended at step {state.global_step} of {state.max_steps}; "
+                                   "saving and evaluating the model.")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})

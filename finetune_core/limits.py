@@ -128,18 +128,24 @@ def time_limit_callback(deadline: float, writer=None, minutes: float | None = No
     """A TrainerCallback that stops training at the first step end after `deadline` (time.time()).
 
     The Trainer then ends normally: train() evaluates and saves the model as it is. `triggered` tells
-    whether it fired; an `info` event (through `writer`, an events.EventWriter) says why.
+    whether it fired; an `info` event (through `writer`, an events.EventWriter) says why. Under
+    torchrun / accelerate rank 0's clock decides for every rank (each rank started its clock at a
+    slightly different time; ranks stopping at different steps would hang in the all-reduce).
     """
     import time
 
     from transformers import TrainerCallback
+
+    from .events import rank0_decides
 
     class TimeLimitCallback(TrainerCallback):
         def __init__(self):
             self.triggered = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            if not self.triggered and time.time() >= deadline:
+            if self.triggered:
+                return
+            if rank0_decides(state.is_world_process_zero and time.time() >= deadline):
                 self.triggered = True
                 control.should_training_stop = True
                 if writer is not None:
