@@ -160,6 +160,22 @@ def test_app_latency_helpers_on_tiny_llama(tiny_llama_dir):
     assert 1024 <= A.free_port() <= 65535
 
 
+def test_app_latency_first_loss_through_the_job_manager(tmp_path, tiny_bert_dir):
+    """The Train tab's path: a job with default training settings, polled until its first loss point."""
+    from benchmarks import app_latency as A
+    from conftest import class_rows, write_csv
+
+    cfg = {"task": "classification", "model": tiny_bert_dir,
+           "data": {"train": write_csv(tmp_path / "d.csv", class_rows(20)), "max_length": 32},
+           "strategy": {"name": "lora"}}
+    r = A.first_loss_latency(cfg, tmp_path / "work", timeout=300)
+    assert 0 <= r["seconds_model_loaded_to_first_loss_written"] <= r["seconds_model_loaded_to_first_loss_seen"]
+    assert r["first_loss_step"] >= 1 and r["max_steps"] > r["first_loss_step"]     # killed long before the end
+    assert r["seconds_submit_to_model_loaded"] > 0 and r["poll_seconds"] > 0
+    configs = A.event_configs(quick=False)
+    assert all("training" not in c for c in configs.values())       # nothing forced: train()'s defaults
+
+
 def test_padding_floor_is_the_best_rectangular_batching():
     import itertools
 
