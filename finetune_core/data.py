@@ -64,7 +64,9 @@ def _read_delimited(text: str, name: str, sep: str | None) -> pd.DataFrame:
         except csv.Error:
             sep = ","
     try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=True)
+        # Only an empty cell is missing: pandas' default NA strings would turn labels such as "None",
+        # "NA", "N/A" or "null" (real class names) into missing values and drop their rows.
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"'{name}' is empty.", "Upload a file with a header row and at least one data row.") from exc
     except pd.errors.ParserError as exc:
@@ -490,13 +492,25 @@ class InstructionExamples:
     truncated: int               # response partly cut
     prompts: list[str]
     references: list[str]
+    dropped_empty_response: int = 0   # blank answer: only the end-of-turn token would be learned
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_too_long + self.dropped_empty_response
+
+
+def blank_response(response_ids: list[int], tokenizer) -> bool:
+    """No answer text, only special tokens (EOS, <|im_end|>) or whitespace."""
+    return not response_ids or not tokenizer.decode(response_ids, skip_special_tokens=True).strip()
 
 
 def encode_pair(prompt: str, response: str, tokenizer, template: str, max_length: int):
-    """Token ids and labels for one pair: -100 on every prompt token. None if the response is cut off."""
+    """Token ids and labels for one pair: -100 on every prompt token. None if nothing is left to learn:
+    the response is cut off by max_length, or it is blank (training on a lone EOS teaches the model to
+    answer nothing)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=(template != "chat"))["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) >= max_length or not response_ids:
+    if len(prompt_ids) >= max_length or blank_response(response_ids, tokenizer):
         return None
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
@@ -509,7 +523,10 @@ def tokenize_instruction(df: pd.DataFrame, cols: dict, tokenizer, template: str,
         prompt, response = prompt_and_response(row, cols, template, tokenizer, i)
         encoded = encode_pair(prompt, response, tokenizer, template, max_length)
         if encoded is None:
-            out.dropped_too_long += 1
+            if blank_response(tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer):
+                out.dropped_empty_response += 1
+            else:
+                out.dropped_too_long += 1
             continue
         ids, labels, cut = encoded
         out.input_ids.append(ids)

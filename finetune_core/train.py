@@ -107,6 +107,7 @@ def prepare_classification(cfg: RunConfig, tokenizer, train_df, val_df, cols) ->
     p.val_labels = [label2id[v] for v in val_clean["label"]]
     p.dropped_rows = len(train_df) - len(train_clean) if val_df is not None else \
         len(train_df) - len(train_clean) - len(val_clean)
+    p.dropped_reasons = {"missing_label_or_empty_text": int(p.dropped_rows)}
     p.train_tok = D.tokenize_classification(p.train_texts, p.train_labels, tokenizer, cfg.data.max_length)
     p.val_tok = D.tokenize_classification(p.val_texts, p.val_labels, tokenizer, cfg.data.max_length)
     return p
@@ -120,12 +121,19 @@ def prepare_instruction(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _P
     p.train_ex = D.tokenize_instruction(train_df, cols, tokenizer, p.template, cfg.data.max_length)
     p.val_ex = D.tokenize_instruction(val_df, cols, tokenizer, p.template, cfg.data.max_length)
     if not p.train_ex.input_ids:
-        raise FinetuneError(f"Every training row's prompt is longer than max_length={cfg.data.max_length} tokens, "
-                            "so no response token is left to learn from.",
+        if not p.train_ex.dropped_too_long:
+            raise FinetuneError("Every training row has an empty response, so there is nothing to learn.",
+                                "Fill in the response (output/completion/assistant) column, or pick the right "
+                                "column with data.output_column.")
+        raise FinetuneError(f"Every training row's prompt is longer than max_length={cfg.data.max_length} tokens "
+                            "(or its response is empty), so no response token is left to learn from.",
                             "Raise data.max_length or shorten the prompts.")
     if not p.val_ex.input_ids:
-        raise FinetuneError("No validation row fits in max_length.", "Raise data.max_length.")
-    p.dropped_rows = p.train_ex.dropped_too_long + p.val_ex.dropped_too_long
+        raise FinetuneError("No validation row fits in max_length (or every validation response is empty).",
+                            "Raise data.max_length, or fill in the validation responses.")
+    p.dropped_reasons = {"prompt_fills_max_length": p.train_ex.dropped_too_long + p.val_ex.dropped_too_long,
+                         "empty_response": p.train_ex.dropped_empty_response + p.val_ex.dropped_empty_response}
+    p.dropped_rows = sum(p.dropped_reasons.values())
     p.val_rows = val_df.reset_index(drop=True)
     return p
 
@@ -514,8 +522,13 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         model = load_model(path, "instruction", kind)
         n_train = len(p.train_ex.input_ids)
         if p.dropped_rows:
-            writer.emit("info", message=f"{p.dropped_rows} rows dropped: their prompt fills max_length="
-                                        f"{cfg.data.max_length}, leaving no response token to learn.")
+            why = []
+            if p.dropped_reasons["prompt_fills_max_length"]:
+                why.append(f"{p.dropped_reasons['prompt_fills_max_length']} because their prompt fills "
+                           f"max_length={cfg.data.max_length}, leaving no response token to learn")
+            if p.dropped_reasons["empty_response"]:
+                why.append(f"{p.dropped_reasons['empty_response']} because their response is empty")
+            writer.emit("info", message=f"{p.dropped_rows} rows dropped: {'; '.join(why)}.")
     model = apply_strategy(model, cfg.strategy, cfg.task)
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
@@ -557,6 +570,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                      "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                      "device": "cuda" if torch.cuda.is_available() else "cpu",
                      "dropped_rows": int(p.dropped_rows),
+                     "dropped_rows_reasons": p.dropped_reasons,
                      "hugepage_heap": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
 
     if cfg.task == "classification":

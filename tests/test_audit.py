@@ -255,7 +255,7 @@ def test_instruction_cut_off_agrees_with_encode_pair(tok):
     assert cut >= 3 and trunc >= 1                                 # the frame exercises all three cases
     assert r["response_cut_off"] == cut
     assert r["response_truncated"] == trunc
-    assert D.tokenize_instruction(df, cols, tok, template, max_length).dropped_too_long == cut
+    assert D.tokenize_instruction(df, cols, tok, template, max_length).dropped == cut   # too long or empty
     assert r["token_lengths"] == lengths
     assert r["token_length"]["n_truncated"] == sum(n > max_length for n in lengths)
     assert r["template"] == "alpaca"

@@ -440,3 +440,45 @@ def test_store_columns_records_detected_mapping():
     cfg = DataConfig()
     D.store_columns(cfg, {"format": "alpaca", "instruction": "i", "input": None, "output": "o"})
     assert (cfg.instruction_column, cfg.input_column, cfg.output_column) == ("i", None, "o")
+
+
+# ---------------------------------------------------------------------------------------------
+# NA-looking labels, blank responses
+
+
+@pytest.mark.parametrize("ext, sep", [(".csv", ","), (".tsv", "\t")])
+def test_na_looking_labels_are_class_names_and_only_empty_cells_are_missing(tmp_path, ext, sep):
+    """pandas reads "None", "NA", "N/A", "null", "nan" as missing by default: here they are labels."""
+    names = ["None", "NA", "N/A", "null", "nan", "#N/A"]
+    lines = ["text" + sep + "label"] + [f"text number {i}{sep}{n}" for i, n in enumerate(names)]
+    lines += [f"a row without a label{sep}", f"{sep}sport"]
+    path = tmp_path / f"d{ext}"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    df = D.read_table(path)
+    assert df["label"].iloc[:6].tolist() == names
+    assert df["label"].isna().tolist() == [False] * 6 + [True, False]
+    assert df["text"].isna().tolist() == [False] * 7 + [True]
+    out = D.clean_classification(df, "text", "label")
+    assert sorted(out["label"]) == sorted(names)          # the unlabelled row and the empty text are dropped
+
+
+def _alpaca(rows):
+    return pd.DataFrame(rows), {"format": "alpaca", "instruction": "instruction", "input": "input",
+                                "output": "output"}
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_blank_responses_are_dropped_and_counted(smol_tokenizer, template):
+    """A blank answer would train the model on a lone end-of-turn token: the row is dropped and counted
+    apart from rows cut by max_length."""
+    df, cols = _alpaca([{"instruction": "Greet.", "input": "", "output": "Hello there."},
+                        {"instruction": "Say nothing.", "input": "", "output": ""},
+                        {"instruction": "Say nothing again.", "input": "", "output": "   \n "},
+                        {"instruction": "Also nothing.", "input": "", "output": None},
+                        {"instruction": " ".join(["word"] * 100), "input": "", "output": "Cut."}])
+    ex = D.tokenize_instruction(df, cols, smol_tokenizer, template, max_length=48)
+    assert len(ex.input_ids) == 1 and ex.references == ["Hello there."]
+    assert ex.dropped_empty_response == 3 and ex.dropped_too_long == 1 and ex.dropped == 4
+    prompt, response = D.prompt_and_response(df.iloc[1].to_dict(), cols, template, smol_tokenizer, 2)
+    assert smol_tokenizer(response, add_special_tokens=False)["input_ids"]   # only the EOS/<|im_end|> ...
+    assert D.encode_pair(prompt, response, smol_tokenizer, template, 48) is None   # ... so nothing to learn

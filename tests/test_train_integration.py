@@ -189,6 +189,7 @@ def lora_instr(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("lora_instr")
     rows = instruction_rows(12)
     rows.insert(3, {"instruction": "Summarise.", "input": " ".join(["word"] * 200), "output": "Too long."})
+    rows.insert(6, {"instruction": "Say nothing.", "input": "", "output": "  "})     # blank response
     data = write_jsonl(root / "train.jsonl", rows)
     metrics, printed = run(root / "run", "instruction", tiny_llama_dir, data, {"name": "lora"}, EVAL_EVERY_2)
     return root / "run", metrics, printed
@@ -207,11 +208,14 @@ def test_lora_instruction_outputs(lora_instr):
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
 
 
-def test_rows_cut_by_max_length_are_dropped_and_counted(lora_instr):
+def test_rows_cut_by_max_length_or_blank_are_dropped_and_counted(lora_instr):
     out, metrics, _ = lora_instr
-    assert metrics["dropped_rows"] == 1
+    assert metrics["dropped_rows"] == 2
+    assert metrics["dropped_rows_reasons"] == {"prompt_fills_max_length": 1, "empty_response": 1}
     events = read_all_events(out / "events.jsonl")
-    assert any("1 rows dropped" in (e.get("message") or "") for e in events)
+    dropped = [e["message"] for e in events if "rows dropped" in (e.get("message") or "")]
+    assert len(dropped) == 1 and dropped[0].startswith("2 rows dropped")
+    assert "fills max_length=64" in dropped[0] and "1 because their response is empty" in dropped[0]
     assert metrics["train_samples"] + metrics["val_samples"] == 12
 
 
