@@ -23,7 +23,7 @@ import numpy as np
 from . import data as D
 from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
 from .errors import ConfigError, FinetuneError
-from .events import EventsCallback, EventWriter, is_main_process
+from .events import EventsCallback, EventWriter, is_main_process, rank0_decides
 from .models import load_model, load_tokenizer, model_kind, resolve_model
 from .strategies import apply_strategy, can_cache_features, trainable_summary
 
@@ -605,9 +605,18 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         # The base model's loss, perplexities and answers are measured after training (see
         # _measure_base_model), so the first loss point reaches the UI seconds after the model loads.
 
-    resume = _resume_checkpoint(checkpoints) if cfg.resume else None
-    if cfg.resume and resume is None:
-        writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
+    resume = None
+    if cfg.resume:
+        if main:
+            # Before the Trainer sees them: its save_total_limit rotation counts a half-written
+            # checkpoint-N as the newest one, keeps it and deletes good ones instead.
+            _drop_incomplete_checkpoints(checkpoints)
+        resume = _resume_checkpoint(checkpoints)
+        if resume is None:
+            writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
+    if rank0_decides(main and stop_path.exists()):
+        # Stop was pressed while the model loaded: end now, as a stopped run, rather than train a step.
+        return _stopped_before_training(cfg, writer, metrics, resume)
     t0 = time.time()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -615,11 +624,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         friendly = _resource_error(exc)
         if friendly is None:
             raise
-        if main and checkpoints.is_dir():
-            # a checkpoint cut off by the failure must not be taken for the latest one
-            for c in checkpoints.glob("checkpoint-*"):
-                if not _checkpoint_complete(c):
-                    shutil.rmtree(c, ignore_errors=True)
+        if main:
+            _drop_incomplete_checkpoints(checkpoints)   # a checkpoint cut off by the failure is no "latest"
         raise friendly from exc
     # Feature caching is part of training's cost: count it, so cached and uncached runs compare fairly.
     train_seconds = time.time() - t0 + metrics.get("feature_seconds", 0.0)
@@ -633,6 +639,12 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                     "stopped_early": bool(early or events_cb.stopped_by_user or timed_out),
                     "stopped_by_user": events_cb.stopped_by_user, "stopped_by_time_limit": timed_out,
                     "best_checkpoint": state.best_model_checkpoint})
+    if cfg.task == "instruction":
+        _release_training_state(trainer)     # Adam's state goes before the model is saved and a base copy loads
+    if main:
+        # The model is saved first, the minutes of evaluation after: a run stopped (and, past every
+        # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
+        _save_model(cfg, model, tokenizer, out, metrics)
 
     if cfg.task == "classification":
         final = _classification_eval(trainer, eval_ds, p)
@@ -649,7 +661,6 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                               p.label_names)
     else:
         metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix=""))
-        _release_training_state(trainer)     # Adam's state goes before a base copy is loaded
         writer.emit("info", message="Measuring the base model for comparison: loss, general-text perplexity "
                                     "and answers to the held-out prompts ...")
         before_generations = _measure_base_model(model, path, kind, tokenizer, p, collator, cfg, metrics, main)
@@ -662,7 +673,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     metrics["total_seconds"] = time.time() - t_start
 
     if main:
-        _save_model(cfg, model, tokenizer, out, metrics)
+        _atomic_write_text(out / "model" / "README.md", model_card(cfg, metrics))
         write_json(out / "metrics.json", metrics)
         if cfg.task == "instruction":
             from .generate import write_generations
@@ -676,7 +687,19 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     main_metric = metrics.get("f1_weighted", metrics.get("eval_loss"))
     writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
                 message=f"Done in {train_seconds:.1f}s", train_seconds=train_seconds, main_metric=main_metric,
-                stopped_early=metrics["stopped_early"])
+                stopped_early=metrics["stopped_early"], stopped_by_user=events_cb.stopped_by_user)
+    return metrics
+
+
+def _stopped_before_training(cfg: RunConfig, writer: EventWriter, metrics: dict, resume: str | None) -> dict:
+    """A stop honoured at start-up: no step was trained, so no model is written, and metrics.json (a
+    resumed run's, from its earlier attempt) stays as it was. The end event says it was a stop."""
+    step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    metrics.update({"global_step": step, "stopped_early": True, "stopped_by_user": True,
+                    "stopped_before_training": True})
+    writer.emit("end", step=step, message="Stopped before training started: nothing was trained"
+                + (f" (the checkpoint at step {step} is kept)." if resume else "."),
+                stopped_early=True, stopped_by_user=True, stopped_before_training=True)
     return metrics
 
 
@@ -796,6 +819,17 @@ def _checkpoint_complete(c: Path) -> bool:
     weights = [w for pattern in ("*.safetensors", "pytorch_model*.bin") for w in c.glob(pattern)
                if w.stat().st_size > 0]
     return bool(weights)
+
+
+def _drop_incomplete_checkpoints(checkpoints: Path) -> list[str]:
+    """Delete the checkpoint folders a crash or a full disk cut off (rank 0 only); returns their names."""
+    dropped = []
+    if checkpoints.is_dir():
+        for c in checkpoints.glob("checkpoint-*"):
+            if c.is_dir() and c.name.split("-")[-1].isdigit() and not _checkpoint_complete(c):
+                shutil.rmtree(c, ignore_errors=True)
+                dropped.append(c.name)
+    return sorted(dropped)
 
 
 def _resume_checkpoint(checkpoints: Path) -> str | None:

@@ -96,6 +96,40 @@ def test_stop_file_ends_the_run_with_outputs(stopped, uninterrupted):
     assert events[-1]["type"] == "end"
 
 
+def test_resume_deletes_broken_checkpoints_before_rotation(stopped, tmp_path, tiny_bert_dir, data, monkeypatch):
+    """A half-written checkpoint-999 left by a crash is the newest folder: save_total_limit's rotation
+    (2 here) would keep it and delete the good checkpoint the run resumed from. Resume deletes it
+    first, so after every rotation the checkpoints kept are complete ones."""
+    import shutil
+
+    import transformers.trainer as hf_trainer
+
+    from finetune_core.train import _checkpoint_complete
+
+    out = tmp_path / "run"
+    shutil.copytree(stopped[0], out)
+    broken = out / "checkpoints" / "checkpoint-999"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"")
+    (broken / "trainer_state.json").write_text('{"global_step": 99')
+    (out / STOP_FILE).unlink(missing_ok=True)
+    real, kept = hf_trainer.rotate_checkpoints, []
+
+    def rotate(*args, **kwargs):
+        real(*args, **kwargs)
+        kept.append({c.name: _checkpoint_complete(c) for c in (out / "checkpoints").glob("checkpoint-*")})
+
+    monkeypatch.setattr(hf_trainer, "rotate_checkpoints", rotate)
+    metrics = quiet_train(config(out, tiny_bert_dir, data, resume=True))
+    assert metrics["global_step"] == metrics["max_steps"]
+    assert kept, "no checkpoint was saved after the resume"
+    for listing in kept:
+        assert "checkpoint-999" not in listing and len(listing) == TRAINING["save_total_limit"], listing
+        assert all(listing.values()), listing
+    # the first rotation after the resume kept the checkpoint it resumed from
+    assert f"checkpoint-{stopped[1]['global_step']}" in kept[0]
+
+
 def test_resume_reaches_the_same_step_and_continues_the_curve(stopped, uninterrupted, tiny_bert_dir, data):
     out, first = stopped
     full_metrics, full_events = uninterrupted
