@@ -4,6 +4,10 @@
     merge_lora("runs/x")                      # runs/x/model/merged/: adapter folded into full weights
     push_to_hub("runs/x", "me/my-model", token)   # the token is used in memory only, never logged or saved
 
+The server's own HF_TOKEN is a fallback for the owner of the machine (a laptop). On a shared deployment
+(demo mode or private runs) `server_token_refusal()` keeps visitors from borrowing it: it is lent only for
+repositories inside FINETUNE_PUSH_NAMESPACE, when the owner set one.
+
 Only allow-listed files leave the run folder: weights as safetensors (never pickled .bin/.pt files,
 optimizer state or checkpoints), config, tokenizer files, the model card. Files whose content holds
 an HF token are refused.
@@ -91,15 +95,25 @@ def export_files(model_dir: str | Path, include_merged: bool = False) -> list[tu
     return out
 
 
-def zip_model(run_dir: str | Path, dest: str | Path | None = None, include_merged: bool = False) -> Path:
-    """Zip the shareable files of `run_dir/model` (weights, tokenizer, card); returns the zip path."""
+def zip_model(run_dir: str | Path, dest: str | Path | None = None, include_merged: bool = False,
+              merged: bool = False, folder: str | None = None) -> Path:
+    """Zip the shareable files of `run_dir/model` (weights, tokenizer, card); returns the zip path.
+
+    merged=True zips only the merged LoRA model (`model/merged/`, from merge_lora) as a plain model;
+    include_merged=True adds it under merged/ next to the adapter. `folder` names the top folder
+    inside the archive (default RUN-model, or RUN-merged).
+    """
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
-    files = export_files(model_dir, include_merged=include_merged)
-    dest = Path(dest) if dest else run_dir / "export" / f"{run_dir.name}-model.zip"
+    if merged:
+        model_dir = model_dir / "merged"
+        if not model_dir.is_dir():
+            raise ExportError("There is no merged model yet.", "Click 'Merge LoRA adapter' first, then build the zip.")
+    files = export_files(model_dir, include_merged=include_merged and not merged)
+    folder = folder or f"{run_dir.name}-{'merged' if merged else 'model'}"
+    dest = Path(dest) if dest else run_dir / "export" / f"{folder}.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    folder = f"{run_dir.name}-model"
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for path, name in files:
             zf.write(path, f"{folder}/{name}")
@@ -137,20 +151,56 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def push_namespace() -> str | None:
+    """FINETUNE_PUSH_NAMESPACE: the only Hub user/org the server's HF_TOKEN may push to on a shared app."""
+    ns = os.environ.get("FINETUNE_PUSH_NAMESPACE", "").strip().strip("/")
+    return ns or None
+
+
+def server_token_refusal(repo_id: str, shared: bool) -> ExportError | None:
+    """Why the server's HF_TOKEN may not be used for this push, or None when it may.
+
+    On a laptop (shared=False) the owner's token is theirs to use. On a shared deployment (demo mode,
+    private runs) any visitor could otherwise push with the owner's token to every repository it can
+    write: it is lent only for repositories inside FINETUNE_PUSH_NAMESPACE.
+    """
+    if not shared:
+        return None
+    ns = push_namespace()
+    if ns is None:
+        return ExportError("This shared app does not lend its own Hugging Face token to visitors.",
+                           "Paste your own token with write access (huggingface.co/settings/tokens). The app "
+                           "owner can allow pushes with the app's token by setting FINETUNE_PUSH_NAMESPACE.")
+    if (repo_id or "").strip().split("/", 1)[0] != ns:
+        return ExportError(f"The app's own token may only push to repositories under '{ns}/', not '{repo_id}'.",
+                           f"Name the repository {ns}/your-model-name, or paste your own token.")
+    return None
+
+
 def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, private: bool = True,
-                merged: bool = False) -> str:
-    """Upload the shareable model files to `repo_id`; returns the repo URL. The token is never logged."""
+                merged: bool = False, shared: bool = False) -> str:
+    """Upload the shareable model files to `repo_id`; returns the repo URL. The token is never logged.
+
+    Without a typed `token` the server's HF_TOKEN is used, on a shared deployment (shared=True) only
+    inside FINETUNE_PUSH_NAMESPACE (server_token_refusal).
+    """
     run_dir = Path(run_dir)
     repo_id = (repo_id or "").strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", repo_id):
         raise ExportError(f"'{repo_id}' is not a Hub repository id.", "Write it as your-name/model-name.")
+    token = (token or "").strip() or None
+    if token is None and os.environ.get("HF_TOKEN"):
+        refusal = server_token_refusal(repo_id, shared)
+        if refusal is not None:
+            raise refusal
+        token = os.environ["HF_TOKEN"]
     if _offline():
         raise ExportError("The app is offline (HF_HUB_OFFLINE=1), so nothing can be pushed to the Hub.",
                           "Download the zip instead, or run the app with network access.")
-    token = (token or "").strip() or os.environ.get("HF_TOKEN") or None
     if not token:
         raise ExportError("No Hugging Face token was given.",
-                          "Paste a token with write access (huggingface.co/settings/tokens) or set HF_TOKEN.")
+                          "Paste a token with write access (huggingface.co/settings/tokens)"
+                          + ("." if shared else " or set HF_TOKEN."))
     model_dir = _model_dir(run_dir)
     folder = model_dir / "merged" if merged else model_dir
     if merged and not folder.is_dir():
@@ -170,8 +220,11 @@ def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, pri
     return str(getattr(url, "url", url) or f"https://huggingface.co/{repo_id}")
 
 
-def usage_snippet_for_run(run_dir: str | Path, model_dir: str | None = None) -> str:
-    """The ready-to-paste loading code for this run (finetune_core.cards.usage_snippet)."""
+def usage_snippet_for_run(run_dir: str | Path, model_dir: str | None = None, merged: bool = False) -> str:
+    """The ready-to-paste loading code for this run (finetune_core.cards.usage_snippet).
+
+    merged=True: the code for the merged LoRA model, a plain transformers model (no peft).
+    """
     from .cards import usage_snippet
 
     run_dir = Path(run_dir)
@@ -179,6 +232,8 @@ def usage_snippet_for_run(run_dir: str | Path, model_dir: str | None = None) -> 
     task = info.get("task", "classification")
     strategy = (info.get("strategy") or {}).get("name", "full")
     frozen_all = (info.get("strategy") or {}).get("frozen_layers", "all") == "all"
+    if merged:
+        return usage_snippet(task, "full", model_dir or f"{run_dir.name}-merged", False)
     mean_pooling = False
     config = run_dir / "model" / "config.json"
     if config.exists():

@@ -9,6 +9,7 @@
 - limits from the environment (finetune_core.limits): defaults, demo mode, step and time caps in train().
 """
 
+import json
 import re
 import threading
 import time
@@ -53,9 +54,25 @@ def calls(text: str, name: str):
 # code never runs untrusted code or unpickles untrusted data
 
 
+# Any trust_remote_code= (keyword) or "trust_remote_code": (dict) whose value is not the literal False:
+# True, 1, a variable, a setting, anything that could turn it on.
+ENABLED_REMOTE_CODE = re.compile(r"""(\btrust_remote_code\s*=(?!=)|["']trust_remote_code["']\s*:)\s*(?!False\b)""")
+
+
 def test_trust_remote_code_is_never_enabled():
     for path, text in sources():
-        assert not re.search(r"trust_remote_code\s*=\s*(True|1|\"?true)", text), path
+        m = ENABLED_REMOTE_CODE.search(text)
+        assert not m, f"{path}: {text[m.start():m.start() + 60]!r}"
+
+
+@pytest.mark.parametrize("code,flagged", [
+    ("f(trust_remote_code=True)", True), ("f(trust_remote_code = 1)", True), ("f(trust_remote_code=flag)", True),
+    ("f(trust_remote_code=cfg.trust)", True), ("kw = {'trust_remote_code': True}", True),
+    ('kw = {"trust_remote_code": allow}', True), ("f(trust_remote_code=False)", False),
+    ("# never passes trust_remote_code", False), ("if trust_remote_code == x:", False),
+])
+def test_the_remote_code_check_flags_every_value_but_false(code, flagged):
+    assert bool(ENABLED_REMOTE_CODE.search(code)) is flagged
 
 
 def test_every_torch_load_is_weights_only():
@@ -305,3 +322,195 @@ def test_max_minutes_limit_stops_the_run_and_saves(tmp_path, tiny_bert_dir, clea
     assert any("FINETUNE_MAX_MINUTES" in e.get("message", "") for e in events if e["type"] == "info")
     assert events[-1]["type"] == "end"
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# push to the Hub: the server's HF_TOKEN is not every visitor's token
+
+
+def model_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "model.safetensors").write_bytes(b"weights")
+    (run / "model" / "config.json").write_text("{}")
+    return run
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub.HfApi replaced: records the token each push would have used, touches no network."""
+    import huggingface_hub
+
+    used = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            used.append(token)
+
+        def create_repo(self, repo_id, **kw):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kw):
+            return None
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", TOKEN_ENV)
+    monkeypatch.delenv("FINETUNE_PUSH_NAMESPACE", raising=False)
+    return used
+
+
+def test_shared_app_never_lends_its_token_without_a_namespace(tmp_path, fake_hub):
+    from finetune_core.export import ExportError, push_to_hub
+
+    run = model_run(tmp_path)
+    with pytest.raises(ExportError) as err:
+        push_to_hub(run, "victim-org/anything", token="", shared=True)
+    assert "does not lend its own Hugging Face token" in err.value.problem
+    assert "Paste your own token" in err.value.fix and "FINETUNE_PUSH_NAMESPACE" in err.value.fix
+    assert fake_hub == []                                        # no Hub call was even prepared
+    # a visitor's own token is used, and only it
+    assert push_to_hub(run, "visitor/model", token="hf_visitorOWNtoken0123456789abcdef", shared=True)
+    assert fake_hub == ["hf_visitorOWNtoken0123456789abcdef"]
+
+
+def test_shared_app_lends_its_token_only_inside_the_namespace(tmp_path, fake_hub, monkeypatch):
+    from finetune_core.export import ExportError, push_to_hub
+
+    run = model_run(tmp_path)
+    monkeypatch.setenv("FINETUNE_PUSH_NAMESPACE", "class-2026")
+    for outside in ("victim-org/model", "class-2026-other/model", "Class-2026x/model"):
+        with pytest.raises(ExportError) as err:
+            push_to_hub(run, outside, shared=True)
+        assert "may only push to repositories under 'class-2026/'" in err.value.problem
+        assert "class-2026/your-model-name" in err.value.fix
+    assert fake_hub == []
+    assert push_to_hub(run, "class-2026/student-7", shared=True) == "https://huggingface.co/class-2026/student-7"
+    assert fake_hub == [TOKEN_ENV]
+
+
+def test_own_machine_keeps_the_hf_token_fallback(tmp_path, fake_hub):
+    from finetune_core.export import push_to_hub
+
+    assert push_to_hub(model_run(tmp_path), "anyone/model", shared=False)
+    assert fake_hub == [TOKEN_ENV]
+
+
+def test_the_export_tab_treats_demo_mode_and_private_runs_as_shared(monkeypatch):
+    from types import SimpleNamespace
+
+    from finetune_core.ui.export_tab import shared_deployment, token_placeholder
+
+    monkeypatch.delenv("FINETUNE_DEMO_MODE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN_ENV)
+    monkeypatch.delenv("FINETUNE_PUSH_NAMESPACE", raising=False)
+    laptop = SimpleNamespace(manager=SimpleNamespace(private_runs=False))
+    private = SimpleNamespace(manager=SimpleNamespace(private_runs=True))
+    assert not shared_deployment(laptop) and shared_deployment(private)
+    assert "leave empty to use HF_TOKEN" in token_placeholder(laptop)
+    assert "your own token" in token_placeholder(private) and "HF_TOKEN" not in token_placeholder(private)
+    monkeypatch.setenv("FINETUNE_PUSH_NAMESPACE", "class-2026")
+    assert "class-2026/" in token_placeholder(private)
+    monkeypatch.setenv("FINETUNE_DEMO_MODE", "1")
+    assert shared_deployment(laptop)
+
+
+# ---------------------------------------------------------------------------------------------
+# the planted tokens through the app: a LoRA run, zip, merge, a typed token in Export's field
+
+
+TOKEN_TYPED = "hf_PLANTED3typedTOKEN0123456789abcdef"
+
+
+def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 180) -> dict:
+    """Call a private event the way the page does (queue join) inside session `session_hash`;
+    `data` has a value for every input, None for a gr.State. Returns the process_completed message."""
+    import httpx
+
+    with httpx.Client(timeout=timeout) as h:
+        cfg = h.get(f"{url}/config").json()
+        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
+        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                          "session_hash": session_hash})
+        r.raise_for_status()
+        event_id = r.json()["event_id"]
+        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("no process_completed message")
+
+
+@pytest.mark.slow
+def test_tokens_never_reach_any_file_of_an_app_run(tmp_path, tiny_bert_dir, monkeypatch):
+    import shutil
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from finetune_core.jobs import JobManager
+    from finetune_core.ui import build_app, launch
+
+    for var in LIMIT_VARS + ("FINETUNE_PUSH_NAMESPACE",):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN_ENV)
+    monkeypatch.setenv("FINETUNE_PRIVATE_RUNS", "1")           # a shared app: the token must not be lent
+    monkeypatch.setenv("FINETUNE_WARMUP_DELAY", "0")
+    uploads = tmp_path / "gradio-uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_bert_dir, runs / "_models" / "tiny-bert")
+    data = write_csv(tmp_path / "train.csv", class_rows(8))
+    manager = JobManager(runs, poll_interval=0.2, cwd=REPO)
+    demo = build_app(manager)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = demo.local_url.rstrip("/")
+        client = Client(url, verbose=False)
+        run_id, _status, _l, _m, log, result = client.predict(
+            data_file=handle_file(data), task="classification", model=str(runs / "_models" / "tiny-bert"),
+            strategy="lora", max_length=32, api_name="/train",
+            overrides="max_steps=2\nlogging_steps=1\neval_strategy=no\nsave_strategy=steps\nsave_steps=1")
+        assert result["status"] == "finished", log
+        session = client.session_hash
+        merged = page_call(url, "merge", session, [run_id, None])
+        assert merged["success"], merged
+        for what in ("model", "merged"):
+            zipped = page_call(url, "build_zip", session, [run_id, what, None])
+            assert zipped["success"], zipped
+        # the typed token: the push fails (offline), the message does not echo it
+        typed = page_call(url, "push", session, [run_id, "me/model", TOKEN_TYPED, True, False, None])
+        assert not typed["success"] and "offline" in str(typed["output"]).lower()
+        assert TOKEN_TYPED not in json.dumps(typed)
+        # no typed token on a shared app: the server's HF_TOKEN is refused, not used
+        empty = page_call(url, "push", session, [run_id, "victim-org/model", "", True, False, None])
+        assert not empty["success"] and "does not lend its own Hugging Face token" in str(empty["output"])
+        temp = demo.ft_context.tmp
+    finally:
+        demo.close()
+        manager.shutdown(kill=True)
+
+    run_dir = runs / run_id
+    checked = []
+    for root in (run_dir, temp, uploads):
+        for path in root.rglob("*"):
+            if not path.is_file():
+                continue
+            bodies = [path.read_bytes()]
+            if path.suffix == ".zip":
+                with zipfile.ZipFile(path) as zf:
+                    bodies += [zf.read(n) for n in zf.namelist()]
+            for body in bodies:
+                for token in (TOKEN_ENV, TOKEN_TYPED):
+                    assert token.encode() not in body, f"token leaked into {path}"
+            checked.append(path)
+    names = {p.name for p in checked}
+    for needed in ("worker.log", "job.json", "run.yaml", "events.jsonl", "metrics.json",
+                   f"model-{run_id[:6]}.zip", f"merged-{run_id[:6]}.zip"):
+        assert needed in names, (needed, sorted(names))
+    assert any(uploads in p.parents for p in checked)                  # the uploaded CSV, as gradio stored it
+    assert any(p.parent == run_dir / "data" for p in checked)         # the run's own copy of it

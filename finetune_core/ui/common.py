@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import FinetuneError
-from ..jobs import JobManager, finetune_home
+from ..jobs import JobManager, finetune_home, owner_key
 
 log = logging.getLogger("finetune_lab.ui")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +195,25 @@ class AppContext:
             raise FinetuneError(f"Run '{run_id}' was not found.", "Refresh the run list and pick a run from it.")
         return path
 
+    def model_roots(self, owner: str | None) -> list[Path]:
+        """Folders a model field may point into: the model cache, and the runs folder on a laptop.
+
+        With private runs only this session's own run folders: another session's model (and the
+        data it learned) stays out of reach even when its run id is known.
+        """
+        from ..jobs import _RUN_ID
+        from ..models import model_cache_dir
+
+        if not self.manager.private_runs:
+            return [self.runs_dir, model_cache_dir()]
+        okey = owner_key(owner)
+        own = [self.runs_dir / r["run_id"] for r in self.manager.list_runs(owner)
+               if okey and r.get("owner") == okey]
+        # folders the operator put next to the runs (e.g. runs/_models/), which no run id can name
+        shared = [p for p in self.runs_dir.iterdir() if p.is_dir() and not _RUN_ID.match(p.name)] \
+            if self.runs_dir.is_dir() else []
+        return own + shared + [model_cache_dir()]
+
     def temp_copy(self, src: Path, name: str | None = None) -> str:
         """Copy a file into the app's temp folder (gradio serves files from there) and return its path."""
         self.clean_temp()
@@ -215,6 +234,28 @@ class AppContext:
                     shutil.rmtree(child, ignore_errors=True)
             except OSError:
                 pass
+
+
+def can_modify(ctx: AppContext, run_id: str, owner: str | None) -> bool:
+    """May this session change a run's files (merge, ratings)? Checked whether runs are private or not.
+
+    The session that started the run may. A run with no recorded owner (trained with the CLI on this
+    machine) may be changed by anyone only when runs are not private (a laptop).
+    """
+    if ctx.manager.is_owner(run_id, owner):
+        return True
+    try:
+        recorded = ctx.manager.status(run_id).get("owner")
+    except FinetuneError:
+        return False
+    return not recorded and not ctx.manager.private_runs
+
+
+def check_owner(ctx: AppContext, run_id: str, owner: str | None, action: str = "change this run") -> None:
+    """Raise a FinetuneError unless this session may change the run (see can_modify)."""
+    if not can_modify(ctx, run_id, owner):
+        raise FinetuneError(f"Only the browser session that trained this run can {action}.",
+                            "Open the app in the browser that started the run, or train your own run.")
 
 
 def owner_of(owner_state: str | None, request: gr.Request | None) -> str:

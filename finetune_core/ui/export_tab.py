@@ -7,19 +7,28 @@ import os
 import gradio as gr
 
 from ..errors import FinetuneError
-from .common import AppContext, dropdown_update, is_offline, owner_of, run_choices, user_errors
+from .common import (AppContext, check_owner, dropdown_update, is_offline, owner_of, run_choices,
+                     user_errors)
+
+
+ZIP_CHOICES = [("Model as trained (adapter for LoRA runs)", "model"),
+               ("Merged model (LoRA runs, after 'Merge LoRA adapter')", "merged")]
 
 
 def build(ctx: AppContext, ui) -> None:
+    offline = is_offline()
     with gr.Row():
         ui.exp_run = gr.Dropdown([], label="Run", allow_custom_value=True, scale=4,
-                                 info="Runs with a saved model.")
+                                 info="Runs with a saved model. Pick one to see what it holds and how to load it.")
         ui.exp_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
     ui.exp_info = gr.Markdown("")
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("#### Download\nWeights (safetensors), tokenizer and model card. No optimizer state, "
                         "no data, no tokens.")
+            ui.zip_what = gr.Radio(ZIP_CHOICES, value="model", label="What to zip", elem_id="zip-what",
+                                   info="A LoRA run saves a small adapter that needs its base model and peft; "
+                                        "the merged model is a plain, larger model that loads on its own.")
             ui.zip_btn = gr.Button("Build zip", variant="primary")
             ui.zip_file = gr.File(label="Model zip", interactive=False, elem_id="zip-file")
         with gr.Column():
@@ -29,15 +38,21 @@ def build(ctx: AppContext, ui) -> None:
             ui.merge_md = gr.Markdown("")
         with gr.Column(visible=push_allowed(), elem_id="push-column"):
             gr.Markdown("#### Push to the Hugging Face Hub")
-            ui.repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-model",
+            # Offline, the push controls are disabled (not only explained): nothing could reach the Hub.
+            ui.push_md = gr.Markdown("⚠️ **Offline** (HF_HUB_OFFLINE=1): pushing is disabled. Download the zip "
+                                     "instead." if offline else "", elem_id="push-md")
+            ui.repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-model", interactive=not offline,
                                     info="Created if it does not exist.")
-            ui.hf_token = gr.Textbox(label="Token", type="password", placeholder="hf_... (or leave empty to use HF_TOKEN)",
+            ui.hf_token = gr.Textbox(label="Token", type="password", placeholder=token_placeholder(ctx),
+                                     interactive=not offline,
                                      info="Needs write access. Used for this upload only: never logged or saved.")
             with gr.Row():
-                ui.private_repo = gr.Checkbox(True, label="Private repository")
-                ui.push_merged = gr.Checkbox(False, label="Push the merged model (LoRA runs)")
-            ui.push_btn = gr.Button("Push")
-            ui.push_md = gr.Markdown("Offline: pushing is disabled." if is_offline() else "")
+                ui.private_repo = gr.Checkbox(True, label="Private repository", interactive=not offline,
+                                              info="Only you (and your organisation) can see it.")
+                ui.push_merged = gr.Checkbox(False, label="Push the merged model (LoRA runs)",
+                                             interactive=not offline,
+                                             info="Instead of the adapter; merge it first.")
+            ui.push_btn = gr.Button("Push", interactive=not offline, elem_id="push-btn")
     ui.snippet = gr.Code(language="python", label="Use it in Python (ready to paste)", interactive=False)
 
 
@@ -46,6 +61,30 @@ def push_allowed() -> bool:
     from ..limits import demo_mode
 
     return not demo_mode() or bool(os.environ.get("HF_TOKEN"))
+
+
+def shared_deployment(ctx: AppContext) -> bool:
+    """Demo mode or private runs: many visitors, so the server's HF_TOKEN is not theirs to use."""
+    from ..limits import demo_mode
+
+    return demo_mode() or bool(ctx.manager.private_runs)
+
+
+def token_placeholder(ctx: AppContext) -> str:
+    from ..export import push_namespace
+
+    if not os.environ.get("HF_TOKEN"):
+        return "hf_... (a token with write access)"
+    if not shared_deployment(ctx):
+        return "hf_... (or leave empty to use HF_TOKEN)"
+    ns = push_namespace()
+    return (f"hf_... (or leave empty to push to {ns}/... with the app's token)" if ns
+            else "hf_... (your own token: this shared app does not lend its own)")
+
+
+def short_name(run_id: str, what: str) -> str:
+    """'model-39ef49' / 'merged-39ef49': short enough that the file box shows it whole."""
+    return f"{'merged' if what == 'merged' else 'model'}-{run_id[:6]}"
 
 
 def wire(ctx: AppContext, ui) -> None:
@@ -57,7 +96,7 @@ def wire(ctx: AppContext, ui) -> None:
         return dropdown_update(run_choices(ctx, owner, with_model=True), current)
 
     @user_errors
-    def show(run_id, owner_state, request: gr.Request):
+    def show(run_id, what, owner_state, request: gr.Request):
         if not run_id:
             return "Pick a run with a saved model.", "", gr.update(interactive=False), None
         run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
@@ -69,21 +108,34 @@ def wire(ctx: AppContext, ui) -> None:
         merged = (model_dir / "merged").is_dir()
         info = (f"`{run_id}` · {'LoRA adapter' if lora else 'full model'} · weights {size:.1f} MB"
                 + (" · merged copy available" if merged else ""))
-        return info, export.usage_snippet_for_run(run_dir), gr.update(interactive=lora), None
+        return info, snippet_for(run_dir, run_id, what), gr.update(interactive=lora), None
+
+    def snippet_for(run_dir, run_id, what) -> str:
+        """The loading code for the files the zip holds (its top folder is short_name)."""
+        merged = what == "merged" and (run_dir / "model" / "merged").is_dir()
+        return export.usage_snippet_for_run(run_dir, model_dir=short_name(run_id, "merged" if merged else "model"),
+                                            merged=merged)
 
     @user_errors
-    def build_zip(run_id, owner_state, request: gr.Request):
+    def build_zip(run_id, what, owner_state, request: gr.Request):
         run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
-        return str(export.zip_model(run_dir, dest=ctx.temp_dir() / f"{run_id}-model.zip"))
+        merged = what == "merged"
+        if merged and not (run_dir / "model" / "adapter_config.json").exists():
+            raise FinetuneError("This run trained a full model: there is no LoRA adapter to merge.",
+                                "Pick 'Model as trained' for this run.")
+        name = short_name(run_id, what)
+        path = export.zip_model(run_dir, dest=ctx.temp_dir() / f"{name}.zip", merged=merged, folder=name)
+        return str(path), snippet_for(run_dir, run_id, what)
 
     @user_errors
     def merge(run_id, owner_state, request: gr.Request):
         owner = owner_of(owner_state, request)
         run_dir = ctx.run_dir(run_id, owner)
-        if ctx.manager.private_runs and not ctx.manager.is_owner(run_id, owner):
-            raise FinetuneError("Only the session that trained this run can change its files.", "")
+        # Merging writes into the run folder: only its owner may, private runs or not.
+        check_owner(ctx, run_id, owner, "merge this run's adapter")
         path = export.merge_lora(run_dir)
-        return f"✅ Merged model written to `model/{path.name}/`. Tick 'Push the merged model' to upload it."
+        return (f"✅ Merged model written to `model/{path.name}/`. Pick 'Merged model' to zip it, or tick "
+                "'Push the merged model' to upload it.")
 
     @user_errors
     def push(run_id, repo_id, token, private, merged, owner_state, request: gr.Request):
@@ -91,7 +143,8 @@ def wire(ctx: AppContext, ui) -> None:
             raise FinetuneError("Pushing to the Hub is off in demo mode.",
                                 "The Space owner can enable it by setting the HF_TOKEN secret.")
         run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
-        url = export.push_to_hub(run_dir, repo_id, token=token or None, private=bool(private), merged=bool(merged))
+        url = export.push_to_hub(run_dir, repo_id, token=token or None, private=bool(private), merged=bool(merged),
+                                 shared=shared_deployment(ctx))
         return f"✅ Pushed to [{repo_id}]({url}).", ""
 
     def push_failed_clear():
@@ -99,9 +152,11 @@ def wire(ctx: AppContext, ui) -> None:
 
     ui.exp_refresh.click(refresh, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
     ui.export_tab.select(refresh, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
-    ui.exp_run.change(show, [ui.exp_run, ui.owner_state], [ui.exp_info, ui.snippet, ui.merge_btn, ui.zip_file],
-                      api_visibility="private")
-    ui.zip_btn.click(build_zip, [ui.exp_run, ui.owner_state], ui.zip_file, api_visibility="private")
+    for trigger in (ui.exp_run.change, ui.zip_what.change):
+        trigger(show, [ui.exp_run, ui.zip_what, ui.owner_state], [ui.exp_info, ui.snippet, ui.merge_btn, ui.zip_file],
+                api_visibility="private")
+    ui.zip_btn.click(build_zip, [ui.exp_run, ui.zip_what, ui.owner_state], [ui.zip_file, ui.snippet],
+                     api_visibility="private")
     ui.merge_btn.click(merge, [ui.exp_run, ui.owner_state], ui.merge_md, api_visibility="private")
     # The token never leaves this handler: not in outputs, not in logs; the field is cleared afterwards.
     ui.push_btn.click(push, [ui.exp_run, ui.repo_id, ui.hf_token, ui.private_repo, ui.push_merged, ui.owner_state],
