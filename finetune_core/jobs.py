@@ -170,19 +170,76 @@ def _process_create_time(pid: int) -> float | None:
 # run folders (also those written by the CLI)
 
 
+_WATCHED = (JOB_FILE, "events.jsonl", "metrics.json", "run.yaml", REQUEST_FILE)
+_FILES_CACHE: dict[str, tuple[tuple, dict]] = {}
+_FILES_LOCK = threading.Lock()
+
+
+def _signature(run_dir: Path) -> tuple:
+    """(inode, mtime, size) of each file a run row is read from: any write changes it (the JSON files
+    are replaced atomically, so even a same-size rewrite gets a new inode; events.jsonl only grows)."""
+    sig = []
+    for name in _WATCHED:
+        try:
+            st = os.stat(run_dir / name)
+            sig.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            sig.append(None)
+    return tuple(sig)
+
+
+def _load_config_file(run_dir: Path) -> dict:
+    for name in ("run.yaml", REQUEST_FILE):
+        if (run_dir / name).exists():
+            try:
+                import yaml
+
+                return yaml.safe_load((run_dir / name).read_text(encoding="utf-8")) or {}
+            except Exception:  # noqa: BLE001
+                return {}
+    return {}
+
+
+def _run_files(run_dir: Path) -> dict:
+    """What a run folder's rows and status are made of (job.json, the last attempt's end or error
+    event, metrics.json, the config), parsed once and reused until one of those files changes: the
+    run list is rebuilt on every tab select, and a classroom Space holds hundreds of runs whose
+    events.jsonl files each have thousands of lines."""
+    key = str(run_dir)
+    sig = _signature(run_dir)
+    with _FILES_LOCK:
+        hit = _FILES_CACHE.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    has_events = sig[1] is not None
+    events = read_events(run_dir / "events.jsonl", 0)[0] if has_events else []
+    files = {"job": _read_json(run_dir / JOB_FILE), "has_events": bool(events), "term": _terminal_event(events),
+             "metrics": _read_json(run_dir / "metrics.json"), "cfg": _load_config_file(run_dir),
+             "events_mtime": sig[1][1] / 1e9 if has_events else None}
+    with _FILES_LOCK:
+        _FILES_CACHE[key] = (sig, files)
+    return files
+
+
+def _forget_deleted_runs(runs_dir: Path, seen: set[str]) -> None:
+    """Drop cache entries of run folders under `runs_dir` that are gone."""
+    with _FILES_LOCK:
+        for key in [k for k in _FILES_CACHE if k not in seen and Path(k).parent == runs_dir]:
+            del _FILES_CACHE[key]
+
+
 def run_status_from_disk(run_dir: str | Path) -> dict:
     """Status of a run folder nobody is watching: finished / stopped / failed / interrupted / ...
 
     A run with events but no end or error event and no live worker is 'interrupted'.
     """
     run_dir = Path(run_dir)
-    job = _read_json(run_dir / JOB_FILE)
-    events = read_events(run_dir / "events.jsonl", 0)[0] if (run_dir / "events.jsonl").exists() else []
-    term = _terminal_event(events)
+    files = _run_files(run_dir)
+    job, events, term = dict(files["job"]), files["has_events"], files["term"]
     error = None
     if term is not None and term["type"] == "end":
-        metrics = _read_json(run_dir / "metrics.json")
-        status = "stopped" if metrics.get("stopped_by_user") or job.get("stop_requested") else "finished"
+        stopped = files["metrics"].get("stopped_by_user") or term.get("stopped_by_user") or job.get("stop_requested")
+        status = "stopped" if stopped else "finished"
     elif term is not None:
         status, error = "failed", term.get("message")
     elif job.get("status") in ("cancelled",):
@@ -206,17 +263,8 @@ def summarize_run(run_dir: str | Path, status: dict | None = None) -> dict:
     run_dir = Path(run_dir)
     status = status or run_status_from_disk(run_dir)
     job = status.get("job") or {}
-    metrics = _read_json(run_dir / "metrics.json")
-    cfg = {}
-    for name in ("run.yaml", REQUEST_FILE):
-        if (run_dir / name).exists():
-            try:
-                import yaml
-
-                cfg = yaml.safe_load((run_dir / name).read_text(encoding="utf-8")) or {}
-            except Exception:  # noqa: BLE001
-                cfg = {}
-            break
+    files = _run_files(run_dir)
+    metrics, cfg = files["metrics"], files["cfg"]
     task = metrics.get("task") or cfg.get("task") or job.get("task")
     strategy = metrics.get("strategy") or (cfg.get("strategy") or {}).get("name") or job.get("strategy")
     model = metrics.get("model") or cfg.get("model") or job.get("model")
@@ -226,9 +274,10 @@ def summarize_run(run_dir: str | Path, status: dict | None = None) -> dict:
         main_name, main = "eval_loss", metrics.get("eval_loss")
     created = job.get("created")
     if created is None:
+        created = files["events_mtime"]
+    if created is None:
         try:
-            created = (run_dir / "events.jsonl").stat().st_mtime if (run_dir / "events.jsonl").exists() \
-                else run_dir.stat().st_mtime
+            created = run_dir.stat().st_mtime
         except OSError:
             created = 0.0
     return {
@@ -268,6 +317,11 @@ class Job:
     ended: float | None = None
     stop_requested: float | None = None
     killed: bool = False
+    # Where the worker is, from its events (read only once a stop is requested): "loading" until the
+    # Trainer starts, "training", then "finishing" (saving and evaluating) from the phase event on.
+    phase: str = "loading"
+    phase_since: float | None = None
+    events_offset: int = field(default=0, repr=False)
 
     @property
     def events_path(self) -> Path:
@@ -311,22 +365,42 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, "").strip() or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+DEFAULT_STOP_TIMEOUT = 60.0      # Stop pressed -> the Trainer must have stopped this many seconds later
+DEFAULT_FINISH_TIMEOUT = 1800.0  # ... and loading before it, saving and evaluating after it, get this long
+
+
 class JobManager:
     """Runs training jobs in worker processes, at most `max_concurrent` at a time, the rest queued.
 
     Thread-safe. A monitor thread reaps finished workers (no zombies), starts queued jobs, re-asserts
-    STOP files and hard-kills workers that ignore a stop for `stop_timeout` seconds.
+    STOP files and hard-kills workers that ignore a stop: one whose Trainer is still training
+    `stop_timeout` seconds after the Stop (FINETUNE_STOP_TIMEOUT, 60 s), or one still loading, or
+    saving and evaluating after the Trainer stopped, `finish_timeout` seconds after the Stop or after
+    it began finishing (FINETUNE_FINISH_TIMEOUT, 1800 s: an instruction run measures its base model
+    and generates answers after training). The worker says which phase it is in through events.
     """
 
     def __init__(self, runs_dir: str | Path | None = None, max_concurrent: int | None = None,
-                 stop_timeout: float = 60.0, poll_interval: float = 0.5, python: str | None = None,
+                 stop_timeout: float | None = None, poll_interval: float = 0.5, python: str | None = None,
                  max_queued_per_owner: int | None = None, cwd: str | Path | None = None,
-                 private_runs: bool | None = None):
+                 private_runs: bool | None = None, finish_timeout: float | None = None):
         self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.max_concurrent = max_concurrent or _max_concurrent_jobs()
         self.max_queued_per_owner = max_queued_per_owner or _env_int("FINETUNE_MAX_QUEUED_PER_SESSION", 3)
-        self.stop_timeout = float(os.environ.get("FINETUNE_STOP_TIMEOUT", stop_timeout))
+        # an explicit argument wins over the environment, which wins over the default
+        self.stop_timeout = float(stop_timeout) if stop_timeout is not None else \
+            _env_seconds("FINETUNE_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT)
+        self.finish_timeout = float(finish_timeout) if finish_timeout is not None else \
+            _env_seconds("FINETUNE_FINISH_TIMEOUT", DEFAULT_FINISH_TIMEOUT)
         self.poll_interval = poll_interval
         self.python = python or sys.executable
         self.cwd = str(cwd or os.getcwd())
@@ -492,7 +566,8 @@ class JobManager:
             return None
 
     def stop(self, run_id: str, owner: str | None) -> str:
-        """Graceful stop (STOP file; the model is evaluated and saved), hard kill after stop_timeout."""
+        """Graceful stop (STOP file; the model is saved and evaluated); a hard kill only if the Trainer
+        has not stopped within stop_timeout (or loading / finishing outlast finish_timeout)."""
         job = self.get(run_id)
         if job is None:
             raise JobError(f"No active job with id '{run_id}'.", "It may have finished already; refresh the run list.")
@@ -514,8 +589,8 @@ class JobManager:
                 self._save(job)
             self._write_stop(job)
         self._wake.set()
-        return (f"Stop requested: training ends after the current step, then the model is evaluated and saved "
-                f"(forced after {self.stop_timeout:.0f} s).")
+        return (f"Stop requested: training ends after the current step, then the model is saved and evaluated "
+                f"(forced if training has not stopped within {self.stop_timeout:.0f} s).")
 
     def jobs(self, owner: str | None = None, active_only: bool = False) -> list[Job]:
         okey = owner_key(owner) if owner is not None else None
@@ -552,9 +627,11 @@ class JobManager:
         """Every run folder (newest first) with status, main metric, time and trainable params."""
         rows = []
         okey = owner_key(owner)
+        seen = set()
         for run_dir in self.runs_dir.iterdir() if self.runs_dir.is_dir() else []:
             if not run_dir.is_dir() or not _RUN_ID.match(run_dir.name):
                 continue
+            seen.add(str(run_dir))
             job = self.get(run_dir.name)
             if job is not None:
                 with self._lock:
@@ -569,6 +646,7 @@ class JobManager:
             row["mine"] = bool(okey and row["owner"] == okey)
             row["position"] = self.position(run_dir.name)
             rows.append(row)
+        _forget_deleted_runs(self.runs_dir, seen)
         return sorted(rows, key=lambda r: -r["created"])
 
     def wait(self, run_id: str, timeout: float | None = None) -> str:
@@ -663,6 +741,30 @@ class JobManager:
             except (OSError, TypeError):
                 continue
 
+    def _update_phase(self, job: Job) -> None:
+        """Follow the worker's events (incrementally) to know whether its Trainer is still training."""
+        new, job.events_offset = read_events(job.events_path, job.events_offset)
+        since = (job.started or 0.0) - 1.0      # a resumed run's file holds earlier attempts' events
+        for e in new:
+            t, when = e.get("type"), float(e.get("time") or 0.0)
+            if when < since:
+                continue
+            if t == "info" and str(e.get("message", "")).startswith("Loading model"):
+                job.phase, job.phase_since = "loading", when
+            elif t == "start":
+                job.phase, job.phase_since = "training", when
+            elif (t == "info" and e.get("phase") == "finishing") or t in ("end", "error"):
+                if job.phase != "finishing":
+                    job.phase, job.phase_since = "finishing", when
+
+    def _kill_due(self, job: Job, now: float) -> bool:
+        """The stop_timeout clock covers only "the Trainer has not stopped yet"; loading (where train()
+        honours a stop before the first step) and finishing (saving, evaluating) get finish_timeout."""
+        self._update_phase(job)
+        since = max(job.stop_requested or now, job.phase_since or 0.0)
+        limit = self.stop_timeout if job.phase == "training" else self.finish_timeout
+        return now - since > limit
+
     def _finalize(self, job: Job, rc: int | None) -> None:
         if job.status in TERMINAL:
             return
@@ -671,16 +773,21 @@ class JobManager:
         events = read_events(job.events_path, 0)[0]
         term = _terminal_event(events)
         if term is not None and term["type"] == "end":
-            job.status = "stopped" if job.stop_requested else "finished"
+            job.status = "stopped" if job.stop_requested or term.get("stopped_by_user") else "finished"
         elif term is not None:
             job.status = "failed"
             job.error = term.get("message") or "Training failed."
             job.error_lines = _error_lines(job.log_path)
         else:
             job.status = "failed"
-            if job.killed:
+            if job.killed and job.phase == "training":
                 job.error = (f"The worker did not stop within {self.stop_timeout:.0f} s and was killed; "
                              "checkpoints written so far are kept in the run folder.")
+            elif job.killed:
+                what = "load the model" if job.phase == "loading" else "save and evaluate the model"
+                job.error = (f"The worker did not {what} within {self.finish_timeout:.0f} s of the stop and was "
+                             "killed; what it had written is kept in the run folder"
+                             + (" (model/ is saved as soon as training stops)." if job.phase == "finishing" else "."))
             elif rc is not None and rc < 0:
                 try:
                     sig = signal.Signals(-rc).name
@@ -708,7 +815,7 @@ class JobManager:
                     if job.stop_requested is not None:
                         if not (job.run_dir / STOP_FILE).exists():
                             self._write_stop(job)   # train() clears a stale STOP when it starts
-                        if time.time() - job.stop_requested > self.stop_timeout and not job.killed:
+                        if not job.killed and self._kill_due(job, time.time()):
                             self._kill(job)
                     continue
                 self._finalize(job, rc)

@@ -166,6 +166,15 @@ def test_killed_worker_reported_within_5s_without_zombie(manager):
     assert no_zombie(pid)
     st = manager.status(job.run_id)
     assert st["status"] == "failed" and st["error"] == job.error
+    # ... with the worker's last log lines (the Train tab shows them under the error)
+    log = [line for line in (job.run_dir / "worker.log").read_text().splitlines() if line.strip()]
+    assert st["error_lines"] and st["error_lines"][-1] == log[-1]
+
+    # the next job runs to the end
+    nxt = manager.submit(cls_config(2), owner="alice")
+    assert manager.wait(nxt.run_id, timeout=240) == "finished", (nxt.error, nxt.error_lines)
+    assert (nxt.run_dir / "model").is_dir() and no_zombie(nxt.pid)
+    assert manager.status(job.run_id)["status"] == "failed"      # the killed run stays reported as such
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,3 +307,46 @@ def test_resume_button_path_continues_a_stopped_run_to_the_same_step(manager):
     assert len(starts) == 2 and starts[1]["step"] > 0     # the second attempt began at a checkpoint
     with pytest.raises(JobError, match="no complete checkpoint"):
         manager.resume(job.run_id, owner="alice")          # a finished run's checkpoints are cleaned up
+
+
+def test_run_list_rereads_only_changed_runs(tmp_path, monkeypatch):
+    """list_runs runs on every tab select: unchanged run folders are not parsed again, a changed
+    events.jsonl, metrics.json or job.json is."""
+    import finetune_core.jobs as jobs
+
+    runs = tmp_path / "runs"
+    for i in range(3):
+        run = runs / f"run-{i}"
+        run.mkdir(parents=True)
+        (run / "events.jsonl").write_text("".join(json.dumps({"type": "log", "time": 1.0 + k, "step": k}) + "\n"
+                                                  for k in range(200)))
+        (run / "metrics.json").write_text(json.dumps({"task": "classification", "f1_weighted": 0.5}))
+    mgr = JobManager(runs, poll_interval=60)
+    reads = []
+    real_events, real_json = jobs.read_events, jobs._read_json
+    monkeypatch.setattr(jobs, "read_events", lambda path, offset=0: reads.append(Path(path).parent.name)
+                        or real_events(path, offset))
+    monkeypatch.setattr(jobs, "_read_json", lambda path: reads.append(Path(path).parent.name) or real_json(path))
+    try:
+        first = {r["run_id"]: r for r in mgr.list_runs()}
+        assert first["run-1"]["status"] == "interrupted" and first["run-1"]["f1_weighted"] == 0.5
+        assert set(reads) == {"run-0", "run-1", "run-2"}
+        reads.clear()
+        assert mgr.list_runs() == sorted(first.values(), key=lambda r: -r["created"])
+        assert reads == []                                           # nothing re-read
+
+        run1 = runs / "run-1"
+        with open(run1 / "events.jsonl", "a") as f:                  # run-1 ends, with a new metric
+            f.write(json.dumps({"type": "end", "time": 500.0}) + "\n")
+        (run1 / "metrics.json").write_text(json.dumps({"task": "classification", "f1_weighted": 0.75}))
+        rows = {r["run_id"]: r for r in mgr.list_runs()}
+        assert set(reads) == {"run-1"}
+        assert rows["run-1"]["status"] == "finished" and rows["run-1"]["f1_weighted"] == 0.75
+        assert rows["run-0"] == first["run-0"]
+
+        reads.clear()
+        (runs / "run-2" / "job.json").write_text(json.dumps({"run_id": "run-2", "name": "renamed"}))
+        assert {r["run_id"]: r for r in mgr.list_runs()}["run-2"]["name"] == "renamed"
+        assert set(reads) == {"run-2"}
+    finally:
+        mgr.shutdown()
