@@ -9,7 +9,13 @@ and checkpoints off so both sides do exactly 10 epochs (no early stopping).
 - cached: cache_features auto (must resolve to on): the encoder runs once over train and validation
   rows, the head trains on the stored vectors. Its train_seconds include that feature pass.
 
-Order: cached, uncached, cached, uncached (the ratio uses the means), all in this process.
+Order: a 1-epoch warm-up (not recorded), then cached, uncached, cached, uncached (the ratio uses the
+means), all in this process. The warm-up matters for fairness: the uncached side's first encoder
+passes run in train()'s "before fine-tuning" evaluation, outside its timed region, while the cached
+side's first encoder pass is its (timed) feature pass; without a warm-up the first cached run also
+pays the process's one-time start-up (thread pool, kernels, heap growth), measured ~0.2 s of ~1.3 s.
+The cached side stays charged for encoding the validation rows as well (20% of its feature pass),
+which the uncached side does in evaluation, outside train_seconds: the ratio is conservative.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.MINILM)
     train_file = str(work / "banking_subset.csv")
     pd.DataFrame(rows).to_csv(train_file, index=False)
 
-    print(f"[{NAME}] {len(rows)} rows, {epochs} epochs: cached, uncached, cached, uncached ...", flush=True)
+    print(f"[{NAME}] {len(rows)} rows, {epochs} epochs: warm-up, cached, uncached, cached, uncached ...", flush=True)
+    warmup = run_side(model, train_file, work / "warmup", "auto", 1)      # not recorded: see the docstring
     cached1 = run_side(model, train_file, work / "cached1", "auto", epochs)
     uncached = run_side(model, train_file, work / "uncached", False, epochs)
     cached2 = run_side(model, train_file, work / "cached2", "auto", epochs)
@@ -84,6 +91,8 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.MINILM)
         "setup": {"model": model, "intents": n_intents, "rows_per_intent": per_intent, "epochs": epochs,
                   "rows": len(rows), "torch_threads": threads},
         "uncached": uncached, "uncached_repeat": uncached2, "cached": cached1, "cached_repeat": cached2,
+        "warmup_seconds": warmup["train_seconds"],
+        "cached_feature_seconds_mean": round((cached1["feature_seconds"] + cached2["feature_seconds"]) / 2, 3),
         "speedup": round(speedup, 2), "accuracy_difference": round(acc_diff, 4),
         "auto_resolved_on": bool(cached1["cache_features"]) and bool(cached2["cache_features"]),
         "load_average_end": C.load_average(),
@@ -91,7 +100,9 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.MINILM)
     result["met"] = {"speedup": speedup >= 5, "accuracy": acc_diff <= 0.02, "auto": result["auto_resolved_on"]}
     result["summary"] = [
         {"what": "head-only 10 epochs, re-run encoder / cached features",
-         "value": f"{uncached_s:.1f}s / {cached_s:.2f}s = {speedup:.1f}x (mean of 2 each, interleaved)",
+         "value": f"{uncached_s:.1f}s / {cached_s:.2f}s = {speedup:.1f}x (mean of 2 each, interleaved, after a "
+                  f"warm-up; the feature pass, validation rows included, is "
+                  f"{result['cached_feature_seconds_mean']:.2f}s of the cached time)",
          "target": ">= 5x",
          "met": result["met"]["speedup"]},
         {"what": "accuracy uncached / cached", "value": f"{uncached['accuracy']:.3f} / {cached1['accuracy']:.3f}",
