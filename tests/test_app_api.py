@@ -97,4 +97,195 @@ def test_audit_train_predict_chat(app):
     answer = base[-1]["content"]
     text = answer if isinstance(answer, str) else " ".join(part.get("text", "") for part in answer)
     assert text.strip()
-    assert "fine-tuned run" in str(finetuned[-1]["content"])
+    assert finetuned == []          # no run picked: the fine-tuned side shows its placeholder, no history
+
+    # HTML typed into the chat comes back as the raw text typed (never turned into markup on the
+    # server), and both chat panes sanitize what they render.
+    script = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+    base, _ = client.predict(message=script, model="bundled:smollm2-135m", max_new_tokens=8, do_sample=False,
+                             api_name="/chat")
+    from finetune_core.ui.chat_tab import _text
+
+    assert _text(base[0]["content"]) == script and "&lt;" not in str(base[0]["content"])
+    cfg = app[2].get_config_file()
+    bots = [c["props"] for c in cfg["components"] if c["type"] == "chatbot"]
+    assert len(bots) == 2 and all(p.get("sanitize_html", True) is True for p in bots)
+
+
+@pytest.mark.slow
+def test_a_second_start_of_the_same_session_follows_its_active_run(app):
+    client, manager, _ = app
+    train = dict(data_file=handle_file(DOMAINS), task="classification", model="bundled:minilm-l6",
+                 strategy="frozen", max_length=32, api_name="/train",
+                 overrides="max_steps=100000\nlogging_steps=50\neval_strategy=no\nsave_strategy=no")
+    first = client.submit(**train)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (first.outputs() and first.outputs()[-1][0]):
+        time.sleep(0.2)
+    run_id = first.outputs()[-1][0]
+    owner = f"client:{client.session_hash}"
+    try:
+        second = client.submit(**train)
+        while time.time() < deadline and not second.outputs():
+            time.sleep(0.2)
+        assert second.outputs()[-1][0] == run_id            # no new run: the active one is shown
+        assert [j.run_id for j in manager.jobs(owner)].count(run_id) == 1
+        assert len(manager.jobs(owner, active_only=True)) == 1
+    finally:
+        client.predict(run_id=run_id, api_name="/stop")
+    assert manager.wait(run_id, timeout=120) in ("stopped", "finished")
+
+
+# ---------------------------------------------------------------------------------------------
+# the page's own (private) events, called the way the page calls them
+
+
+def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 120) -> dict:
+    """Queue-join a private event in session `session_hash` (None for a gr.State input); returns the
+    process_completed message {"success", "output"}."""
+    import json
+
+    import httpx
+
+    with httpx.Client(timeout=timeout) as h:
+        cfg = h.get(f"{url}/config").json()
+        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
+        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                          "session_hash": session_hash})
+        r.raise_for_status()
+        event_id = r.json()["event_id"]
+        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("no process_completed message")
+
+
+def config_of(demo) -> dict:
+    return demo.get_config_file()
+
+
+def component(cfg: dict, **props) -> dict:
+    found = [c for c in cfg["components"] if all(c["props"].get(k) == v for k, v in props.items())]
+    assert len(found) == 1, (props, len(found))
+    return found[0]
+
+
+def dep(cfg: dict, api_name: str) -> dict:
+    return next(d for d in cfg["dependencies"] if d.get("api_name") == api_name)
+
+
+def test_every_beginner_control_has_an_info_line(app):
+    """Every control a beginner sets (not read-only outputs, not the hidden-label chat box) teaches."""
+    cfg = config_of(app[2])
+    missing = [(c["type"], c["props"].get("label")) for c in cfg["components"]
+               if c["type"] in ("dropdown", "radio", "slider", "checkbox", "textbox", "number")
+               and c["props"].get("interactive") is not False and c["props"].get("show_label") is not False
+               and not c["props"].get("info")]
+    assert not missing, missing
+
+
+def test_switching_the_data_source_clears_or_reloads_the_preview(app):
+    client, _, demo = app
+    cfg = config_of(demo)
+    url = demo.local_url.rstrip("/")
+    load = dep(cfg, "load_for_source")
+    switch = dep(cfg, "switch_source")
+    assert load["trigger_after"] == switch["id"]                    # runs after every source switch
+    assert dep(cfg, "audit_for_source")["trigger_after"] == load["id"]
+    session = "sourceswitch0test"
+    # upload / hub without a file or id yet: nothing of the previous file stays on screen
+    for source in ("upload", "hub"):
+        msg = page_call(url, "load_for_source", session, [source, None, None, "", "train", "classification"])
+        assert msg["success"], msg
+        summary, preview, _task, *cols, info = msg["output"]["data"]
+        assert "domains.csv" not in str(summary) and ("Upload" in summary or "Hub dataset id" in summary)
+        assert not (preview or {}).get("data") and not info         # (a gr.State: kept on the server)
+        assert all(c.get("value", "") == "" for c in cols if isinstance(c, dict) and "choices" in c)
+        cleared = page_call(url, "audit_for_source", session,
+                            [source, {}, None, None, "", "train", "classification", "", "", "alpaca", "", "", "",
+                             256, "bundled:minilm-l6", None])
+        assert cleared["success"], cleared
+        audit_summary, warnings_html, _class_plot, _token_plot, table, _report = cleared["output"]["data"]
+        assert audit_summary == "" and warnings_html == "" and table["data"] == []
+    # back to the built-in example: it is loaded again at once
+    msg = page_call(url, "load_for_source", session, ["example", None, "domains.csv", "", "train", "classification"])
+    assert msg["success"], msg
+    summary, preview, *_cols, info = msg["output"]["data"]
+    assert "**domains.csv** · 160 rows" in summary and len(preview.get("value", preview)["data"]) == 50
+
+
+def test_offline_the_hub_source_says_it_needs_the_network(app):
+    source = component(config_of(app[2]), label="Data source")
+    labels = dict((value, label) for label, value in source["props"]["choices"])
+    assert "needs internet" in labels["hub"] and "needs internet" not in labels["example"]
+
+
+def test_one_stream_at_a_time_draws_the_train_outputs(app):
+    """Start, a run id typed in 'Run id' and Resume each cancel the other two streams."""
+    cfg = config_of(app[2])
+    ids = {name: dep(cfg, name)["id"] for name in ("train", "watch_id", "resume")}
+    assert dep(cfg, "train")["trigger_mode"] == "multiple"      # a second Start reaches train() and is answered
+
+    def cancelled_on(name):
+        targets = {tuple(t) for t in dep(cfg, name)["targets"]}
+        return {i for d in cfg["dependencies"] if d.get("cancels") and {tuple(t) for t in d["targets"]} & targets
+                for i in d["cancels"]}
+
+    for name, others in (("train", {"watch_id", "resume"}), ("watch_id", {"train", "resume"}),
+                         ("resume", {"train", "watch_id"})):
+        assert {ids[o] for o in others} <= cancelled_on(name), name
+
+
+def test_evaluate_only_my_runs_and_yours_marker():
+    from finetune_core.ui.evaluate_tab import baseline_rows, only_mine, runs_table
+
+    rows = [{"run_id": "a1", "name": "mine", "status": "finished", "mine": True},
+            {"run_id": "b2", "name": "theirs", "status": "finished", "mine": False}]
+    assert [r["run_id"] for r in only_mine(rows, True)] == ["a1"]
+    assert [r["run_id"] for r in only_mine(rows, False)] == ["a1", "b2"]
+    table = runs_table(rows)
+    assert table[0][0] == "mine · yours" and table[1][0] == "theirs"
+    metrics = {"accuracy": 0.9, "f1_weighted": 0.88, "f1_macro": 0.87,
+               "baselines": {"majority": {"accuracy": 0.25, "f1_weighted": 0.1}}}
+    out = baseline_rows(metrics)
+    assert out[0][1:] == ["0.9000", "0.8800", "0.8700"]
+    assert out[-1][3] == "—" and "None" not in str(out) and "nan" not in str(out).lower()
+
+
+def test_evaluate_layout_only_mine_on_and_options_above_their_charts(app):
+    cfg = config_of(app[2])
+    assert component(cfg, label="Only my runs")["props"]["value"] is True
+    order = [c["props"].get("elem_id") or c["props"].get("label") for c in cfg["components"]]
+    assert order.index("Normalise rows (recall per class)") < order.index("cm-plot")
+    # the Run picker lists every visible run, running ones included: its info line must not say "Finished"
+    infos = [str(c["props"].get("info")) for c in cfg["components"] if c["props"].get("label") == "Run"]
+    assert infos and not any("Finished runs" in i for i in infos) and any("yours" in i for i in infos)
+
+
+def test_chat_placeholder_is_a_note_never_context(app):
+    from finetune_core.ui.chat_tab import FT_PLACEHOLDER, context_messages
+
+    ft_bot = component(config_of(app[2]), elem_id="ft-bot")
+    assert ft_bot["props"]["placeholder"] == FT_PLACEHOLDER
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "(Pick a fine-tuned run above to compare.)"},
+               {"role": "assistant", "content": "A note", "metadata": {"title": "note"}},
+               {"role": "assistant", "content": "⏳ Loading the model ..."},
+               {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+               {"role": "tool", "content": "x"}]
+    assert context_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert component(config_of(app[2]), elem_id="chat-model")["props"]["label"] == "Model to test"
+
+
+def test_export_offline_disables_push_and_offers_the_merged_zip(app):
+    cfg = config_of(app[2])
+    for label in ("Repository", "Token"):
+        assert component(cfg, label=label)["props"]["interactive"] is False
+    assert component(cfg, elem_id="push-btn")["props"]["interactive"] is False
+    assert "Offline" in component(cfg, elem_id="push-md")["props"]["value"]
+    choices = [v for _, v in component(cfg, elem_id="zip-what")["props"]["choices"]]
+    assert choices == ["model", "merged"]

@@ -395,7 +395,7 @@ def test_script_labels_and_column_names_are_escaped(app, tmp_path):
     assert f"class '{B.SCRIPT}'" in [row[0] for row in table["data"]]     # the table shows the raw string
     assert B.SCRIPT in report["class_distribution"]
     assert "<script" not in warnings_html.lower() and "&lt;script&gt;" in warnings_html   # imbalance warning
-    assert "<script" not in summary.lower() or "&lt;script" in summary
+    assert "<script" not in summary.lower()
 
     columns = tmp_path / "columns.csv"
     columns.write_text('"<script>alert(1)</script>",other,third\na,b,c\nd,e,f\n', encoding="utf-8")
@@ -409,11 +409,23 @@ def test_tables_render_text_not_html(app):
     """Preview and audit tables are plain-text Dataframes; Markdown outputs sanitize HTML."""
     cfg = httpx.get(app["url"] + "/config", timeout=30).json()
     frames = [c["props"] for c in cfg["components"] if c["type"] == "dataframe"
-              and c["props"].get("label") in ("Preview (first 50 rows)", "Audit details")]
-    assert len(frames) == 2
+              and (c["props"].get("label") in ("Preview (first 50 rows)", "Audit details")
+                   or c["props"].get("elem_id") in ("eval-errors", "eval-baselines"))]
+    assert len(frames) == 4
     for props in frames:
         datatype = props.get("datatype")
         kinds = datatype if isinstance(datatype, list) else [datatype]
         assert not set(kinds) & {"html", "markdown"}, props
     markdowns = [c["props"] for c in cfg["components"] if c["type"] == "markdown"]
     assert markdowns and all(p.get("sanitize_html", True) for p in markdowns)
+
+
+def test_misclassified_rows_reach_the_evaluate_table_as_raw_text():
+    """What the Evaluate tab puts in its misclassified table: the strings themselves, unescaped (the
+    Dataframe shows text), never HTML built from them."""
+    from finetune_core.ui.evaluate_tab import error_rows
+
+    metrics = {"error_analysis": {"misclassified": [
+        {"text": B.SCRIPT, "true": "<b>ok</b>", "predicted": B.FORMULA, "confidence": 0.91234}]}}
+    assert error_rows(metrics) == [[B.SCRIPT, "<b>ok</b>", B.FORMULA, 0.912]]
+    assert "&lt;" not in str(error_rows(metrics))

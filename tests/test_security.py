@@ -514,3 +514,38 @@ def test_tokens_never_reach_any_file_of_an_app_run(tmp_path, tiny_bert_dir, monk
         assert needed in names, (needed, sorted(names))
     assert any(uploads in p.parents for p in checked)                  # the uploaded CSV, as gradio stored it
     assert any(p.parent == run_dir / "data" for p in checked)         # the run's own copy of it
+
+
+# ---------------------------------------------------------------------------------------------
+# the app's model field with private runs: own runs and the model cache, not other sessions' runs
+
+
+def test_private_model_field_reaches_only_own_runs_and_the_model_cache(tmp_path, tiny_bert_dir, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from finetune_core.jobs import owner_key
+    from finetune_core.ui.common import AppContext
+
+    runs, cache = tmp_path / "runs", tmp_path / "models"
+    for folder in ("mine0000aaaa/model", "theirs00bbbb/model", "_models/shared", "../models/cached"):
+        shutil.copytree(tiny_bert_dir, runs / folder)
+    monkeypatch.setenv("FINETUNE_MODEL_CACHE", str(cache))
+    rows = [{"run_id": "mine0000aaaa", "owner": owner_key("me")}, {"run_id": "theirs00bbbb", "owner": owner_key("you")}]
+
+    def list_runs(owner):
+        return rows
+
+    for private in (True, False):
+        manager = SimpleNamespace(private_runs=private, runs_dir=runs, list_runs=list_runs)
+        ctx = AppContext(manager=manager, home=tmp_path / "home", tmp=tmp_path / "tmp")
+        roots = ctx.model_roots("me")
+        for ok in ("mine0000aaaa/model", "_models/shared"):
+            assert resolve_model(str(runs / ok), allowed_roots=roots)
+        assert resolve_model(str(cache / "cached"), allowed_roots=roots)
+        if private:
+            with pytest.raises(ModelError, match="outside the folders this app may read"):
+                resolve_model(str(runs / "theirs00bbbb" / "model"), allowed_roots=roots)
+            assert ctx.model_roots(None) == [runs / "_models", cache]        # no session: no run folder
+        else:                                                                # a laptop: every run
+            assert resolve_model(str(runs / "theirs00bbbb" / "model"), allowed_roots=roots)

@@ -14,6 +14,8 @@ from .common import AppContext, dropdown_update, owner_of, run_choices, user_err
 from .evaluate_tab import prompt_preview, read_generations
 
 BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smollm2-135m")]
+FT_PLACEHOLDER = ("**No fine-tuned model picked.** Choose an instruction run in 'Model to test' above: its answers "
+                  "appear here, next to the base model's.")
 INFERENCE_LIMIT = int(os.environ.get("FINETUNE_INFERENCE_CONCURRENCY", "1"))
 
 
@@ -45,9 +47,35 @@ def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, 
     if choice.startswith("bundled:") or "/" in choice and not choice.startswith((".", "/", "~")):
         from ..models import resolve_model
 
-        resolve_model(choice, allowed_roots=[ctx.runs_dir])    # clear message when offline / unknown
+        resolve_model(choice, allowed_roots=ctx.model_roots(owner))    # clear message when offline / unknown
         return choice, None, None
     raise FinetuneError(f"'{choice}' is neither a run nor a model id.", "Pick an entry from the list.")
+
+
+NOT_CONTEXT = ("⏳ Loading the model", "(Pick a fine-tuned run")
+
+
+def context_messages(history: list) -> list[dict]:
+    """The turns sent to a model: user / assistant / system text only. Notes never are: messages with
+    metadata (gradio's notes and thoughts), the loading line, and the old 'pick a run' placeholder that
+    histories of earlier versions may still hold."""
+    out = []
+    for m in history:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system") or m.get("metadata"):
+            continue
+        text = _text(m.get("content"))
+        if m["role"] == "assistant" and text.startswith(NOT_CONTEXT):
+            continue
+        out.append({"role": m["role"], "content": text})
+    return out
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
+    return str(content)
 
 
 def _inference(ref: str):
@@ -110,10 +138,10 @@ def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Ask the **base model** and your **fine-tuned model** the same thing with the same settings. "
                 "Rate the answers: averages are saved with the run (`ratings.jsonl`).")
     with gr.Row():
-        ui.chat_model = gr.Dropdown(BASE_MODELS, value="bundled:smollm2-135m", label="Fine-tuned run to chat with",
-                                    allow_custom_value=True, scale=4,
-                                    info="Instruction runs (their base model answers on the left), or a base "
-                                         "model alone.")
+        ui.chat_model = gr.Dropdown(BASE_MODELS, value="bundled:smollm2-135m", label="Model to test",
+                                    allow_custom_value=True, scale=4, elem_id="chat-model",
+                                    info="An instruction run: its fine-tuned model answers on the right, the base "
+                                         "model it started from on the left. Or a base model alone (left only).")
         ui.chat_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
     with gr.Accordion("Generation settings (shared by both models)", open=False):
         with gr.Row():
@@ -127,15 +155,18 @@ def build(ctx: AppContext, ui) -> None:
                                        info="Off = greedy: always the most likely word (repeatable).")
     with gr.Row():
         ui.base_bot = gr.Chatbot(label="Base model", height=360, buttons=["copy"], elem_id="base-bot")
-        ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"], elem_id="ft-bot")
+        ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"], elem_id="ft-bot",
+                               placeholder=FT_PLACEHOLDER)
     with gr.Row():
-        ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
-                                 max_lines=4)
+        ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", label="Message", show_label=False,
+                                 scale=5, max_lines=4, elem_id="chat-msg",
+                                 info="Both models get the same message, the same settings and their own history.")
         ui.chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         ui.chat_clear = gr.Button("Clear", scale=1)
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
-                                  scale=3)
+                                  scale=3, info="Your judgement is the metric that matters for style: ratings are "
+                                                "saved with the run and averaged.")
         ui.chat_rate_btn = gr.Button("Save rating", scale=1)
     ui.ratings_md = gr.Markdown("")
     with gr.Accordion("Held-out test: the run's validation prompts, both models, your ratings", open=False):
@@ -151,8 +182,10 @@ def build(ctx: AppContext, ui) -> None:
     gr.Markdown("### Try the classifier")
     with gr.Row():
         with gr.Column(scale=3):
-            ui.cls_run = gr.Dropdown([], label="Classification run", allow_custom_value=True)
-            ui.cls_text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify")
+            ui.cls_run = gr.Dropdown([], label="Classification run", allow_custom_value=True,
+                                     info="A finished classification run of the Train tab.")
+            ui.cls_text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify",
+                                     info="Try sentences unlike the training rows: that is where models fail.")
             ui.cls_btn = gr.Button("Classify", variant="primary")
         ui.cls_label = gr.Label(label="Class probabilities", num_top_classes=10, scale=2, elem_id="cls-label")
     ui.last_exchange = gr.State({})
@@ -187,17 +220,17 @@ def wire(ctx: AppContext, ui) -> None:
                         do_sample=bool(do_sample))
         histories = [base_history, finetuned_history]
         refs = [base_ref, ft_dir]
-        for h in histories:
-            h.append({"role": "user", "content": message})
-        if ft_dir is None:
-            finetuned_history.append({"role": "assistant", "content": "(Pick a fine-tuned run above to compare.)"})
+        # Without a run the fine-tuned side stays empty and shows its placeholder note: a note written
+        # into the history would be sent back to the model as one of its own answers.
+        for h, ref in zip(histories, refs):
+            if ref is not None:
+                h.append({"role": "user", "content": message})
         yield base_history, finetuned_history, {}
         answers = {}
         for i, (history, ref) in enumerate(zip(histories, refs)):
             if ref is None:
                 continue
-            msgs = [{"role": m["role"], "content": _text(m["content"])} for m in history
-                    if m.get("role") in ("user", "assistant", "system")]
+            msgs = context_messages(history)
             # Loading can take a while the first time (the bundled SmolLM2 is converted once): say so.
             history.append({"role": "assistant", "content": "⏳ Loading the model ..."})
             yield base_history, finetuned_history, gr.skip()
@@ -217,13 +250,6 @@ def wire(ctx: AppContext, ui) -> None:
         exchange = {"run_dir": str(run_dir) if run_dir else None, "prompt": message,
                     "answer": answers.get("finetuned", "")}
         yield base_history, finetuned_history, exchange
-
-    def _text(content) -> str:
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            return " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
-        return str(content)
 
     @user_errors
     def rate(rating, exchange, model, owner_state, request: gr.Request):

@@ -10,12 +10,21 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import DataError, FinetuneError
-from .common import EXAMPLES, TASK_CHOICES, AppContext, example_path, is_offline, user_errors, warning_box
+from .common import (EXAMPLES, TASK_CHOICES, AppContext, example_path, is_offline, owner_of, user_errors,
+                     warning_box)
 
 FILE_TYPES = [".csv", ".tsv", ".json", ".jsonl", ".parquet"]
 FORMAT_CHOICES = [("Alpaca: instruction / input / output", "alpaca"), ("Prompt / completion", "prompt_completion"),
                   ("Chat messages (list of {role, content})", "messages")]
 SOURCES = [("Built-in example", "example"), ("Upload a file", "upload"), ("Hugging Face dataset", "hub")]
+
+
+def source_choices() -> list:
+    """The source radio's choices; offline, the Hub option says it needs the network."""
+    if not is_offline():
+        return SOURCES
+    return [(label + " (needs internet: offline now, cached ones only)" if value == "hub" else label, value)
+            for label, value in SOURCES]
 MAX_HUB_ROWS = int(os.environ.get("FINETUNE_MAX_HUB_ROWS", "20000"))
 NICE_NAMES = {"n_rows": "rows", "n_classes": "classes", "imbalance_ratio": "imbalance ratio (largest / smallest)",
               "duplicates": "duplicate rows", "n_duplicates": "duplicate rows", "empty_text": "empty texts",
@@ -234,7 +243,7 @@ def build(ctx: AppContext, ui) -> None:
                 "`max_length`, duplicates and leaks between train and validation.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            ui.source = gr.Radio(SOURCES, value="example", label="Data source",
+            ui.source = gr.Radio(source_choices(), value="example", label="Data source",
                                  info="Start with an example to learn the workflow, then bring your own data.")
             ui.example = gr.Dropdown([(label, name) for name, (label, _) in EXAMPLES.items()], value="domains.csv",
                                      label="Built-in example", allow_custom_value=True,
@@ -243,7 +252,9 @@ def build(ctx: AppContext, ui) -> None:
                                    elem_id="data-file")
             with gr.Row(visible=False) as ui.hub_row:
                 ui.hub_dataset = gr.Textbox("", label="Hub dataset id", placeholder="ag_news  or  glue:sst2", scale=3,
-                                            info="Needs the internet the first time; then it is cached.")
+                                            info="Needs the internet the first time; then it is cached."
+                                                 + (" The app is offline now: only datasets loaded before work."
+                                                    if is_offline() else ""))
                 ui.hub_split = gr.Textbox(label="Split", value="train", scale=1, info="e.g. train[:2000]")
             ui.hub_load = gr.Button("Load dataset from the Hub", visible=False, size="sm")
             ui.task = gr.Radio(TASK_CHOICES, value="classification", label="Task",
@@ -259,7 +270,8 @@ def build(ctx: AppContext, ui) -> None:
                                                  visible=False, info="How each row holds the prompt and the answer.")
                 with gr.Row():
                     ui.prompt_column = gr.Dropdown([""], value="", label="Instruction / prompt / messages column",
-                                                   allow_custom_value=True, visible=False)
+                                                   allow_custom_value=True, visible=False,
+                                                   info="What the user asks (or the whole chat, for messages).")
                     ui.input_column = gr.Dropdown([""], value="", label="Input column (optional)", allow_custom_value=True,
                                                   visible=False, info="Extra context appended to the instruction.")
                     ui.response_column = gr.Dropdown([""], value="", label="Response column", allow_custom_value=True,
@@ -337,16 +349,36 @@ def wire(ctx: AppContext, ui) -> None:
     def change_format(fmt):
         return gr.update(visible=fmt == "alpaca"), gr.update(visible=fmt != "messages")
 
-    def switch_source(source):
-        return (gr.update(visible=source == "example", value="domains.csv" if source == "example" else None),
+    def switch_source(source, example):
+        """Show the chosen source's inputs; the other sources' values are cleared, so nothing stale is used."""
+        return (gr.update(visible=source == "example",
+                          value=(example or "domains.csv") if source == "example" else None),
                 gr.update(visible=source == "upload", value=None),
-                gr.update(visible=source == "hub"), gr.update(visible=source == "hub", ),
+                gr.update(visible=source == "hub"), gr.update(visible=source == "hub"),
                 gr.update(value="") if source != "hub" else gr.update())
+
+    WAITING = {"upload": "Upload a file above to see its preview and audit.",
+               "hub": "Type a Hub dataset id above and press 'Load dataset from the Hub'."}
+
+    @user_errors
+    def load_for_source(source, data_file, example, hub_dataset, hub_split, current_task):
+        """After a source switch: the example loads at once; upload / hub wait for a file or an id, with
+        the old file's preview, summary and columns cleared (they would describe data no longer used)."""
+        if source == "example" or data_file or (hub_dataset or "").strip():
+            return load_data(data_file, example, hub_dataset, hub_split, current_task)
+        cleared = [gr.update(choices=[""], value="") if i != 2 else gr.update() for i in range(6)]
+        return [WAITING.get(source, ""), None, gr.update(), *cleared, {}]
+
+    def audit_for_source(source, info, *args):
+        """The audit of what the switch loaded; cleared while upload / hub wait for their data."""
+        if info and info.get("path"):
+            return audit(*args)
+        return "", "", None, None, [], None
 
     @user_errors
     def audit(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
               text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
-              response_column="", max_length=256, model=""):
+              response_column="", max_length=256, model="", owner_state=None, request: gr.Request = None):
         """Audit a data file before training. Returns (summary, warnings_html, class_plot, token_plot, table, report)."""
         from ..audit import audit_file
 
@@ -359,7 +391,7 @@ def wire(ctx: AppContext, ui) -> None:
             try:
                 from ..models import resolve_model
 
-                resolve_model(model, allowed_roots=[ctx.runs_dir])
+                resolve_model(model, allowed_roots=ctx.model_roots(owner_of(owner_state, request)))
             except FinetuneError as exc:
                 gr.Warning(f"Counting tokens with the bundled tokenizer instead: {exc.message}")
                 model = None
@@ -370,14 +402,17 @@ def wire(ctx: AppContext, ui) -> None:
                      ui.audit_json]
     audit_inputs = [ui.data_file, ui.example, ui.hub_dataset, ui.hub_split, ui.task, ui.text_column,
                     ui.label_column, ui.instruction_format, ui.prompt_column, ui.input_column, ui.response_column,
-                    ui.max_length, ui.model]
+                    ui.max_length, ui.model, ui.owner_state]
     ui.audit_fn = audit
     ui.audit_inputs, ui.audit_outputs = audit_inputs, audit_outputs
 
     ui.audit_btn.click(audit, audit_inputs, audit_outputs, api_name="audit", api_visibility="public")
-    ui.source.change(switch_source, ui.source, [ui.example, ui.data_file, ui.hub_row, ui.hub_load, ui.hub_dataset],
-                     api_visibility="private", queue=False)
     src_inputs = [ui.data_file, ui.example, ui.hub_dataset, ui.hub_split, ui.task]
+    ui.source.input(switch_source, [ui.source, ui.example],
+                    [ui.example, ui.data_file, ui.hub_row, ui.hub_load, ui.hub_dataset],
+                    api_visibility="private", queue=False).then(
+        load_for_source, [ui.source] + src_inputs, load_outputs, api_visibility="private").then(
+        audit_for_source, [ui.source, ui.data_info] + audit_inputs, audit_outputs, api_visibility="private")
     for trigger in (ui.example.input, ui.data_file.upload, ui.hub_load.click, ui.hub_dataset.submit):
         trigger(load_data, src_inputs, load_outputs, api_visibility="private").success(
             audit, audit_inputs, audit_outputs, api_name="audit_after_load", api_visibility="private")
@@ -385,7 +420,8 @@ def wire(ctx: AppContext, ui) -> None:
                   api_visibility="private")
     ui.instruction_format.input(change_format, ui.instruction_format, [ui.input_column, ui.response_column],
                                 api_visibility="private", queue=False)
-    ui.data_file.clear(lambda: ("", None, {}), None, [ui.data_summary, ui.preview, ui.data_info],
+    ui.data_file.clear(lambda: (WAITING["upload"], None, {}, "", "", None, None, [], None), None,
+                       [ui.data_summary, ui.preview, ui.data_info] + audit_outputs,
                        api_visibility="private", queue=False)
     ui.load_data_fn = load_data
     ui.load_outputs = load_outputs

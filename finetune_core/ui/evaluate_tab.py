@@ -78,10 +78,30 @@ def header_md(run: dict, metrics: dict) -> str:
 def runs_table(rows: list[dict]) -> list[list]:
     out = []
     for r in rows:
-        out.append([r["name"], r["status"], r.get("task") or "", r.get("strategy") or "", r.get("model") or "",
+        out.append([r["name"] + (" · yours" if r.get("mine") else ""), r["status"], r.get("task") or "", r.get("strategy") or "", r.get("model") or "",
                     fmt_metric(r), _r(r.get("accuracy")), _r(r.get("train_seconds"), 1),
                     f"{r['trainable_params']:,}" if r.get("trainable_params") else "", r["run_id"]])
     return out
+
+
+def only_mine(rows: list[dict], mine: bool) -> list[dict]:
+    """The runs the table and chart compare: this session's only (the default) or every visible run."""
+    return [r for r in rows if r.get("mine")] if mine else rows
+
+
+def baseline_rows(metrics: dict) -> list[list]:
+    """The fine-tuned model against the baselines, as text: '—' where a score was not measured."""
+    from ..plots import classification_summary_rows
+
+    return [[row[0]] + [f"{v:.4f}" if isinstance(v, float) else "—" if v is None else str(v) for v in row[1:]]
+            for row in classification_summary_rows(metrics)]
+
+
+def error_rows(metrics: dict) -> list[list]:
+    """Misclassified rows as the raw strings they are (the Dataframe shows text, never renders HTML)."""
+    ea = metrics.get("error_analysis") or {}
+    return [[str(e["text"]), str(e["true"]), str(e["predicted"]), _r(e["confidence"], 3)]
+            for e in ea.get("misclassified", [])]
 
 
 RUN_HEADERS = ["run", "status", "task", "strategy", "model", "main metric", "accuracy", "train s",
@@ -91,26 +111,29 @@ RUN_HEADERS = ["run", "status", "task", "strategy", "model", "main metric", "acc
 def build(ctx: AppContext, ui) -> None:
     with gr.Row():
         ui.eval_run = gr.Dropdown([], label="Run", allow_custom_value=True, scale=4,
-                                  info="Finished runs, yours and (unless private) others'. Newest first.")
+                                  info="Every run you can see, newest first; yours are marked 'yours' (others' "
+                                       "appear unless runs are private). Metrics appear once a run has finished.")
         ui.eval_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
     ui.eval_header = gr.Markdown("Pick a run.", elem_id="eval-header")
     with gr.Column(visible=False) as ui.cls_col:
         gr.Markdown("#### Fine-tuned model vs baselines (same validation rows)\nA fine-tuned model should beat "
                     "TF-IDF + logistic regression; if not, the data may be too small or too easy for a transformer.")
         ui.cls_summary = gr.Dataframe(headers=["model", "accuracy", "f1_weighted", "f1_macro"], interactive=False,
-                                       buttons=[], elem_id="eval-baselines")
+                                       datatype=["str", "str", "str", "str"], buttons=[], elem_id="eval-baselines")
         with gr.Row():
             ui.f1_plot = gr.Plot(show_label=False, elem_id="f1-plot")
             with gr.Column():
-                ui.cm_plot = gr.Plot(show_label=False, elem_id="cm-plot")
+                # the option sits above the chart it changes, like "Only my runs" above its table
                 ui.cm_normalize = gr.Checkbox(False, label="Normalise rows (recall per class)",
                                               info="Counts show volumes; normalised rows compare classes of "
                                                    "different sizes.")
+                ui.cm_plot = gr.Plot(show_label=False, elem_id="cm-plot")
         ui.per_class = gr.Dataframe(headers=["class", "precision", "recall", "f1", "support"], interactive=False,
                                     label="Per-class report")
         with gr.Row():
             ui.errors_table = gr.Dataframe(headers=["text", "true", "predicted", "confidence"], interactive=False,
-                                           wrap=True, column_widths=["58%", "14%", "14%", "14%"], max_height=360, scale=3,
+                                           datatype=["str", "str", "str", "number"], wrap=True,
+                                           elem_id="eval-errors", column_widths=["58%", "14%", "14%", "14%"], max_height=360, scale=3,
                                            label="Misclassified validation rows (most confident mistakes first)")
             ui.confused = gr.Dataframe(headers=["true", "predicted", "count"], interactive=False, scale=1,
                                        label="Most confused pairs")
@@ -128,7 +151,9 @@ def build(ctx: AppContext, ui) -> None:
     with gr.Row():
         ui.eval_loss_plot = gr.Plot(show_label=False)
         ui.eval_metric_plot = gr.Plot(show_label=False)
-    gr.Markdown("### All runs side by side")
+    gr.Markdown("### Runs side by side")
+    ui.only_mine = gr.Checkbox(True, label="Only my runs", elem_id="only-mine",
+                               info="Untick to compare with every run you can see (others' and command-line runs).")
     ui.runs_table = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, max_height=320,
                                  column_widths=["18%", "7%", "12%", "7%", "13%", "8%", "7%", "7%", "8%", "13%"])
     ui.runs_plot = gr.Plot(show_label=False)
@@ -138,9 +163,9 @@ def wire(ctx: AppContext, ui) -> None:
     from .. import plots
 
     @user_errors
-    def refresh(current, owner_state, request: gr.Request, prefer=None):
+    def refresh(current, mine, owner_state, request: gr.Request, prefer=None):
         owner = owner_of(owner_state, request)
-        rows = ctx.manager.list_runs(owner)
+        rows = only_mine(ctx.manager.list_runs(owner), mine)
         choices = run_choices(ctx, owner)
         return (dropdown_update(choices, current, prefer), runs_table(rows), plots.runs_comparison_figure(rows))
 
@@ -160,12 +185,12 @@ def wire(ctx: AppContext, ui) -> None:
             ea = metrics.get("error_analysis") or {}
             per = [[n, _r(v["precision"], 3), _r(v["recall"], 3), _r(v["f1"], 3), v["support"]]
                    for n, v in (metrics.get("per_class") or {}).items()]
-            errs = [[e["text"], e["true"], e["predicted"], _r(e["confidence"], 3)] for e in ea.get("misclassified", [])]
+            errs = error_rows(metrics)
             pairs = [[p["true"], p["predicted"], p["count"]] for p in ea.get("confused_pairs", [])]
             pred = run_dir / "predictions.csv"
-            out += [gr.update(visible=True), gr.update(visible=False), plots.classification_summary_rows(metrics),
+            out += [gr.update(visible=True), gr.update(visible=False), baseline_rows(metrics),
                     plots.per_class_f1_figure(metrics), plots.confusion_matrix_figure(metrics, normalize), per,
-                    errs or [["(no mistakes on the validation rows)", "", "", ""]], pairs,
+                    errs or [["(no mistakes on the validation rows)", "", "", None]], pairs,
                     ctx.temp_copy(pred, f"predictions-{run_id}.csv") if pred.exists() else None,
                     gr.skip(), gr.skip(), gr.skip()]
         elif task == "instruction":
@@ -197,11 +222,13 @@ def wire(ctx: AppContext, ui) -> None:
                    ui.f1_plot, ui.cm_plot, ui.per_class, ui.errors_table, ui.confused, ui.pred_file, ui.ba_plot,
                    ui.forgetting_md, ui.gen_table]
     refresh_outputs = [ui.eval_run, ui.runs_table, ui.runs_plot]
-    ui.eval_refresh.click(refresh, [ui.eval_run, ui.owner_state], refresh_outputs, api_visibility="private")
+    refresh_inputs = [ui.eval_run, ui.only_mine, ui.owner_state]
+    ui.eval_refresh.click(refresh, refresh_inputs, refresh_outputs, api_visibility="private")
+    ui.only_mine.input(refresh, refresh_inputs, refresh_outputs, api_visibility="private")
     ui.eval_run.change(show_run, [ui.eval_run, ui.cm_normalize, ui.owner_state], run_outputs,
                        api_visibility="private")
     ui.cm_normalize.change(confusion, [ui.eval_run, ui.cm_normalize, ui.owner_state], ui.cm_plot,
                            api_visibility="private")
-    ui.eval_tab.select(refresh, [ui.eval_run, ui.owner_state], refresh_outputs, api_visibility="private")
+    ui.eval_tab.select(refresh, refresh_inputs, refresh_outputs, api_visibility="private")
     ui.eval_refresh_fn = refresh
     ui.eval_refresh_outputs = refresh_outputs

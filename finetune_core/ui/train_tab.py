@@ -120,10 +120,11 @@ def _count_params(path: str, task: str, kind: str, strategy: str, frozen, r: int
 
 
 def trainable_params(ctx: AppContext, model: str, task: str, strategy: str, head_only: bool, frozen_layers,
-                     lora_r, lora_alpha, lora_dropout, lora_targets, num_labels: int | None) -> dict:
+                     lora_r, lora_alpha, lora_dropout, lora_targets, num_labels: int | None,
+                     owner: str | None = None) -> dict:
     from ..models import resolve_model
 
-    path = resolve_model(model, allowed_roots=[ctx.runs_dir])
+    path = resolve_model(model, allowed_roots=ctx.model_roots(owner))
     kind = quick_model_kind(model, task)
     targets = lora_targets_value(lora_targets)
     targets = tuple(targets) if isinstance(targets, list) else targets
@@ -466,6 +467,11 @@ def wire(ctx: AppContext, ui) -> None:
                 return
             time.sleep(POLL_SECONDS)
 
+    def active_job(owner):
+        """This session's queued or running job, if any."""
+        active = mgr.jobs(owner, active_only=True)
+        return active[-1] if active else None
+
     @user_errors
     def train(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
               text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
@@ -478,6 +484,15 @@ def wire(ctx: AppContext, ui) -> None:
         Yields (run_id, status_html, loss_plot, metric_plot, log, result); the last result holds the metrics.
         """
         owner = owner_of(owner_state, request)
+        busy = active_job(owner)
+        if busy is not None:
+            # One run per session at a time (its page shows one progress stream, the queue stays fair).
+            # A second Start used to be dropped without a word; say why and follow the active run.
+            where = "waiting in the queue" if busy.status == "queued" else busy.status
+            gr.Warning(f"Your run '{busy.name or busy.run_id}' is still {where}: one run per session at a time. "
+                       "Showing its progress. Press Stop to end it, then Start again.")
+            yield from watch(busy.run_id, owner)
+            return
         path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
         cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
                            input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
@@ -502,7 +517,7 @@ def wire(ctx: AppContext, ui) -> None:
         from ..models import BUNDLED, resolve_model
 
         if cfg["model"] not in BUNDLED:      # unknown bundled ids, hub ids offline, folders: refused now
-            resolve_model(cfg["model"], allowed_roots=[ctx.runs_dir])
+            resolve_model(cfg["model"], allowed_roots=ctx.model_roots(owner))   # private: own runs only
         job = mgr.submit(cfg, owner)
         yield from watch(job.run_id, owner)
         st = mgr.status(job.run_id)
@@ -628,11 +643,13 @@ def wire(ctx: AppContext, ui) -> None:
         return (gr.update(visible=strategy == "frozen"), gr.update(visible=strategy == "lora"),
                 gr.update(visible=strategy == "frozen" and not head_only))
 
-    def count(task, model, strategy, head_only, frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, info):
+    def count(task, model, strategy, head_only, frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, info,
+              owner_state=None, request: gr.Request = None):
         warm_ml_imports()
         try:
             s = trainable_params(ctx, model, task, strategy, head_only, frozen_layers, lora_r, lora_alpha,
-                                 lora_dropout, lora_targets, (info or {}).get("n_classes") or 2)
+                                 lora_dropout, lora_targets, (info or {}).get("n_classes") or 2,
+                                 owner_of(owner_state, request))
         except FinetuneError as exc:
             return f"⚠️ {exc.message}", gr.update(), model_description(model)
         except Exception as exc:  # noqa: BLE001
@@ -680,15 +697,24 @@ def wire(ctx: AppContext, ui) -> None:
     # Watchers are generators that only read files: they do not count against the queue's concurrency.
     reconnect_event = ui.session_load.then(reconnect, [ui.owner_state], watch_outputs, api_visibility="private",
                                            concurrency_limit=None)
-    watch_event = ui.run_id.submit(watch_id, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
-                                   concurrency_limit=None, cancels=[reconnect_event])
+    # One stream at a time writes the watch outputs: each new one (Start, an id typed in Run id, Resume)
+    # cancels the others, or two streams would take turns drawing different runs. Cancelling a stream
+    # never stops a job; the worker keeps training. trigger_mode="multiple": a second Start reaches
+    # train(), which says why no new run starts (the default "once" dropped the click silently).
     ui.train_event = ui.start_btn.click(train, train_inputs + [ui.owner_state], watch_outputs, api_name="train",
-                                        api_visibility="public", concurrency_limit=None,
-                                        cancels=[reconnect_event, watch_event])
+                                        api_visibility="public", concurrency_limit=None, trigger_mode="multiple",
+                                        cancels=[reconnect_event])
+    watch_event = ui.run_id.submit(watch_id, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
+                                   concurrency_limit=None, cancels=[reconnect_event, ui.train_event])
     ui.stop_btn.click(stop, [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop", api_visibility="public",
                       concurrency_limit=None)
-    ui.resume_btn.click(resume, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
-                        concurrency_limit=None, cancels=[reconnect_event, watch_event])
+    ui.resume_event = ui.resume_btn.click(resume, [ui.run_id, ui.owner_state], watch_outputs,
+                                          api_visibility="private", concurrency_limit=None,
+                                          cancels=[reconnect_event, watch_event, ui.train_event])
+    # the cancels that point forward (an event can only name events defined before it)
+    ui.start_btn.click(None, None, None, cancels=[watch_event, ui.resume_event], api_visibility="private",
+                       queue=False)
+    ui.run_id.submit(None, None, None, cancels=[ui.resume_event], api_visibility="private", queue=False)
     ui.watch_outputs = watch_outputs
 
     def task_defaults(task, model, head_only):
@@ -708,7 +734,7 @@ def wire(ctx: AppContext, ui) -> None:
                            api_visibility="private")
     ctx_inputs = rec_inputs + [ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.last_rec]
     count_inputs = [ui.task, ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.lora_r, ui.lora_alpha,
-                    ui.lora_dropout, ui.lora_targets, ui.data_info]
+                    ui.lora_dropout, ui.lora_targets, ui.data_info, ui.owner_state]
     for comp in (ui.task, ui.model, ui.strategy, ui.head_only, ui.data_info):
         comp.change(context_changed, ctx_inputs, [ui.epochs, ui.learning_rate, ui.batch_size, ui.last_rec],
                     api_visibility="private")
