@@ -118,9 +118,50 @@ def apply_strategy(model, strategy, task: str):
             fan_in_fan_out=model.config.model_type == "gpt2",
             modules_to_save=_head_names(model) if is_cls else None,
         )
-        return get_peft_model(model, config)
+        _check_targets(model, targets)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            if "target module" not in str(exc).lower():
+                raise
+            shown = targets if isinstance(targets, str) else ", ".join(map(str, targets))
+            raise _bad_targets_error(model, shown, str(exc)) from exc
 
     raise ConfigError(f"Unknown strategy '{name}'.", "Use full, frozen or lora.")
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names (last path part) of the layers LoRA can wrap: Linear, and GPT-2's Conv1D."""
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _bad_targets_error(model, bad: str, detail: str = "") -> ConfigError:
+    return ConfigError(
+        f"strategy.lora.target_modules: {bad} matches no layer of this {model.config.model_type} model"
+        + (f" ({detail.rstrip('.')})" if detail else "") + ". "
+        f"Its linear layers are: {', '.join(linear_module_names(model))}.",
+        "Use target_modules: auto (the right layers for this architecture), all-linear, or a list of the "
+        "names above.")
+
+
+def _check_targets(model, targets) -> None:
+    """Every requested name must match a module, by peft's rule: the full name, or its last parts."""
+    import re
+
+    if targets == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):        # peft treats a string as a regular expression on full names
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise _bad_targets_error(model, f"the pattern '{targets}'")
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise _bad_targets_error(model, ", ".join(f"'{t}'" for t in missing))
 
 
 def _head_names(model) -> list[str]:

@@ -118,6 +118,10 @@ BAD_INPUTS = {
                      ["full, frozen, lora"]),
     "frozen all for instruction": (_frozen_all_instruction, ["no new head", "nothing would learn"],
                                    ["frozen_layers to a number below 2"]),
+    "bad lora target_modules": (_config_case(strategy={"name": "lora", "lora": {"target_modules": ["query", "q_proj"]}}),
+                                ["target_modules: 'q_proj' matches no layer of this bert model",
+                                 "Its linear layers are: classifier, dense, key, query, value."],
+                                ["target_modules: auto"]),
     "missing config": (lambda tmp, model: ["train", str(tmp / "missing.yaml")], ["missing.yaml' does not exist"],
                        ["examples/configs"]),
 }

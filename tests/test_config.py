@@ -106,7 +106,7 @@ def test_defaults_never_use_half_precision_on_cpu():
 def test_defaults_follow_task_and_strategy():
     cls = training_defaults("classification", "encoder", "frozen", 160, cuda=False)
     assert cls["metric_for_best_model"] == "f1_weighted" and cls["greater_is_better"] is True
-    assert cls["learning_rate"] == 1e-3 and cls["num_train_epochs"] == 20
+    assert cls["learning_rate"] == 5e-3 and cls["num_train_epochs"] == 10
     ins = training_defaults("instruction", "causal", "lora", 64, cuda=False)
     assert ins["metric_for_best_model"] == "eval_loss" and ins["greater_is_better"] is False
     assert ins["learning_rate"] == 2e-4
@@ -257,3 +257,9 @@ def test_dump_round_trips_and_drops_secrets(tmp_path):
 def test_validate_returns_config():
     cfg = RunConfig()
     assert validate(cfg) is cfg
+
+
+@pytest.mark.parametrize("targets", [[], 5, [1, "q_proj"], ""])
+def test_lora_target_modules_type_is_checked(targets):
+    with pytest.raises(ConfigError, match="target_modules"):
+        config_from_dict({"strategy": {"lora": {"target_modules": targets}}})

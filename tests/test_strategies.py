@@ -237,6 +237,20 @@ def test_lora_explicit_targets(tiny_bert_dir):
     check_exact(model, batch)
 
 
+@pytest.mark.parametrize("fixture, task, targets, bad, listed", [
+    ("tiny_bert_dir", "classification", ["query", "q_proj"], "'q_proj'", "classifier, dense, key, query, value"),
+    ("tiny_llama_dir", "instruction", ["q_lin"], "'q_lin'", "down_proj, gate_proj, k_proj, lm_head, o_proj"),
+    ("tiny_llama_dir", "instruction", r".*attn\.nothing", "the pattern", "q_proj, up_proj, v_proj"),
+])
+def test_lora_bad_targets_name_the_model_layers(request, fixture, task, targets, bad, listed):
+    path = request.getfixturevalue(fixture)
+    model = cls_model(path)[0] if task == "classification" else lm_model(path)[0]
+    with pytest.raises(ConfigError) as err:
+        apply_strategy(model, strategy("lora", target_modules=targets), task)
+    assert f"target_modules: {bad}" in err.value.problem and listed in err.value.problem
+    assert "target_modules: auto" in err.value.fix
+
+
 def test_unknown_architecture_falls_back_to_all_linear():
     class Cfg:
         model_type = "something-new"
