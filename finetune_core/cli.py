@@ -63,9 +63,6 @@ def cmd_train(args) -> int:
     metrics = train(cfg, echo=print_event)
     if not is_main_process():
         return 0      # under torchrun/accelerate, rank 0 alone reports
-    if metrics.get("stopped_before_training"):
-        print("\nStopped before training started: nothing was trained.")
-        return 0
     keys = ("accuracy", "f1_weighted", "f1_macro") if cfg.task == "classification" else \
         ("eval_loss_before", "eval_loss", "perplexity", "general_perplexity_before", "general_perplexity", "rougeL")
     print("\nResults (validation):")

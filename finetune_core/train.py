@@ -23,7 +23,7 @@ import numpy as np
 from . import data as D
 from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
 from .errors import ConfigError, FinetuneError
-from .events import EventsCallback, EventWriter, is_main_process, rank0_decides
+from .events import EventsCallback, EventWriter, is_main_process
 from .models import load_model, load_tokenizer, model_kind, resolve_model
 from .strategies import apply_strategy, can_cache_features, trainable_summary
 
@@ -93,6 +93,7 @@ def prepare_classification(cfg: RunConfig, tokenizer, train_df, val_df, cols) ->
         val_clean = D.clean_classification(val_df, cols["text"], cols["label"], Path(cfg.data.validation).name)
     else:
         train_clean, val_clean = D.split_frame(train_clean, cfg.data.val_size, cfg.seed, stratify="label")
+    p.train_frame, p.val_frame = train_clean, val_clean     # what is audited for train/validation overlap
     names = D.label_names_for(train_clean["label"])
     unseen = sorted(set(val_clean["label"]) - set(names))
     if unseen:
@@ -135,6 +136,7 @@ def prepare_instruction(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _P
                          "empty_response": p.train_ex.dropped_empty_response + p.val_ex.dropped_empty_response}
     p.dropped_rows = sum(p.dropped_reasons.values())
     p.val_rows = val_df.reset_index(drop=True)
+    p.train_frame, p.val_frame = train_df, val_df
     return p
 
 
@@ -498,19 +500,14 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                           "Use a causal LM such as bundled:smollm2-135m or gpt2.")
     tokenizer = load_tokenizer(path, kind)
 
-    from .audit import audit_dataframe
-
     if main:
         dump_config(cfg, out / "run.yaml")
     if cfg.task == "classification":
         p = prepare_classification(cfg, tokenizer, train_df, val_df, cols)
-        audit_val = val_df
     else:
         p = prepare_instruction(cfg, tokenizer, train_df, val_df, cols)
-        audit_val = val_df
     if main:
-        report = audit_dataframe(train_df, cfg.task, cols, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                                 val_df=audit_val, template=cfg.data.template)
+        report = _audit_run(cfg, tokenizer, train_df, val_df, cols, p)
         write_json(out / "audit.json", report)
         for w in report.get("warnings", []):
             writer.emit("info", message=f"Audit: {w}")
@@ -614,9 +611,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         resume = _resume_checkpoint(checkpoints)
         if resume is None:
             writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
-    if rank0_decides(main and stop_path.exists()):
-        # Stop was pressed while the model loaded: end now, as a stopped run, rather than train a step.
-        return _stopped_before_training(cfg, writer, metrics, resume)
+    # A Stop pressed while the model loaded (a STOP newer than this process) ends training at the
+    # first step: the run ends as stopped with a saved, evaluable model like any other stop.
     t0 = time.time()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -691,16 +687,33 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     return metrics
 
 
-def _stopped_before_training(cfg: RunConfig, writer: EventWriter, metrics: dict, resume: str | None) -> dict:
-    """A stop honoured at start-up: no step was trained, so no model is written, and metrics.json (a
-    resumed run's, from its earlier attempt) stays as it was. The end event says it was a stop."""
-    step = int(Path(resume).name.split("-")[-1]) if resume else 0
-    metrics.update({"global_step": step, "stopped_early": True, "stopped_by_user": True,
-                    "stopped_before_training": True})
-    writer.emit("end", step=step, message="Stopped before training started: nothing was trained"
-                + (f" (the checkpoint at step {step} is kept)." if resume else "."),
-                stopped_early=True, stopped_by_user=True, stopped_before_training=True)
-    return metrics
+def _audit_run(cfg: RunConfig, tokenizer, train_df, val_df, cols, p: _Prepared) -> dict:
+    """audit.json: the training file's checklist, and the overlap of the validation data actually used.
+
+    With a validation file that is the file itself. When validation is split from the training file,
+    the file is audited whole and the overlap is measured between the two parts of the split (the same
+    text on both sides: duplicates in the file that leak into validation)."""
+    from .audit import audit_dataframe
+
+    report = audit_dataframe(train_df, cfg.task, cols, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                             val_df=val_df, template=cfg.data.template)
+    if val_df is not None:
+        report["validation_source"] = "file"
+        return report
+    split_cols = {"text": "text", "label": "label"} if cfg.task == "classification" else cols
+    split = audit_dataframe(p.train_frame, cfg.task, split_cols, tokenizer=None, max_length=cfg.data.max_length,
+                            val_df=p.val_frame, template=cfg.data.template)
+    report["validation_source"] = f"split from the training file (val_size={cfg.data.val_size})"
+    for key in ("validation_rows", "overlap_with_validation", "validation_unseen_labels"):
+        if key in split:
+            report[key] = split[key]
+    for w in split["warnings"]:
+        if "appear in both the training and the validation data" in w:
+            report["warnings"].append(w.replace("Remove them from one of the two files.",
+                                                "Validation is split from the training file: remove the "
+                                                "duplicate rows from it."))
+    report["ok"] = not report["warnings"]
+    return report
 
 
 def _want_cache(cfg: RunConfig, model) -> bool:
@@ -712,13 +725,20 @@ def _want_cache(cfg: RunConfig, model) -> bool:
 
 
 def _cached_datasets(model, p: _Prepared, tokenizer, args):
-    """Run the frozen encoder once (eval mode, no grad) and train the head on its outputs."""
+    """Run the frozen encoder once (eval mode, no grad) and train the head on its outputs.
+
+    The encoder runs on the training device (the GPU when there is one; the Trainer has not moved the
+    model yet). Each row keeps its token count as `length`, so `group_by_length` batches the same rows
+    together as the uncached path would: caching is the only difference between the two.
+    """
     import torch
     from transformers import DataCollatorWithPadding
 
     from .heads import CachedFeatureHead
 
     collate = DataCollatorWithPadding(tokenizer)
+    device = args.device
+    model.to(device)
     model.eval()
 
     def features(tok: dict) -> torch.Tensor:
@@ -729,14 +749,16 @@ def _cached_datasets(model, p: _Prepared, tokenizer, args):
             for start in range(0, n, 64):
                 idx = order[start:start + 64]
                 batch = collate([{k: tok[k][i] for k in tok if k != "labels"} for i in idx])
-                out[idx] = model.features(**{k: v for k, v in batch.items() if k != "labels"})
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                out[idx] = model.features(**batch).float().cpu()
         return out
 
-    train_feats, val_feats = features(p.train_tok), features(p.val_tok)
-    train_ds = _as_dataset({"features": train_feats.numpy(), "labels": p.train_labels}).with_format("torch")
-    eval_ds = _as_dataset({"features": val_feats.numpy(), "labels": p.val_labels}).with_format("torch")
-    args.train_sampling_strategy = "random"   # features have no length
-    return train_ds, eval_ds, CachedFeatureHead(model)
+    def dataset(tok: dict, labels) -> "object":
+        feats = features(tok)
+        return _as_dataset({"features": feats.numpy(), "labels": labels,
+                            "length": [len(x) for x in tok["input_ids"]]}).with_format("torch")
+
+    return dataset(p.train_tok, p.train_labels), dataset(p.val_tok, p.val_labels), CachedFeatureHead(model)
 
 
 def _classification_eval(trainer, eval_ds, p: _Prepared) -> dict:

@@ -249,7 +249,7 @@ def test_no_session_lists_or_watches_another_sessions_run(scenario, app):
 
 def test_no_session_can_download_another_sessions_run(scenario, app):
     url, run_a = app["url"], scenario["run_a"]
-    event, payload = rest(url, "build_zip", [run_a])
+    event, payload = rest(url, "build_zip", [run_a, "model", None])
     assert event == "error" and f"Run '{run_a}' was not found" in str(payload)
     run_dir = app["manager"].runs_dir / run_a
     for name in ("metrics.json", "run.yaml", "model/config.json", "job.json", "worker.log"):
@@ -276,10 +276,10 @@ def test_file_route_serves_nothing_outside_its_cache(path, app):
 def test_downloads_are_limited_to_the_sessions_own_runs(scenario, app):
     """The Export tab's zip: built for the owner's session, refused to any other session."""
     url, run_a, clients = app["url"], scenario["run_a"], scenario["clients"]
-    mine = page_call(url, "build_zip", clients["A"].session_hash, [run_a, None])
+    mine = page_call(url, "build_zip", clients["A"].session_hash, [run_a, "model", None])
     assert mine["success"], mine
     zip_file = mine["output"]["data"][0]
     r = httpx.get(zip_file["url"], timeout=60)
     assert r.status_code == 200 and r.content[:2] == b"PK"
-    other = page_call(url, "build_zip", clients["B"].session_hash, [run_a, None])
+    other = page_call(url, "build_zip", clients["B"].session_hash, [run_a, "model", None])
     assert not other["success"] and f"Run '{run_a}' was not found" in str(other["output"])
