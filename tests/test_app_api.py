@@ -83,6 +83,11 @@ def test_audit_train_predict_chat(app):
     with pytest.raises(Exception, match="Only the browser session"):
         other.predict(run_id=run_id, api_name="/stop")
     assert "already finished" in client.predict(run_id=run_id, api_name="/stop")
+    # runs are not private here, so the other session sees the run, but may not change its files
+    url = app[2].local_url.rstrip("/")
+    refused = page_call(url, "merge", other.session_hash, [run_id, None])
+    assert not refused["success"] and "Only the browser session that trained this run" in str(refused["output"])
+    assert not (manager.run_dir(run_id) / "model" / "merged").exists()
 
     label = client.predict(text="The jury found the defendant not guilty.", run=run_id, api_name="/predict")
     names = {c["label"] for c in label["confidences"]}
@@ -289,3 +294,29 @@ def test_export_offline_disables_push_and_offers_the_merged_zip(app):
     assert "Offline" in component(cfg, elem_id="push-md")["props"]["value"]
     choices = [v for _, v in component(cfg, elem_id="zip-what")["props"]["choices"]]
     assert choices == ["model", "merged"]
+
+
+def test_only_the_owner_may_change_a_run_private_or_not():
+    """common.can_modify / check_owner: what merge (and saving ratings) ask before writing into a run."""
+    from types import SimpleNamespace
+
+    from finetune_core.errors import FinetuneError
+    from finetune_core.jobs import owner_key
+    from finetune_core.ui.common import can_modify, check_owner
+
+    owners = {"mine": owner_key("me"), "cli": None}
+
+    def manager(private):
+        return SimpleNamespace(private_runs=private,
+                               is_owner=lambda run_id, owner: owners[run_id] is not None
+                               and owners[run_id] == owner_key(owner),
+                               status=lambda run_id: {"owner": owners[run_id]})
+
+    for private in (False, True):
+        ctx = SimpleNamespace(manager=manager(private))
+        assert can_modify(ctx, "mine", "me") and not can_modify(ctx, "mine", "you")
+        with pytest.raises(FinetuneError, match="Only the browser session that trained this run can merge"):
+            check_owner(ctx, "mine", "you", "merge this run's adapter")
+    # a run trained with the CLI (no owner): anyone on a laptop, nobody on a shared app
+    assert can_modify(SimpleNamespace(manager=manager(False)), "cli", "you")
+    assert not can_modify(SimpleNamespace(manager=manager(True)), "cli", "you")
