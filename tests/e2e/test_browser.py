@@ -120,6 +120,9 @@ def test_click_through_all_tabs(page, app_server):
     expect(data.get_by_text("looks like classification data")).to_be_visible(timeout=60_000)
     wait_idle(page, data)
     data.get_by_role("radio", name="Upload a file").check()
+    # the example's preview and columns go: they would describe a file no longer selected
+    expect(data.get_by_text("Upload a file above to see its preview")).to_be_visible(timeout=30_000)
+    expect(data.get_by_text("looks like classification data")).to_have_count(0)
     file_input = page.locator("#data-file input[type=file]")
     expect(file_input).to_have_count(1)
     # the upload triggers load_data, then an audit of the uploaded file: wait for that audit to be sent
@@ -194,6 +197,7 @@ def test_click_through_all_tabs(page, app_server):
     expect(header).to_contain_text(run_name, timeout=30_000)
     expect(header).to_contain_text("strategy frozen")
     wait_idle(page, evaluate)
+    expect(evaluate.get_by_label("Only my runs")).to_be_checked()
     baselines = page.locator("#eval-baselines")
     for row in ("fine-tuned", "majority class", "TF-IDF + logistic regression"):
         expect(baselines.get_by_role("gridcell", name=row, exact=True)).to_be_visible()
@@ -220,7 +224,7 @@ def test_click_through_all_tabs(page, app_server):
     assert max(probs, key=lambda k: int(probs[k])) == "legal", probs
     assert 97 <= sum(int(v) for v in probs.values()) <= 103, probs
 
-    expect(chat.get_by_label("Fine-tuned run to chat with")).to_have_value(re.compile(r"smollm2-135m"))
+    expect(chat.get_by_label("Model to test")).to_have_value(re.compile(r"smollm2-135m"))
     chat.get_by_text("Generation settings (shared by both models)").click()
     tokens = chat.get_by_label("number input for Max new tokens")
     tokens.fill("16")
@@ -245,7 +249,9 @@ def test_click_through_all_tabs(page, app_server):
     # (the first message on a fresh machine waits for the one-off GGUF conversion before it shows)
     expect(page.locator("#base-bot [data-testid='user']").last).to_contain_text("capital of France",
                                                                                 timeout=CHAT_TIMEOUT_MS)
-    expect(page.locator("#ft-bot [data-testid='bot']").last).to_contain_text("Pick a fine-tuned run")
+    # no run picked: the fine-tuned pane shows a note, and no made-up answer enters its history
+    expect(page.locator("#ft-bot")).to_contain_text("No fine-tuned model picked")
+    expect(page.locator("#ft-bot [data-testid='bot']")).to_have_count(0)
     expect(base_answer).to_have_text(re.compile(r"\w{2,}"), timeout=CHAT_TIMEOUT_MS)
     expect(message).to_have_value("", timeout=CHAT_TIMEOUT_MS)            # cleared once the stream has ended
     wait_idle(page, chat)
@@ -267,6 +273,9 @@ def test_click_through_all_tabs(page, app_server):
     export.get_by_role("button", name="Build zip").click()
     expect(page.locator("#zip-file")).to_contain_text(re.compile(r"\.zip"), timeout=120_000)
     expect(page.locator("#zip-file").get_by_role("link")).to_have_attribute("href", re.compile(r"\.zip$"))
+    expect(page.locator("#zip-file")).to_contain_text(f"model-{run_id[:6]}.zip")       # short: shown whole
+    expect(export.get_by_role("button", name="Push")).to_be_disabled()                    # offline
+    expect(export.get_by_label("Repository")).to_be_disabled()
     expect(export.get_by_text("pipeline(").first).to_be_visible()
     wait_idle(page, export)
     no_error_toast(page, app_server, "export")
