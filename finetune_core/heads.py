@@ -105,7 +105,8 @@ class CachedFeatureHead(nn.Module):
         self.dropout = model.dropout
         self.classifier = model.classifier
 
-    def forward(self, features=None, labels=None, **_):
+    def forward(self, features=None, labels=None, length=None, **_):
+        # `length` is named so the Trainer keeps that column for its length-grouped sampler.
         logits = self.classifier(self.dropout(self.norm(features)))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

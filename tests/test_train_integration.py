@@ -163,6 +163,40 @@ def test_lora_classification_other_architectures(request, tmp_path, fixture):
     assert metrics["trainable_params"] < metrics["total_params"]
 
 
+def test_audit_reports_overlap_of_the_split_actually_used(tmp_path, tiny_bert_dir):
+    """Validation split from the training file: audit.json gives the overlap between the two parts
+    (duplicates in the file that land on both sides), not nothing."""
+    from finetune_core import data as D
+
+    rows = class_rows(8) + [{"text": "the striker scored twice.", "label": "sport"}] * 8
+    csv = write_csv(tmp_path / "train.csv", rows)
+    training = {**FAST_TRAINING, "max_steps": 1}
+    run(tmp_path / "run", "classification", tiny_bert_dir, csv, {"name": "full"}, training)
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    clean = D.clean_classification(pd.read_csv(csv), "text", "label")
+    tr, va = D.split_frame(clean, 0.2, 1, stratify="label")
+    expected = len(set(tr["text"]) & set(va["text"]))
+    assert expected >= 1
+    assert report["overlap_with_validation"] == expected and report["validation_rows"] == len(va)
+    assert report["validation_source"].startswith("split from the training file")
+    assert any("appear in both the training and the validation data" in w and "split from the training file" in w
+               for w in report["warnings"])
+    assert report["n_rows"] == len(rows)                   # the file itself is still audited whole
+
+    clean_csv = write_csv(tmp_path / "clean.csv", class_rows(8))
+    run(tmp_path / "run2", "classification", tiny_bert_dir, clean_csv, {"name": "full"}, training)
+    report = json.loads((tmp_path / "run2" / "audit.json").read_text())
+    assert report["overlap_with_validation"] == 0
+
+
+def test_audit_reports_overlap_for_a_split_instruction_run(tmp_path, tiny_llama_dir):
+    rows = instruction_rows(10) + [instruction_rows(1)[0]] * 6
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    run(tmp_path / "run", "instruction", tiny_llama_dir, data, {"name": "lora"}, {**FAST_TRAINING, "max_steps": 1})
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert report["overlap_with_validation"] >= 1 and report["validation_rows"] == 4
+
+
 def test_unseen_validation_label_refused(tmp_path, tiny_bert_dir):
     train_file = write_csv(tmp_path / "train.csv", class_rows(4))
     val_file = write_csv(tmp_path / "val.csv", [{"text": "a poem", "label": "poetry"}, {"text": "x", "label": "food"}])

@@ -68,3 +68,78 @@ def test_accelerator_autocast_is_a_no_op_in_float32(tmp_path, tiny_llama_dir):
     standard = model(**batch).loss
     assert head_dtypes[0] == torch.float32
     assert ours.item() == pytest.approx(standard.item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# cached features
+
+
+def _frozen_setup(tmp_path, tiny_bert_dir, n_rows=8):
+    from conftest import class_rows, write_csv
+    from finetune_core.config import config_from_dict
+    from finetune_core.models import load_tokenizer
+    from finetune_core.strategies import apply_strategy
+    from finetune_core.train import (_build_classifier, _load_frames, prepare_classification,
+                                     resolve_training_args)
+
+    csv = write_csv(tmp_path / "train.csv", class_rows(n_rows))
+    cfg = config_from_dict({"model": tiny_bert_dir, "data": {"train": csv, "max_length": 64},
+                            "strategy": {"name": "frozen"}, "output_dir": str(tmp_path / "run")})
+    tok = load_tokenizer(tiny_bert_dir, "encoder")
+    train_df, val_df, cols = _load_frames(cfg)
+    p = prepare_classification(cfg, tok, train_df, val_df, cols)
+    model = apply_strategy(_build_classifier(cfg, tiny_bert_dir, "encoder", p, tok), cfg.strategy, cfg.task)
+    args, _ = resolve_training_args(cfg, "encoder", len(p.train_texts), tmp_path / "ckpt")
+    args.per_device_train_batch_size = 4
+    return cfg, tok, p, model, args
+
+
+def test_cached_features_batch_the_same_rows_as_the_uncached_path(tmp_path, tiny_bert_dir):
+    """The benchmark compares cached and uncached frozen runs: the sampler (group_by_length by
+    default) must put the same rows in the same batches, so caching is the only difference."""
+    from transformers import DataCollatorWithPadding
+
+    from finetune_core.train import _as_dataset, _cached_datasets, _make_trainer_class
+
+    cfg, tok, p, model, args = _frozen_setup(tmp_path, tiny_bert_dir, n_rows=12)
+    assert args.train_sampling_strategy == "group_by_length"
+    Trainer = _make_trainer_class()
+    train_ds, eval_ds, head = _cached_datasets(model, p, tok, args)
+    assert args.train_sampling_strategy == "group_by_length"
+    cached = Trainer(model=head, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
+    uncached = Trainer(model=model, args=args, train_dataset=_as_dataset(p.train_tok),
+                       eval_dataset=_as_dataset(p.val_tok), data_collator=DataCollatorWithPadding(tok),
+                       processing_class=tok)
+    orders = []
+    for trainer in (cached, uncached):
+        trainer.get_train_dataloader()            # the Trainer's own column pruning, then the sampler
+        sampler = trainer._get_train_sampler(trainer._remove_unused_columns(trainer.train_dataset))
+        assert type(sampler).__name__ == "LengthGroupedBatches"
+        torch.manual_seed(123)
+        orders.append(list(iter(sampler)))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(len(p.train_texts)))
+    lengths = [len(x) for x in p.train_tok["input_ids"]]
+    assert len(set(lengths)) > 1                              # grouping has something to group
+    assert train_ds[:]["length"].tolist() == lengths
+
+
+def test_cached_features_are_computed_on_the_training_device(tmp_path, tiny_bert_dir, monkeypatch):
+    from finetune_core.train import _cached_datasets
+
+    cfg, tok, p, model, args = _frozen_setup(tmp_path, tiny_bert_dir)
+    moved_to, seen = [], []
+    original_to, original_features = model.to, model.features
+    monkeypatch.setattr(model, "to", lambda *a, **k: (moved_to.append(a[0] if a else k.get("device")),
+                                                      original_to(*a, **k))[1])
+
+    def features(**batch):
+        seen.extend({v.device for v in batch.values()})
+        return original_features(**batch)
+
+    monkeypatch.setattr(model, "features", features)
+    train_ds, _, _ = _cached_datasets(model, p, tok, args)
+    assert moved_to == [args.device] and seen and set(seen) == {args.device}
+    expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert args.device.type == expected.type
+    stored = train_ds[:]["features"]
+    assert stored.shape == (len(p.train_texts), 32) and stored.device.type == "cpu"   # on the host, as datasets are          # stored on the host, like any dataset
