@@ -53,7 +53,10 @@ def render_model_card(cfg, metrics: dict) -> str:
         for name, row in metrics["baselines"].items():
             lines.append(f"| {name} | {row['accuracy']:.4f} | {row['f1_weighted']:.4f} |")
         lines.append(f"| fine-tuned | {metrics.get('accuracy', 0):.4f} | {metrics.get('f1_weighted', 0):.4f} |")
-    mean_pooling = task == "classification" and strategy == "frozen" and cfg.strategy.frozen_layers == "all"
+    # The mean-pooling head is what train._build_classifier uses for a head-only run on an encoder; a causal
+    # LM's head-only run keeps its own score head and loads with plain transformers.
+    mean_pooling = (task == "classification" and strategy == "frozen" and cfg.strategy.frozen_layers == "all"
+                    and metrics.get("model_kind") == "encoder")
     lines += ["", "## Usage", "", "```python", usage_snippet(task, strategy, "path/to/model", mean_pooling).rstrip(),
               "```", "", "## Training config", "", "```yaml",
               yaml.safe_dump(public_dict(cfg), sort_keys=False).rstrip(), "```", ""]

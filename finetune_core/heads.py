@@ -3,8 +3,10 @@
 all-MiniLM-L6-v2 was trained to make the *mean* of its token states a good sentence vector; its
 CLS/pooler path was never trained for that. With the encoder frozen, a linear head on mean-pooled
 states is far more accurate than BERT's standard pooler head (see README, "Frozen head"), so
-head-only runs on encoders use this class. It is registered with the Auto classes when
-`finetune_core` is imported, so a saved run loads with `pipeline()` after `import finetune_core`.
+head-only runs on encoders use this class. It is registered with the Auto classes when this module
+is imported, so a saved run loads with `pipeline()` after `import finetune_core.heads` (the model
+card says so). Plain `import finetune_core` does not import it: that would load torch and
+transformers, and the package's import stays light for the app (tests/test_headless.py).
 """
 
 from __future__ import annotations
