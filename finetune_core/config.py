@@ -363,6 +363,11 @@ def default_learning_rate(task: str, model_kind: str, strategy: str, frozen_laye
             return 5e-3
         return 1e-3 if task == "classification" else 1e-4  # head only
     if model_kind == "causal":
+        if task == "instruction" and strategy == "frozen":
+            # Partly frozen (the last blocks learn): fewer weights move, so the article's ceiling for GPT
+            # models. SmolLM2, last 6 of 30 blocks, 2 epochs on the support replies: validation loss
+            # 2.64 -> 2.56 at 1e-5, -> 2.41 at 5e-5, general-text perplexity 31.2 -> 31.0 / 30.9 (no forgetting).
+            return 5e-5
         return 1e-5 if task == "instruction" else 2e-5
     return 5e-5                                            # BERT-style full / partly frozen
 
