@@ -387,7 +387,8 @@ def build(ctx: AppContext, ui) -> None:
                 ui.learning_rate = gr.Number(None, label="Learning rate", minimum=0,
                                              placeholder=f"auto: {defaults['learning_rate']:g}",
                                              info="Low keeps what the model knows: 2e-5 BERT, 1e-5 GPT, never "
-                                                  "above 5e-5 for full FT. Heads and LoRA need more (1e-3 / 2e-4).")
+                                                  "above 5e-5 for full FT. A new head alone needs far more (1e-3 to 5e-3), "
+                                                  "LoRA in between (2e-4 on a causal LM, 1e-3 on a small encoder).")
             with gr.Row():
                 ui.batch_size = gr.Number(None, label="Batch size", minimum=1, precision=0,
                                           placeholder=f"auto: {defaults['per_device_train_batch_size']}",
