@@ -158,9 +158,9 @@ def build(ctx: AppContext, ui) -> None:
         ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"], elem_id="ft-bot",
                                placeholder=FT_PLACEHOLDER)
     with gr.Row():
+        # no label or info line: the intro above says what it does, and the box stays level with Send
         ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", label="Message", show_label=False,
-                                 scale=5, max_lines=4, elem_id="chat-msg",
-                                 info="Both models get the same message, the same settings and their own history.")
+                                 scale=5, max_lines=4, elem_id="chat-msg")
         ui.chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         ui.chat_clear = gr.Button("Clear", scale=1)
     with gr.Row():

@@ -23,7 +23,7 @@ def source_choices() -> list:
     """The source radio's choices; offline, the Hub option says it needs the network."""
     if not is_offline():
         return SOURCES
-    return [(label + " (needs internet: offline now, cached ones only)" if value == "hub" else label, value)
+    return [(label + " (needs internet; offline: cached only)" if value == "hub" else label, value)
             for label, value in SOURCES]
 MAX_HUB_ROWS = int(os.environ.get("FINETUNE_MAX_HUB_ROWS", "20000"))
 NICE_NAMES = {"n_rows": "rows", "n_classes": "classes", "imbalance_ratio": "imbalance ratio (largest / smallest)",

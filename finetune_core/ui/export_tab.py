@@ -11,8 +11,7 @@ from .common import (AppContext, check_owner, dropdown_update, is_offline, owner
                      user_errors)
 
 
-ZIP_CHOICES = [("Model as trained (adapter for LoRA runs)", "model"),
-               ("Merged model (LoRA runs, after 'Merge LoRA adapter')", "merged")]
+ZIP_CHOICES = [("As trained", "model"), ("Merged LoRA model", "merged")]
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -27,8 +26,8 @@ def build(ctx: AppContext, ui) -> None:
             gr.Markdown("#### Download\nWeights (safetensors), tokenizer and model card. No optimizer state, "
                         "no data, no tokens.")
             ui.zip_what = gr.Radio(ZIP_CHOICES, value="model", label="What to zip", elem_id="zip-what",
-                                   info="A LoRA run saves a small adapter that needs its base model and peft; "
-                                        "the merged model is a plain, larger model that loads on its own.")
+                                   info="LoRA runs save an adapter (needs peft and the base model); merge "
+                                        "it first for a plain model that loads on its own.")
             # the choice reaches build_zip through a State, so the event keeps its (run, session) inputs
             ui.zip_choice = gr.State("model")
             ui.zip_btn = gr.Button("Build zip", variant="primary")
@@ -41,19 +40,18 @@ def build(ctx: AppContext, ui) -> None:
         with gr.Column(visible=push_allowed(), elem_id="push-column"):
             gr.Markdown("#### Push to the Hugging Face Hub")
             # Offline, the push controls are disabled (not only explained): nothing could reach the Hub.
-            ui.push_md = gr.Markdown("⚠️ **Offline** (HF_HUB_OFFLINE=1): pushing is disabled. Download the zip "
-                                     "instead." if offline else "", elem_id="push-md")
+            ui.push_md = gr.Markdown("⚠️ **Offline**: pushing is disabled." if offline else "", elem_id="push-md")
             ui.repo_id = gr.Textbox(label="Repository", placeholder="your-name/my-model", interactive=not offline,
                                     info="Created if it does not exist.")
             ui.hf_token = gr.Textbox(label="Token", type="password", placeholder=token_placeholder(ctx),
                                      interactive=not offline,
-                                     info="Needs write access. Used for this upload only: never logged or saved.")
+                                     info="Write access. Used for this upload only, never logged or saved.")
             with gr.Row():
                 ui.private_repo = gr.Checkbox(True, label="Private repository", interactive=not offline,
-                                              info="Only you (and your organisation) can see it.")
+                                              info="Only you can see it.")
                 ui.push_merged = gr.Checkbox(False, label="Push the merged model (LoRA runs)",
                                              interactive=not offline,
-                                             info="Instead of the adapter; merge it first.")
+                                             info="Merge it first.")
             ui.push_btn = gr.Button("Push", interactive=not offline, elem_id="push-btn")
     ui.snippet = gr.Code(language="python", label="Use it in Python (ready to paste)", interactive=False)
 

@@ -273,9 +273,9 @@ def test_click_through_all_tabs(page, app_server):
     export.get_by_role("button", name="Build zip").click()
     expect(page.locator("#zip-file")).to_contain_text(re.compile(r"\.zip"), timeout=120_000)
     expect(page.locator("#zip-file").get_by_role("link")).to_have_attribute("href", re.compile(r"\.zip$"))
-    expect(page.locator("#zip-file")).to_contain_text(f"model-{run_id[:6]}.zip")       # short: shown whole
+    expect(page.locator("#zip-file").get_by_role("cell", name=f"model-{run_id[:6]}.zip")).to_be_visible()  # whole
     expect(export.get_by_role("button", name="Push")).to_be_disabled()                    # offline
-    expect(export.get_by_label("Repository")).to_be_disabled()
+    expect(export.get_by_placeholder("your-name/my-model")).to_be_disabled()
     expect(export.get_by_text("pipeline(").first).to_be_visible()
     wait_idle(page, export)
     no_error_toast(page, app_server, "export")
