@@ -47,17 +47,28 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def machine_line(results: dict[str, dict]) -> str:
-    r = next((results[n] for n in BENCHMARKS if n in results), None)
-    if not r:
-        return ""
-    m = r["machine"]
-    dates = sorted(x["machine"]["date"] for x in results.values())
-    return (f"Machine: {m['cpu']} ({m['simd']}), {m['physical_cores']} physical cores / {m['logical_cpus']} "
+def _machine(m: dict) -> str:
+    return (f"{m['cpu']} ({m['simd']}), {m['physical_cores']} physical cores / {m['logical_cpus']} "
             f"logical, {m['memory_gb']} GB RAM; torch {m['torch']}, transformers {m['transformers']}, "
-            f"Python {m['python']}, {m['torch_threads']} torch threads, float32. Measured {dates[0]} to "
-            f"{dates[-1]}; other jobs shared the cores (1-minute load average at the start: "
-            f"{', '.join(str(round(x['machine']['load_average'][0], 1)) for x in results.values())}).")
+            f"Python {m['python']}, {m['torch_threads']} torch threads, float32")
+
+
+def machine_line(results: dict[str, dict]) -> str:
+    """The machine(s) the saved results come from; results refreshed on another machine say which."""
+    names = [n for n in BENCHMARKS if n in results]
+    if not names:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(_machine(results[n]["machine"]), []).append(n)
+    parts = []
+    for desc, members in groups.items():
+        dates = sorted(results[n]["machine"]["date"] for n in members)
+        who = "" if len(groups) == 1 else f" ({', '.join(members)})"
+        parts.append(f"{desc}{who}. Measured {dates[0]} to {dates[-1]}")
+    label = "Machine" if len(groups) == 1 else "Machines"
+    return (f"{label}: " + "; ".join(parts) + "; other jobs shared the cores (1-minute load average at the "
+            f"start: {', '.join(str(round(results[n]['machine']['load_average'][0], 1)) for n in names)}).")
 
 
 def load_results(quick: bool = False) -> dict[str, dict]:
