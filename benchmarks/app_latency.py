@@ -13,7 +13,9 @@
   example files (domains.csv with MiniLM + LoRA; support_replies.jsonl with SmolLM2, LoRA and full).
 - Streaming chat: `finetune_core.generate.stream_generate` vs a bare `model.generate` on the same
   prompt and settings (greedy, same max_new_tokens), interleaved 3 times each in this process;
-  target: streamed tokens/s >= 90% of bare.
+  target: streamed tokens/s >= 90% of bare. Both generate on the app's one inference thread
+  (`generate.on_inference_thread`); the bare side in a fresh thread would pay libgomp's
+  throttling once two threads have run torch, which is the cost the app avoids.
 """
 
 from __future__ import annotations
@@ -189,15 +191,18 @@ def streamed_generate(model, tokenizer, template: str, max_new_tokens: int) -> t
 
 
 def compare_streaming(model_ref: str, max_new_tokens: int, rounds: int = 3) -> dict:
-    from finetune_core.generate import load_for_inference
+    """Bare generate() and the app's stream both run their torch work on the one inference thread, as
+    the app does (generate.on_inference_thread: a second thread running torch costs ~40% of the speed
+    on 2 cores); this thread only reads the stream, like a gradio handler."""
+    from finetune_core.generate import load_for_inference, on_inference_thread
 
-    model, tokenizer, info = load_for_inference(model_ref)
+    model, tokenizer, info = on_inference_thread(load_for_inference, model_ref)
     template = info["template"]
-    bare_generate(model, tokenizer, template, 4)          # warm-up, not timed
+    on_inference_thread(bare_generate, model, tokenizer, template, 4)          # warm-up, not timed
     bare_s, stream_s, ttft = [], [], []
     tokens, bare_text, stream_text = 0, "", ""
     for _ in range(rounds):
-        s, tokens, bare_text = bare_generate(model, tokenizer, template, max_new_tokens)
+        s, tokens, bare_text = on_inference_thread(bare_generate, model, tokenizer, template, max_new_tokens)
         bare_s.append(s)
         s, first, stream_text = streamed_generate(model, tokenizer, template, max_new_tokens)
         stream_s.append(s)

@@ -18,6 +18,47 @@ import numpy as np
 from .data import render_prompt
 
 
+# ---------------------------------------------------------------------------------------------
+# one inference thread per process
+#
+# Why: torch's CPU build uses GNU OpenMP, which gives every OS thread that runs torch ops a thread team
+# of its own. Once the teams' threads outnumber the cores, libgomp stops spinning between parallel regions
+# and each of generation's many small ops pays a futex wake-up: SmolLM2 measured 31 -> 19 tokens/s on
+# 2 cores as soon as a second thread had run torch. Gradio runs handlers on a pool of threads and the
+# streamer needs generate() on a thread other than its reader, so the app sends all of its torch work to
+# this one thread: one team, full speed. The CLI and the training worker run on their main thread and
+# call the functions below directly.
+
+_INFERENCE_NAME = "finetune-inference"
+_inference_lock = threading.Lock()
+_inference_pool = None
+
+
+def on_inference_thread(fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) on the process's single inference thread and return its result.
+
+    Calls are served one at a time, in order; a call made from that thread itself runs directly."""
+    return submit_inference(fn, *args, **kwargs).result()
+
+
+def submit_inference(fn, *args, **kwargs):
+    """Like on_inference_thread, but returns the concurrent.futures.Future at once."""
+    global _inference_pool
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    if threading.current_thread().name.startswith(_INFERENCE_NAME):
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            done.set_exception(exc)
+        return done
+    with _inference_lock:
+        if _inference_pool is None:
+            _inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_INFERENCE_NAME)
+        return _inference_pool.submit(fn, *args, **kwargs)
+
+
 def _read_run_yaml(model_dir: Path) -> dict:
     import yaml
 
@@ -101,9 +142,10 @@ def _generation_kwargs(tokenizer, temperature: float, top_p: float, max_new_toke
 
 def stream_generate(model, tokenizer, messages: list[dict], template: str = "chat", temperature: float = 0.7,
                     top_p: float = 0.9, max_new_tokens: int = 128, do_sample: bool = True, seed: int | None = 0):
-    """Yield the growing answer text as tokens arrive (TextIteratorStreamer on a worker thread)."""
+    """Yield the growing answer text as tokens arrive (TextIteratorStreamer; generate() runs on the
+    inference thread, see on_inference_thread)."""
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     prompt = render_prompt(messages, template, tokenizer)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=(template != "chat"))
@@ -113,25 +155,36 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
                                                                    do_sample))
     if seed is not None:
         torch.manual_seed(seed)
-    error: list[BaseException] = []
+    if threading.current_thread().name.startswith(_INFERENCE_NAME):
+        raise RuntimeError("stream_generate() reads the stream: call it from any thread but the inference thread")
+
+    # A reader that goes away (the browser closed, gradio cancelled the event) stops the generation at the
+    # next token, so the inference thread is free for the next request.
+    cancelled = threading.Event()
+
+    class _ReaderGone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_ReaderGone()])
 
     def run():
         try:
             with torch.no_grad():
                 model.generate(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            error.append(exc)
-            streamer.end()
+        except BaseException:
+            streamer.end()   # a failed generate() must not leave the reader waiting
+            raise
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    job = submit_inference(run)
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    thread.join()
-    if error:
-        raise error[0]
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        cancelled.set()
+    job.result()   # re-raises generate()'s error in the caller's thread
 
 
 def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,

@@ -79,10 +79,10 @@ def _text(content) -> str:
 
 
 def _inference(ref: str):
-    from ..generate import load_for_inference
+    from ..generate import load_for_inference, on_inference_thread
 
     try:
-        return load_for_inference(ref)
+        return on_inference_thread(load_for_inference, ref)   # all torch work on one thread (generate.py)
     except FinetuneError:
         raise
     except OSError as exc:
@@ -276,7 +276,7 @@ def wire(ctx: AppContext, ui) -> None:
 
     @user_errors
     def heldout(model, n, max_new_tokens, owner_state, request: gr.Request):
-        from ..generate import generate_batch
+        from ..generate import generate_batch, on_inference_thread
 
         owner = owner_of(owner_state, request)
         base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
@@ -294,8 +294,10 @@ def wire(ctx: AppContext, ui) -> None:
         rows = []
         for pos, g in enumerate(gens):
             prompt, index = g["prompt"], g.get("index", pos)
-            b = generate_batch(base, base_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
-            f = generate_batch(ft, ft_tok, [prompt], ft_info["template"], max_new_tokens=int(max_new_tokens))[0]
+            b = on_inference_thread(generate_batch, base, base_tok, [prompt], ft_info["template"],
+                                    max_new_tokens=int(max_new_tokens))[0]
+            f = on_inference_thread(generate_batch, ft, ft_tok, [prompt], ft_info["template"],
+                                    max_new_tokens=int(max_new_tokens))[0]
             rows.append([prompt_preview(prompt), g.get("reference", ""), b, f,
                          mine.get((index, "base", b)), mine.get((index, "finetuned", f))])
             yield rows
@@ -338,7 +340,7 @@ def wire(ctx: AppContext, ui) -> None:
     @user_errors
     def predict(text="", run="", owner_state=None, request: gr.Request = None):
         """Class probabilities of a fine-tuned classifier for one text: {label: probability}."""
-        from ..generate import predict_proba
+        from ..generate import on_inference_thread, predict_proba
 
         owner = owner_of(owner_state, request)
         text = (text or "").strip()
@@ -351,7 +353,7 @@ def wire(ctx: AppContext, ui) -> None:
             raise FinetuneError("This run has no saved model yet.", "Wait for it to finish.")
         model, tok, info = _inference(str(run_dir / "model"))
         max_length = int((info.get("run") or {}).get("data", {}).get("max_length", 256))
-        return predict_proba(model, tok, text, max_length=max_length)
+        return on_inference_thread(predict_proba, model, tok, text, max_length=max_length)
 
     refresh_inputs = [ui.chat_model, ui.cls_run, ui.owner_state]
     ui.chat_refresh.click(refresh, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")

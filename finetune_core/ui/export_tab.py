@@ -89,6 +89,7 @@ def short_name(run_id: str, what: str) -> str:
 
 def wire(ctx: AppContext, ui) -> None:
     from .. import export
+    from ..generate import on_inference_thread
 
     @user_errors
     def refresh(current, owner_state, request: gr.Request):
@@ -134,7 +135,7 @@ def wire(ctx: AppContext, ui) -> None:
         run_dir = ctx.run_dir(run_id, owner)
         # Merging writes into the run folder: only its owner may, private runs or not.
         check_owner(ctx, run_id, owner, "merge this run's adapter")
-        path = export.merge_lora(run_dir)
+        path = on_inference_thread(export.merge_lora, run_dir)   # torch work stays on one thread (generate.py)
         return (f"✅ Merged model written to `model/{path.name}/`. Pick 'Merged model' to zip it, or tick "
                 "'Push the merged model' to upload it.")
 
