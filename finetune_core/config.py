@@ -399,6 +399,9 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
         "save_strategy": "epoch",
         "logging_strategy": "steps",
         "logging_steps": max(1, min(10, steps_per_epoch // 4)),
+        # The first loss point right after step 1: on a CPU an instruction step takes ~2 s, so waiting
+        # for logging_steps would leave the live chart empty for ~10 s (issue 5: first event < 3 s).
+        "logging_first_step": True,
         "load_best_model_at_end": True,
         "metric_for_best_model": "f1_weighted" if classification else "eval_loss",
         "greater_is_better": classification,

@@ -61,6 +61,7 @@ def test_resolved_defaults_per_kind_and_strategy(request, tmp_path, fixture, tas
         assert args.num_train_epochs <= 10
     assert patience == 2
     assert args.use_cpu is True and not args.bf16 and not args.fp16
+    assert args.logging_first_step is True   # the live chart gets its first loss point after step 1
 
 
 def test_frozen_head_only_trains_at_most_ten_epochs():
