@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import re
 import threading
 import time
@@ -550,3 +551,18 @@ def test_private_model_field_reaches_only_own_runs_and_the_model_cache(tmp_path,
             assert ctx.model_roots(None) == [runs / "_models", cache]        # no session: no run folder
         else:                                                                # a laptop: every run
             assert resolve_model(str(runs / "theirs00bbbb" / "model"), allowed_roots=roots)
+
+
+def test_gradio_keeps_uploads_inside_the_workspace(tmp_path):
+    """Uploads and served files go to FINETUNE_HOME/tmp/gradio, not the machine's /tmp."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env["FINETUNE_HOME"] = str(tmp_path / "home")
+    code = "import finetune_core.ui, gradio.utils as u; print(u.get_upload_folder())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=str(REPO))
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = Path(out.stdout.strip().splitlines()[-1]).resolve()
+    assert folder == (tmp_path / "home" / "tmp" / "gradio").resolve()

@@ -21,6 +21,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _gradio_temp_in_workspace() -> None:
+    """Gradio keeps uploads and the files it serves (zips, predictions.csv) in its temp folder: put it
+    inside FINETUNE_HOME, the app's workspace, rather than the machine's /tmp (unless set already)."""
+    from ..jobs import finetune_home
+
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(finetune_home() / "tmp" / "gradio"))
+
+
+_gradio_temp_in_workspace()
+
 import gradio as gr  # noqa: E402
 
 from ..jobs import JobManager  # noqa: E402
