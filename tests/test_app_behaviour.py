@@ -1,0 +1,525 @@
+"""The app's behaviours of issue 3 that no other test pins, through the app's own handlers.
+
+The handlers are the closures `build_app` wires (as tests/test_ratings.py calls them): generators are
+iterated here as gradio iterates them, with the browser session id passed as `owner_state`.
+
+- page reload: the Train tab's load handler (`reconnect`) follows the session's running job again,
+  step and loss chart included; another session gets nothing;
+- crash box: a worker killed with SIGKILL, or one that dies with a traceback, turns the Train tab's
+  stream into a red box with the worker's last log lines within 5 s;
+- "Recommend settings": the values of finetune_core.config.training_defaults for the model kind and
+  strategy, advice sized to the data;
+- "Show command": a run.yaml that equals what Start submits, and that `finetune_core train` runs;
+- strategy radio: only the chosen strategy's options are visible;
+- app restart: a finished run of the Start button is listed, evaluated, predicted with and zipped by
+  a new JobManager and a new app on the same FINETUNE_HOME;
+- Chat: the base model and an instruction run's fine-tuned model both answer, streamed.
+
+Training jobs that only need to be watched use a fake worker (the events.jsonl protocol, no model),
+as tests/test_jobs.py does; the restart and chat tests train tiny models for real.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, instruction_rows, write_jsonl
+
+OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
+OTHER = "b" * 32
+
+# The Train tab's inputs (train_tab.wire's train_inputs, in order) for a small classification run.
+FORM = dict(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
+            text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
+            response_column="", max_length=32, model="bundled:minilm-l6", strategy="frozen", head_only=True,
+            frozen_layers=3, lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="auto",
+            num_train_epochs=None, learning_rate=None, batch_size=None, early_stopping_patience=2,
+            val_size=0.2, overrides="")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def handlers(demo) -> dict:
+    """The app's event handlers as 'tab.name' (e.g. 'train_tab.reconnect'); names used twice in one
+    module (none today) would be ambiguous, so they are left out rather than picked at random."""
+    out, seen = {}, set()
+    for f in demo.fns.values():
+        fn = f.fn
+        if fn is None:
+            continue
+        key = f"{getattr(fn, '__module__', '').rsplit('.', 1)[-1]}.{getattr(fn, '__name__', '')}"
+        if key in seen and out.get(key) is not fn:
+            out.pop(key, None)
+            continue
+        seen.add(key)
+        out[key] = fn
+    return out
+
+
+def block_fn(demo, name: str):
+    """The BlockFunction (trigger, inputs, outputs) whose handler is called `name`."""
+    found = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+    assert found, f"no event runs {name}"
+    return found
+
+
+def upd(value, key):
+    """A field of a gr.update(...) (a dict in gradio 6)."""
+    assert isinstance(value, dict) and value.get("__type__") == "update", value
+    return value.get(key)
+
+
+def trace_points(fig) -> int:
+    return sum(len(t.y or ()) for t in fig.data)
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def app_for(manager):
+    from finetune_core.ui import build_app
+
+    demo = build_app(manager)
+    return demo, handlers(demo)
+
+
+# ---------------------------------------------------------------------------------------------
+# a fake worker: the real command line and files, events like train.py's EventsCallback, no model
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import yaml
+    cfg = yaml.safe_load(open(sys.argv[-1]))
+    out = cfg["output_dir"]
+    behaviour = cfg["training"].get("run_name", "normal")   # the test picks the behaviour through run_name
+    def emit(t, **kw):
+        kw.update(type=t, time=time.time())
+        with open(os.path.join(out, "events.jsonl"), "a") as f:
+            f.write(json.dumps(kw) + "\\n")
+    print("fake worker: loading", flush=True)
+    emit("info", message="Loading model fake ...")
+    emit("start", step=0, max_steps=10000, num_train_epochs=1)
+    for step in range(1, 10000):
+        time.sleep(0.05)
+        if os.path.exists(os.path.join(out, "STOP")):
+            emit("end", step=step, max_steps=10000, message="stopped", stopped_by_user=True)
+            sys.exit(0)
+        if behaviour == "crash" and step == 60:
+            raise RuntimeError("fake worker ran out of luck at step 60")
+        emit("log", step=step, max_steps=10000, epoch=step / 10000, loss=2.0 / step, learning_rate=1e-3,
+             eta_seconds=100.0)
+        print(f"fake worker: step {step} loss {2.0 / step:.4f}", flush=True)
+""")
+
+
+@pytest.fixture
+def fake_manager(tmp_path):
+    from finetune_core.jobs import JobManager
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    shim = tmp_path / "fake_python"
+    # the manager runs `<python> -m finetune_core train RUN_DIR/run_request.yaml`
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    shim.chmod(0o755)
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=5, poll_interval=0.1, python=str(shim),
+                     cwd=REPO, private_runs=True)
+    yield mgr
+    mgr.shutdown(kill=True)
+
+
+@pytest.fixture
+def fake_app(fake_manager):
+    demo, h = app_for(fake_manager)
+    yield fake_manager, demo, h
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def static_app(tmp_path_factory):
+    """An app whose handlers here start no job (Recommend, strategy options)."""
+    from finetune_core.jobs import JobManager
+
+    mgr = JobManager(tmp_path_factory.mktemp("static") / "runs", poll_interval=0.5)
+    demo, h = app_for(mgr)
+    yield mgr, demo, h
+    demo.close()
+    mgr.shutdown()
+
+
+def next_matching(gen, predicate, timeout: float):
+    """Iterate a watch stream until an output satisfies `predicate` (the stream yields at least every 2 s)."""
+    deadline = time.time() + timeout
+    for out in gen:
+        if predicate(out):
+            return out
+        assert time.time() < deadline, f"no matching output within {timeout} s; last: {out[1]}"
+    raise AssertionError("the stream ended without a matching output")
+
+
+def step_of(out) -> int:
+    import re
+
+    m = re.search(r"step <b>(\d+)</b>", out[1])
+    return int(m.group(1)) if m else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. page reload
+
+
+def test_page_reload_reconnects_to_the_running_job_and_its_charts(fake_app):
+    mgr, demo, h = fake_app
+    # the Train tab's reconnect runs after the page's load event (which restores the session id)
+    (event,) = block_fn(demo, "reconnect")
+    assert len(event.outputs) == 6 and event.inputs and len(event.inputs) == 1
+
+    first = h["train_tab.train"](**FORM, owner_state=OWNER, request=None)
+    out = next_matching(first, lambda o: step_of(o) >= 3, 30)
+    run_id = out[0]
+    first.close()                                   # the reload drops the page's stream; the job keeps running
+    seen_before = step_of(out)
+    assert mgr.get(run_id).status == "running"
+
+    stream = h["train_tab.reconnect"](OWNER, None)
+    out = next(stream)
+    assert out[0] == run_id
+    assert "Training" in out[1] and step_of(out) >= seen_before
+    assert "step <b>" in out[1] and "/ 10000" in out[1]
+    # charts from offset 0: every logged step so far, not only the ones after the reload
+    assert trace_points(out[2]) >= step_of(out) >= seen_before and out[2].data[0].name == "train loss"
+    assert "step 1/10000" in out[4]                   # the log panel also starts from the beginning
+    assert out[5] == {"run_id": run_id, "status": "running", "position": 0}
+    out = next_matching(stream, lambda o: step_of(o) > seen_before, 10)     # and it keeps following
+    assert step_of(out) > seen_before
+
+    # another browser session reconnects to nothing (its own jobs only)
+    assert list(h["train_tab.reconnect"](OTHER, None)) == []
+
+    assert "Stop requested" in h["train_tab.stop"](run_id, OWNER, None)
+    last = next_matching(stream, lambda o: o[5].get("status") == "stopped", 15)
+    assert "Stopped by you" in last[1]
+    assert list(stream) == []                        # a terminal status ends the stream
+    assert mgr.get(run_id).status == "stopped"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the crash box
+
+
+@pytest.mark.parametrize("how", ["sigkill", "traceback"])
+def test_a_crashed_worker_shows_a_failure_box_with_its_last_lines_within_5s(fake_app, how):
+    import gradio as gr
+
+    mgr, demo, h = fake_app
+    form = dict(FORM, overrides="run_name=crash" if how == "traceback" else "")
+    stream = h["train_tab.train"](**form, owner_state=OWNER, request=None)
+    out = next_matching(stream, lambda o: step_of(o) >= 2, 30)
+    run_id = out[0]
+    job = mgr.get(run_id)
+    if how == "sigkill":
+        t0 = time.time()
+        os.kill(job.pid, signal.SIGKILL)
+    failed = None
+    with pytest.raises(gr.Error, match=f"Run {run_id} failed"):   # API clients get an error after the box
+        for out in stream:
+            if "ft-error" in out[1]:
+                failed = (time.time(), out)
+    assert failed is not None, "no failure box"
+    if how == "traceback":        # it died right after its last event (step 59, then the exception)
+        t0 = json.loads((job.run_dir / "events.jsonl").read_text().splitlines()[-1])["time"]
+    elapsed, out = failed[0] - t0, failed[1]
+    assert elapsed < 5.0, f"the failure box came {elapsed:.1f} s after the worker died"
+    log = [line for line in (job.run_dir / "worker.log").read_text().splitlines() if line.strip()]
+    from html import escape
+
+    assert "❌" in out[1] and escape(log[-1]) in out[1]
+    if how == "sigkill":
+        assert "SIGKILL" in out[1] and "fake worker: step" in log[-1]
+    else:
+        assert "RuntimeError: fake worker ran out of luck at step 60" in out[1]
+        assert "Traceback" in out[1]
+    assert "--- worker.log (last lines) ---" in out[4] and log[-1] in out[4]
+    assert out[5]["status"] == "failed" and out[5]["error"]
+    # the same box after a reload
+    again = list(h["train_tab.reconnect"](OWNER, None))
+    assert len(again) == 1 and "ft-error" in again[0][1] and escape(log[-1]) in again[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Recommend settings
+
+
+@pytest.mark.parametrize("task,model,kind,strategy,head_only", [
+    ("classification", "bundled:minilm-l6", "encoder", "frozen", True),
+    ("classification", "bundled:minilm-l6", "encoder", "full", True),
+    ("instruction", "bundled:smollm2-135m", "causal", "lora", False),
+])
+def test_recommend_fills_the_engine_defaults_for_model_kind_and_strategy(task, model, kind, strategy,
+                                                                         head_only, static_app):
+    import torch
+
+    from finetune_core.config import training_defaults
+    from finetune_core.ui.train_tab import frozen_value
+
+    _, _, h = static_app
+    rows = 160
+    epochs, lr, batch, patience, md, rec = h["train_tab.recommend"](task, model, strategy, head_only, 3, 0.2,
+                                                                    {"n_rows": rows})
+    d = training_defaults(task, kind, strategy, int(rows * 0.8), frozen_value(head_only, 3),
+                          cuda=torch.cuda.is_available())
+    assert (epochs, lr, batch, patience) == (d["num_train_epochs"], d["learning_rate"],
+                                             d["per_device_train_batch_size"], d["early_stopping_patience"])
+    assert rec == {"epochs": epochs, "lr": lr, "batch": batch, "patience": patience}
+    assert f"**{lr:g}**" in md and f"**{epochs} epochs** at batch {batch}" in md
+    steps = -(-int(rows * 0.8) // batch)
+    assert f"~{steps} steps per epoch" in md                  # sized to the rows of the data
+    advice = {"frozen": "freeze the backbone", "full": "freeze the backbone", "lora": "**LoRA**"}[strategy]
+    assert advice in md                                       # 160 rows: the cheat sheet's pick
+    assert ("You picked" in md) == (strategy == "full")       # full on 160 rows is not the cheat sheet's pick
+
+
+def test_recommend_depends_on_strategy_and_data_size(static_app):
+    _, _, h = static_app
+    rec = h["train_tab.recommend"]
+    lrs = {s: rec("classification", "bundled:minilm-l6", s, True, 3, 0.2, {"n_rows": 160})[1]
+           for s in ("frozen", "full", "lora")}
+    assert len(set(lrs.values())) == 3 and lrs["full"] < lrs["lora"] < lrs["frozen"]
+    assert "cheat sheet says **full fine-tuning**" in rec("classification", "bundled:minilm-l6", "full", True, 3,
+                                                          0.2, {"n_rows": 2000})[4]
+    assert "Load data in the Data tab" in rec("classification", "bundled:minilm-l6", "full", True, 3, 0.2, None)[4]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Show command
+
+
+def test_show_command_yaml_is_what_start_submits_and_the_cli_runs_it(fake_app, tiny_bert_dir, tmp_path,
+                                                                     monkeypatch):
+    from finetune_core.cli import main
+    from finetune_core.config import config_from_dict, config_to_dict, load_config
+
+    mgr, _, h = fake_app
+    # a tiny BERT where the app may load models from (the runs folder's operator folders)
+    model_dir = mgr.runs_dir / "_models" / "tiny-bert"
+    shutil.copytree(tiny_bert_dir, model_dir)
+    form = dict(FORM, model=str(model_dir), learning_rate=0.01, overrides="max_steps=1\neval_strategy=no\n"
+                "save_strategy=no\nlogging_steps=1\nper_device_train_batch_size=8")
+    group, md, text, path = h["train_tab.show_command"](**form)
+    assert upd(group, "visible") is True
+    assert "```bash\npython -m finetune_core train run.yaml\n```" in md
+    assert Path(path).name == "run.yaml" and Path(path).read_text(encoding="utf-8") == text
+    shown = load_config(path)
+    assert shown.data.train == "examples/data/domains.csv"          # portable: relative to the repository
+
+    # what Start submits for the same form
+    submitted = []
+    real_submit = mgr.submit
+    monkeypatch.setattr(mgr, "submit", lambda cfg, owner, **kw: submitted.append(json.loads(json.dumps(cfg)))
+                        or real_submit(cfg, owner, **kw))
+    stream = h["train_tab.train"](**form, owner_state=OWNER, request=None)
+    run_id = next(stream)[0]
+    stream.close()
+    h["train_tab.stop"](run_id, OWNER, None)
+    assert len(submitted) == 1
+    start = config_from_dict(submitted[0])
+    a, b = config_to_dict(shown), config_to_dict(start)
+    assert Path(b["data"]["train"]) == REPO / a["data"]["train"]
+    a["data"]["train"] = b["data"]["train"] = None
+    assert a.pop("output_dir") == "runs/class-frozen"
+    b.pop("output_dir")
+    assert a == b
+    assert a["strategy"]["frozen_layers"] == "all" and a["training"]["learning_rate"] == 0.01
+
+    # the command, run from the repository with the downloaded run.yaml (output elsewhere than runs/)
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "cli-run"
+    assert main(["train", path, "--set", f"output_dir={out_dir}"]) == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 1 and metrics["strategy"] == "frozen"
+    assert load_config(out_dir / "run.yaml").training["learning_rate"] == 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. strategy options
+
+
+def _contains(block, label: str) -> bool:
+    if getattr(block, "label", None) == label:
+        return True
+    return any(_contains(c, label) for c in getattr(block, "children", []) or [])
+
+
+def test_strategy_radio_shows_only_that_strategys_options(static_app):
+    _, demo, h = static_app
+    events = block_fn(demo, "show_strategy")
+    assert len(events) == 2                                  # the strategy radio and the head-only box
+    frozen_group, lora_group, frozen_layers = events[0].outputs
+    assert _contains(frozen_group, "Freeze the whole backbone (train only the new head)")
+    assert frozen_layers.label == "Frozen blocks" and _contains(frozen_group, "Frozen blocks")
+    for label in ("LoRA rank r", "LoRA alpha", "LoRA dropout", "Target modules"):
+        assert _contains(lora_group, label) and not _contains(frozen_group, label)
+    # the page opens on LoRA: its options only
+    assert (frozen_group.visible, lora_group.visible) == (False, True)
+
+    show = h["train_tab.show_strategy"]
+    visible = {(s, head): tuple(upd(u, "visible") for u in show(s, head))
+               for s in ("full", "frozen", "lora") for head in (True, False)}
+    assert visible[("full", True)] == visible[("full", False)] == (False, False, False)
+    assert visible[("lora", True)] == visible[("lora", False)] == (False, True, False)
+    assert visible[("frozen", True)] == (True, False, False)        # head only: no slider
+    assert visible[("frozen", False)] == (True, False, True)        # top blocks learn: how many frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. after an app restart: listed, evaluated, predicted, exported
+
+
+def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_exported(tmp_path, monkeypatch,
+                                                                                       tiny_bert_dir):
+    from finetune_core.jobs import JobManager
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    mgr = JobManager(poll_interval=0.2, cwd=REPO, private_runs=True)
+    assert mgr.runs_dir == tmp_path / "home" / "runs"
+    model_dir = mgr.runs_dir / "_models" / "tiny-bert"
+    shutil.copytree(tiny_bert_dir, model_dir)
+    demo, h = app_for(mgr)
+    try:
+        form = dict(FORM, model=str(model_dir), learning_rate=0.01,
+                    overrides="max_steps=4\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\n"
+                              "per_device_train_batch_size=8")
+        outs = list(h["train_tab.train"](**form, owner_state=OWNER, request=None))
+        run_id, status, loss, _, _, result = outs[-1]
+        assert result["status"] == "finished", (status, outs[-1][4][-2000:])
+        assert "Finished" in status and trace_points(loss) >= 1      # the real worker's events drew the chart
+    finally:
+        demo.close()
+        mgr.shutdown()
+
+    # the app restarts: new JobManager, new app context, nothing kept in memory
+    mgr = JobManager(poll_interval=0.2, cwd=REPO, private_runs=True)
+    demo, h = app_for(mgr)
+    try:
+        assert demo.ft_context.runs_dir == tmp_path / "home" / "runs"
+        every, chat, cls, exp = h["ui.after_train"]("", None, None, None, None, OWNER, None)
+        assert run_id in [v for _, v in upd(every, "choices")] and upd(every, "value") == run_id
+        assert run_id in [v for _, v in upd(cls, "choices")] and run_id in [v for _, v in upd(exp, "choices")]
+        assert run_id not in [v for _, v in upd(chat, "choices")]                  # a classifier does not chat
+        other = h["ui.after_train"]("", None, None, None, None, OTHER, None)[0]
+        assert run_id not in [v for _, v in upd(other, "choices")]                  # private to its session
+
+        out = h["evaluate_tab.show_run"](run_id, False, OWNER, None)
+        header, cls_col, baselines, cm, per_class, pred_file = out[0], out[3], out[5], out[7], out[8], out[11]
+        assert "**classification**" in header and "strategy **frozen**" in header
+        assert upd(cls_col, "visible") is True
+        assert [r[0] for r in baselines][:1] and any("TF-IDF" in r[0] or "tfidf" in r[0].lower() for r in baselines)
+        assert sorted(r[0] for r in per_class) == ["finance", "legal", "medical", "technology"]
+        assert cm.data and len(cm.data[0].z) == 4
+        assert Path(pred_file).read_text().splitlines()[0].startswith("text")
+        with pytest.raises(Exception, match="was not found"):
+            h["evaluate_tab.show_run"](run_id, False, OTHER, None)
+
+        probs = h["chat_tab.predict"]("The court ruled in favour of the plaintiff.", run_id, OWNER, None)
+        assert set(probs) == {"finance", "legal", "medical", "technology"}
+        assert abs(sum(probs.values()) - 1) < 1e-4
+
+        zip_path, snippet = h["export_tab.build_zip"](run_id, OWNER, "model", None)
+        names = zipfile.ZipFile(zip_path).namelist()
+        assert any(n.endswith(".safetensors") for n in names)
+        assert any(n.endswith("tokenizer.json") or n.endswith("vocab.txt") for n in names)
+        assert any(n.endswith("README.md") for n in names)
+        assert not any("optimizer" in n or n.endswith(".csv") for n in names)   # no optimizer state, no data
+        top = {n.split("/")[0] for n in names}
+        assert top == {f"model-{run_id[:6]}"} and f'"{top.pop()}"' in snippet   # the snippet loads the zip's folder
+    finally:
+        demo.close()
+        mgr.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Chat: base and fine-tuned side by side
+
+
+@pytest.fixture
+def instruction_run(tmp_path, tiny_llama_dir):
+    """A finished instruction run (tiny Llama, a few steps) in an app's runs folder, owned by OWNER."""
+    from finetune_core.config import config_from_dict
+    from finetune_core.jobs import owner_key
+    from finetune_core.train import train
+
+    runs = tmp_path / "runs"
+    run_id = "fedcba9876543210"
+    data = write_jsonl(tmp_path / "train.jsonl", instruction_rows(12))
+    train(config_from_dict({
+        "task": "instruction", "model": tiny_llama_dir,
+        "data": {"train": data, "val_size": 0.34, "max_length": 64, "template": "alpaca"},
+        "strategy": {"name": "full"},
+        "training": {"max_steps": 3, "per_device_train_batch_size": 4, "eval_strategy": "no",
+                     "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-2, "warmup_steps": 0},
+        "output_dir": str(runs / run_id), "seed": 1}))
+    (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(OWNER),
+                                                        "status": "finished", "name": "chatty"}))
+    return runs, run_id
+
+
+def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction_run, tiny_llama_dir):
+    from finetune_core.jobs import JobManager
+    from finetune_core.ui.chat_tab import resolve_chat_models
+
+    runs, run_id = instruction_run
+    mgr = JobManager(runs, poll_interval=0.2, private_runs=True)
+    demo, h = app_for(mgr)
+    try:
+        base_ref, ft_dir, run_dir = resolve_chat_models(demo.ft_context, run_id, OWNER)
+        assert (base_ref, ft_dir, run_dir) == (tiny_llama_dir, str(runs / run_id / "model"), runs / run_id)
+        chat_choices = upd(h["chat_tab.refresh"](None, None, OWNER, None)[0], "choices")
+        assert run_id in [v for _, v in chat_choices]
+
+        # the handler appends to the same lists it yields: keep a copy of each streamed output
+        outs = [copy.deepcopy(o) for o in h["chat_tab.chat"]("Rewrite this note: refund approved.", run_id, 0.7,
+                                                             0.9, 12, False, [], [], OWNER, None)]
+        base, ft, exchange = outs[-1]
+        for history in (base, ft):
+            assert [m["role"] for m in history] == ["user", "assistant"]
+            assert history[0]["content"] == "Rewrite this note: refund approved."
+            answer = history[1]["content"]
+            # streamed tokens (random weights: often blank lines), never the loading note
+            assert isinstance(answer, str) and answer and not answer.startswith("⏳")
+        assert exchange == {"run_dir": str(runs / run_id), "prompt": "Rewrite this note: refund approved.",
+                            "answer": ft[1]["content"]}
+        # streamed: the base answer appears (and grows) before the fine-tuned model starts answering
+        base_first = [o for o in outs[:-1] if len(o[0]) == 2 and len(o[1]) == 1]
+        assert base_first and len(outs) >= 5
+        assert any(len(o[1]) == 2 and o[1][1]["content"].startswith("⏳") for o in outs)   # loading note first
+
+        # a second turn keeps both conversations
+        outs = list(h["chat_tab.chat"]("And shorter?", run_id, 0.7, 0.9, 8, False, base, ft, OWNER, None))
+        base, ft, _ = outs[-1]
+        assert [m["role"] for m in base] == [m["role"] for m in ft] == ["user", "assistant"] * 2
+        with pytest.raises(Exception, match="was not found"):
+            list(h["chat_tab.chat"]("hi", run_id, 0.7, 0.9, 8, False, [], [], OTHER, None))
+    finally:
+        demo.close()
+        mgr.shutdown()
