@@ -146,6 +146,23 @@ def _make_callback_class():
                 control.should_save = True
                 self._finishing(state, f"Stop received: training ends at step {state.global_step} of "
                                        f"{state.max_steps}; saving a checkpoint, then the model, then evaluating.")
+            else:
+                self._maybe_evaluating(state, control)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self._maybe_evaluating(state, control)   # eval/save "epoch": the flow callback decides here
+
+        def _maybe_evaluating(self, state, control) -> None:
+            # The default flow callback (it runs before this one) has decided to evaluate and/or save now.
+            # Tell the job manager: a Stop pressed during a long evaluation or checkpoint write must not
+            # hard-kill the worker mid-save (it gets finish_timeout until the next save/eval/log event).
+            if self.finishing or not (control.should_evaluate or control.should_save):
+                return
+            what = " and ".join(w for w, on in (("evaluating", control.should_evaluate),
+                                                 ("saving a checkpoint", control.should_save)) if on)
+            self.writer.emit("info", phase="evaluating", step=state.global_step, max_steps=state.max_steps,
+                             evaluate=bool(control.should_evaluate), save=bool(control.should_save),
+                             message=f"Step {state.global_step}: {what}.")
 
         def on_train_end(self, args, state, control, **kwargs):
             self._finishing(state, f"Training ended at step {state.global_step} of {state.max_steps}; "

@@ -61,6 +61,15 @@ class JobError(FinetuneError):
     """A job request the user can fix (not the owner, unknown run, queue full...)."""
 
 
+class OwnerBusy(JobError):
+    """submit(one_active_per_owner=True) while this owner has a queued or running job (`.job`)."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        super().__init__(f"Your run '{job.name or job.run_id}' is still {job.status}: one run at a time.",
+                         "Press Stop to end it, then start again.")
+
+
 def finetune_home() -> Path:
     return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune_lab")
 
@@ -318,9 +327,12 @@ class Job:
     stop_requested: float | None = None
     killed: bool = False
     # Where the worker is, from its events (read only once a stop is requested): "loading" until the
-    # Trainer starts, "training", then "finishing" (saving and evaluating) from the phase event on.
+    # Trainer starts, "training" ("evaluating" during a mid-run evaluation or checkpoint), then
+    # "finishing" (saving and evaluating) from the phase event on.
     phase: str = "loading"
     phase_since: float | None = None
+    phase_save: bool = False
+    phase_step: int = 0
     events_offset: int = field(default=0, repr=False)
 
     @property
@@ -444,10 +456,12 @@ class JobManager:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def submit(self, config, owner: str | None, name: str | None = None) -> Job:
+    def submit(self, config, owner: str | None, name: str | None = None, one_active_per_owner: bool = False) -> Job:
         """Validate `config` (RunConfig, dict or YAML path), create the run folder and queue the job.
 
         Data files are copied into RUN_DIR/data/ so the run stays reproducible after uploads expire.
+        one_active_per_owner: refuse (OwnerBusy) while this owner has a queued or running job; checked
+        under the lock that queues the job, so two Start clicks at once cannot both get through.
         """
         from .config import RunConfig, config_from_dict, config_to_dict, dump_config, load_config
 
@@ -493,6 +507,10 @@ class JobManager:
         job = Job(run_id=run_id, run_dir=run_dir, owner=okey, name=name, created=time.time(), task=cfg.task,
                   model=cfg.model, strategy=cfg.strategy.name)
         with self._lock:
+            busy = [j for j in self._jobs.values() if j.owner == okey and j.active] if okey else []
+            if one_active_per_owner and busy:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise OwnerBusy(busy[-1])
             self._jobs[run_id] = job
             self._queue.append(run_id)
             self._save(job)
@@ -756,10 +774,19 @@ class JobManager:
             elif (t == "info" and e.get("phase") == "finishing") or t in ("end", "error"):
                 if job.phase != "finishing":
                     job.phase, job.phase_since = "finishing", when
+            elif t == "info" and e.get("phase") == "evaluating" and job.phase == "training":
+                # a mid-run evaluation / checkpoint: slow on a CPU, and a kill now would cut a save short
+                job.phase, job.phase_since, job.phase_save = "evaluating", when, bool(e.get("save"))
+                job.phase_step = int(e.get("step") or 0)
+            elif job.phase == "evaluating" and (t == "save" or (t == "eval" and not job.phase_save) or
+                                                (t == "log" and int(e.get("step") or 0) > job.phase_step)):
+                # the step's own loss point comes before its evaluation; a later step's means training again
+                job.phase, job.phase_since = "training", when
 
     def _kill_due(self, job: Job, now: float) -> bool:
-        """The stop_timeout clock covers only "the Trainer has not stopped yet"; loading (where train()
-        honours a stop before the first step) and finishing (saving, evaluating) get finish_timeout."""
+        """The stop_timeout clock covers only "the Trainer is training"; loading (where train() honours a
+        stop before the first step), a mid-run evaluation or checkpoint, and finishing (saving,
+        evaluating) get finish_timeout."""
         self._update_phase(job)
         since = max(job.stop_requested or now, job.phase_since or 0.0)
         limit = self.stop_timeout if job.phase == "training" else self.finish_timeout

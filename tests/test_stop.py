@@ -210,6 +210,56 @@ def test_kill_clock_covers_only_training(tmp_path):
         mgr.shutdown()
 
 
+def test_kill_clock_spares_a_mid_run_evaluation_and_checkpoint(tmp_path):
+    """A Stop pressed while the Trainer evaluates and writes a checkpoint between epochs gets
+    finish_timeout (a kill would cut the save short); training again once the save is written."""
+    from finetune_core.jobs import Job
+
+    mgr = JobManager(tmp_path / "runs", stop_timeout=60, finish_timeout=600, poll_interval=60)
+    try:
+        run_dir = tmp_path / "runs" / "r2"
+        run_dir.mkdir()
+        job = Job(run_id="r2", run_dir=run_dir, owner=None, name="r2", created=0.0, started=1000.0,
+                  stop_requested=1100.0)
+
+        def add(**event):
+            with open(run_dir / "events.jsonl", "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+        add(type="start", time=1010.0, step=0)
+        add(type="info", time=1090.0, phase="evaluating", step=10, evaluate=True, save=True, message="Step 10")
+        add(type="log", time=1090.5, step=10, loss=1.0)          # the step's own loss point comes first
+        add(type="eval", time=1150.0, step=10, eval_loss=0.9)    # evaluation done, the checkpoint is next
+        assert not mgr._kill_due(job, 1100.0 + 300) and job.phase == "evaluating"
+        add(type="save", time=1400.0, step=10)
+        assert job.phase == "evaluating"   # (not read yet)
+        assert not mgr._kill_due(job, 1400.0 + 59) and job.phase == "training"
+        assert mgr._kill_due(job, 1400.0 + 61)
+    finally:
+        mgr.shutdown()
+
+
+def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir):
+    """A real run writes the 'evaluating' phase event at each epoch end, before its eval and save."""
+    from conftest import class_rows, write_csv
+    from finetune_core.config import config_from_dict
+    from finetune_core.events import read_all_events
+    from finetune_core.train import train
+
+    cfg = config_from_dict({"task": "classification", "model": tiny_bert_dir,
+                            "data": {"train": write_csv(tmp_path / "t.csv", class_rows(6)), "max_length": 32},
+                            "strategy": {"name": "full"},
+                            "training": {"num_train_epochs": 2, "per_device_train_batch_size": 8},
+                            "output_dir": str(tmp_path / "run")})
+    train(cfg)
+    events = read_all_events(tmp_path / "run" / "events.jsonl")
+    kinds = [(e["type"], e.get("phase")) for e in events if e["type"] in ("info", "eval", "save")]
+    evaluating = [i for i, k in enumerate(kinds) if k == ("info", "evaluating")]
+    assert len(evaluating) == 2
+    for i in evaluating:      # each is followed by its evaluation and its checkpoint
+        assert kinds[i + 1][0] == "eval" and kinds[i + 2][0] == "save"
+
+
 def test_stop_timeouts_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_STOP_TIMEOUT", "5")
     monkeypatch.setenv("FINETUNE_FINISH_TIMEOUT", "77")
