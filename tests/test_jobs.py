@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -214,6 +215,35 @@ def test_queue_limit_per_session(fake_manager):
     mgr.submit(fake_config(), owner="alice")
     with pytest.raises(JobError, match="waiting in the queue"):
         mgr.submit(fake_config(), owner="alice")
+
+
+def test_one_active_run_per_owner_even_when_two_starts_race(fake_manager):
+    """The Train tab's Start asks for one active run per session; the check sits under the lock that
+    queues the job, so two Start clicks submitting at the same moment get one run and one OwnerBusy."""
+    from finetune_core.jobs import OwnerBusy
+
+    mgr = fake_manager
+    outcomes, barrier = [], threading.Barrier(2)
+
+    def start():
+        barrier.wait()
+        try:
+            outcomes.append(mgr.submit(fake_config(), owner="alice", one_active_per_owner=True))
+        except OwnerBusy as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    jobs = [o for o in outcomes if not isinstance(o, Exception)]
+    busy = [o for o in outcomes if isinstance(o, OwnerBusy)]
+    assert len(jobs) == 1 and len(busy) == 1 and busy[0].job.run_id == jobs[0].run_id
+    assert [p.name for p in mgr.runs_dir.iterdir()] == [jobs[0].run_id]     # the refused run left no folder
+    other = mgr.submit(fake_config(), owner="bob", one_active_per_owner=True)   # other sessions unaffected
+    mgr.stop(jobs[0].run_id, owner="alice")
+    mgr.stop(other.run_id, owner="bob")
 
 
 def test_hard_kill_after_stop_timeout(fake_manager):

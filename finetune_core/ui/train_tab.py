@@ -16,7 +16,7 @@ import gradio as gr
 
 from ..errors import ConfigError, FinetuneError
 from ..jobs import read_events
-from ..jobs import ACTIVE
+from ..jobs import ACTIVE, OwnerBusy
 from .common import AppContext, error_box, owner_of, user_errors, warm_ml_imports
 from .data_tab import data_config, read_frame, resolve_data
 
@@ -473,6 +473,14 @@ def wire(ctx: AppContext, ui) -> None:
         active = mgr.jobs(owner, active_only=True)
         return active[-1] if active else None
 
+    def follow_busy(busy, owner):
+        # One run per session at a time (its page shows one progress stream, the queue stays fair).
+        # A second Start used to be dropped without a word; say why and follow the active run.
+        where = "waiting in the queue" if busy.status == "queued" else busy.status
+        gr.Warning(f"Your run '{busy.name or busy.run_id}' is still {where}: one run per session at a time. "
+                   "Showing its progress. Press Stop to end it, then Start again.")
+        yield from watch(busy.run_id, owner)
+
     @user_errors
     def train(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
               text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
@@ -487,12 +495,7 @@ def wire(ctx: AppContext, ui) -> None:
         owner = owner_of(owner_state, request)
         busy = active_job(owner)
         if busy is not None:
-            # One run per session at a time (its page shows one progress stream, the queue stays fair).
-            # A second Start used to be dropped without a word; say why and follow the active run.
-            where = "waiting in the queue" if busy.status == "queued" else busy.status
-            gr.Warning(f"Your run '{busy.name or busy.run_id}' is still {where}: one run per session at a time. "
-                       "Showing its progress. Press Stop to end it, then Start again.")
-            yield from watch(busy.run_id, owner)
+            yield from follow_busy(busy, owner)
             return
         path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
         cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
@@ -519,7 +522,11 @@ def wire(ctx: AppContext, ui) -> None:
 
         if cfg["model"] not in BUNDLED:      # unknown bundled ids, hub ids offline, folders: refused now
             resolve_model(cfg["model"], allowed_roots=ctx.model_roots(owner))   # private: own runs only
-        job = mgr.submit(cfg, owner)
+        try:
+            job = mgr.submit(cfg, owner, one_active_per_owner=True)
+        except OwnerBusy as exc:          # a second Start that raced the first one past the check above
+            yield from follow_busy(exc.job, owner)
+            return
         yield from watch(job.run_id, owner)
         st = mgr.status(job.run_id)
         if st["status"] in ("failed", "interrupted"):      # API clients get an error, not just a red box
