@@ -31,7 +31,7 @@ from .data import render_prompt
 
 _INFERENCE_NAME = "finetune-inference"
 _inference_lock = threading.Lock()
-_inference_pool = None
+_inference_jobs = None
 
 
 def on_inference_thread(fn, *args, **kwargs):
@@ -42,21 +42,37 @@ def on_inference_thread(fn, *args, **kwargs):
 
 
 def submit_inference(fn, *args, **kwargs):
-    """Like on_inference_thread, but returns the concurrent.futures.Future at once."""
-    global _inference_pool
-    from concurrent.futures import Future, ThreadPoolExecutor
+    """Like on_inference_thread, but returns a concurrent.futures.Future at once."""
+    global _inference_jobs
+    import queue
+    from concurrent.futures import Future
 
-    if threading.current_thread().name.startswith(_INFERENCE_NAME):
-        done: Future = Future()
-        try:
-            done.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
-            done.set_exception(exc)
+    done: Future = Future()
+    if threading.current_thread().name == _INFERENCE_NAME:
+        _run_into(done, fn, args, kwargs)
         return done
     with _inference_lock:
-        if _inference_pool is None:
-            _inference_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_INFERENCE_NAME)
-        return _inference_pool.submit(fn, *args, **kwargs)
+        if _inference_jobs is None:
+            # A daemon thread (not a ThreadPoolExecutor, whose threads the interpreter joins at exit): Ctrl-C
+            # or an app shutdown must not wait for a generation in flight.
+            _inference_jobs = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(_inference_jobs,), name=_INFERENCE_NAME, daemon=True).start()
+        _inference_jobs.put((done, fn, args, kwargs))
+    return done
+
+
+def _run_into(done, fn, args, kwargs) -> None:
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        done.set_result(fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+        done.set_exception(exc)
+
+
+def _serve(jobs) -> None:
+    while True:
+        _run_into(*jobs.get())
 
 
 def _read_run_yaml(model_dir: Path) -> dict:
@@ -150,12 +166,11 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
     prompt = render_prompt(messages, template, tokenizer)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=(template != "chat"))
     inputs.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(inputs, streamer=streamer, **_generation_kwargs(tokenizer, temperature, top_p, max_new_tokens,
                                                                    do_sample))
-    if seed is not None:
-        torch.manual_seed(seed)
-    if threading.current_thread().name.startswith(_INFERENCE_NAME):
+    if threading.current_thread().name == _INFERENCE_NAME:
         raise RuntimeError("stream_generate() reads the stream: call it from any thread but the inference thread")
 
     # A reader that goes away (the browser closed, gradio cancelled the event) stops the generation at the
@@ -164,12 +179,14 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
 
     class _ReaderGone(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
-            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
     kwargs["stopping_criteria"] = StoppingCriteriaList([_ReaderGone()])
 
     def run():
         try:
+            if seed is not None:   # here, not in the caller: a job queued before this one draws from the RNG too
+                torch.manual_seed(seed)
             with torch.no_grad():
                 model.generate(**kwargs)
         except BaseException:
