@@ -340,10 +340,11 @@ def half_precision_key() -> str:
 
 
 def merge_training(defaults: dict, given: dict) -> dict:
-    """`training:` over the defaults. A user's fp16 or bf16 replaces our half-precision choice, so
-    `fp16: true` on a bf16 GPU means fp16, not "At most one of fp16 and bf16"."""
+    """`training:` over the defaults. A user's fp16 or bf16 set to true replaces our half-precision
+    choice, so `fp16: true` on a bf16 GPU means fp16, not "At most one of fp16 and bf16"; `fp16: false`
+    alone keeps our bf16 (it says "not fp16", not "float32")."""
     values = dict(defaults)
-    if any(k in given for k in ("fp16", "bf16")):
+    if any(given.get(k) for k in ("fp16", "bf16")):
         values.pop("fp16", None)
         values.pop("bf16", None)
     values.update(given)

@@ -108,7 +108,10 @@ def test_bf16_only_where_the_gpu_does_it_natively(monkeypatch):
 
 @pytest.mark.parametrize("native_bf16, given, expected",
                          [(True, {"fp16": True}, {"fp16": True}), (False, {"bf16": True}, {"bf16": True}),
-                          (True, {"bf16": False}, {"bf16": False}), (False, {"fp16": False}, {"fp16": False})])
+                          (True, {"bf16": False}, {"bf16": False}), (False, {"fp16": False}, {"fp16": False}),
+                          # "not fp16" on a bf16 GPU keeps bf16 (it does not mean float32), and vice versa
+                          (True, {"fp16": False}, {"bf16": True, "fp16": False}),
+                          (False, {"bf16": False}, {"fp16": True, "bf16": False})])
 def test_users_half_precision_replaces_ours(monkeypatch, native_bf16, given, expected):
     """fp16: true on a bf16 GPU must mean fp16, not TrainingArguments' "At most one of fp16 and bf16"."""
     from finetune_core.train import training_values
