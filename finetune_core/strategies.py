@@ -156,7 +156,12 @@ def _check_targets(model, targets) -> None:
         return
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(targets, str):        # peft treats a string as a regular expression on full names
-        if not any(re.fullmatch(targets, n) for n in names):
+        try:
+            matched = any(re.fullmatch(targets, n) for n in names)
+        except re.error as exc:
+            raise _bad_targets_error(model, f"the pattern '{targets}'",
+                                     f"it is not a valid regular expression: {exc}") from None
+        if not matched:
             raise _bad_targets_error(model, f"the pattern '{targets}'")
         return
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]

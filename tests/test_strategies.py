@@ -241,6 +241,7 @@ def test_lora_explicit_targets(tiny_bert_dir):
     ("tiny_bert_dir", "classification", ["query", "q_proj"], "'q_proj'", "classifier, dense, key, query, value"),
     ("tiny_llama_dir", "instruction", ["q_lin"], "'q_lin'", "down_proj, gate_proj, k_proj, lm_head, o_proj"),
     ("tiny_llama_dir", "instruction", r".*attn\.nothing", "the pattern", "q_proj, up_proj, v_proj"),
+    ("tiny_llama_dir", "instruction", "q_proj(", "the pattern 'q_proj('", "not a valid regular expression"),
 ])
 def test_lora_bad_targets_name_the_model_layers(request, fixture, task, targets, bad, listed):
     path = request.getfixturevalue(fixture)
