@@ -566,3 +566,24 @@ def test_gradio_keeps_uploads_inside_the_workspace(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     folder = Path(out.stdout.strip().splitlines()[-1]).resolve()
     assert folder == (tmp_path / "home" / "tmp" / "gradio").resolve()
+
+
+def test_launch_sweeps_old_leftovers_from_gradios_temp_folder(tmp_path, monkeypatch):
+    """What a crashed app process left in gradio's temp folder goes once older than the cache age;
+    recent files (a live process's uploads) stay."""
+    import os as _os
+    import time as _time
+
+    from finetune_core.ui import CACHE_MAX_AGE_S, sweep_gradio_temp
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    old_dir, old_file, fresh = tmp_path / "abc123", tmp_path / "old.zip", tmp_path / "def456"
+    old_dir.mkdir()
+    (old_dir / "upload.csv").write_text("text,label\n")
+    old_file.write_text("zip")
+    fresh.mkdir()
+    stale = _time.time() - CACHE_MAX_AGE_S - 60
+    for p in (old_dir, old_file):
+        _os.utime(p, (stale, stale))
+    assert sweep_gradio_temp() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["def456"]

@@ -14,6 +14,7 @@ import re
 import secrets
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 # Quiet libraries before anything imports transformers (the server log stays readable).
@@ -31,6 +32,27 @@ def _gradio_temp_in_workspace() -> None:
 
 
 _gradio_temp_in_workspace()
+CACHE_MAX_AGE_S = 6 * 3600      # gradio's delete_cache below, and the sweep at launch
+
+
+def sweep_gradio_temp(max_age_s: float = CACHE_MAX_AGE_S) -> int:
+    """Remove what an earlier app process left in gradio's temp folder (uploads, served zips) once older
+    than max_age_s. gradio's delete_cache only cleans files of its own process, and on a Space this
+    folder sits on the paid persistent volume: a crashed process's files would stay forever."""
+    import shutil
+
+    folder = Path(os.environ.get("GRADIO_TEMP_DIR", ""))
+    if not folder.is_dir():
+        return 0
+    removed, cutoff = 0, time.time() - max_age_s
+    for entry in folder.iterdir():
+        try:
+            if entry.lstat().st_mtime < cutoff:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 import gradio as gr  # noqa: E402
 
@@ -65,7 +87,7 @@ def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) 
     if ctx is None:
         ctx = AppContext(manager=manager or JobManager())
     ui = SimpleNamespace()
-    with gr.Blocks(title="FineTune Lab", fill_width=False, delete_cache=(3600, 6 * 3600)) as demo:
+    with gr.Blocks(title="FineTune Lab", fill_width=False, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
         demo.ft_context = ctx
         ui.browser_state = gr.BrowserState(None, storage_key="finetune_lab_session", secret=ctx.session_secret)
         ui.owner_state = gr.State(None)
@@ -141,6 +163,7 @@ def launch(demo: gr.Blocks, **kwargs):
     if login:
         options["auth"] = [login]
     options.update(kwargs)
+    sweep_gradio_temp()
     demo.queue(default_concurrency_limit=int(os.environ.get("FINETUNE_DEFAULT_CONCURRENCY", "4")))
     def warm():
         time.sleep(float(os.environ.get("FINETUNE_WARMUP_DELAY", "2")))   # let the server answer first
