@@ -481,8 +481,7 @@ def test_tokens_never_reach_any_file_of_an_app_run(tmp_path, tiny_bert_dir, monk
         merged = page_call(url, "merge", session, [run_id, None])
         assert merged["success"], merged
         for what in ("model", "merged"):
-            assert page_call(url, "pick_zip", session, [what])["success"]       # the 'What to zip' radio
-            zipped = page_call(url, "build_zip", session, [run_id, None, None])
+            zipped = page_call(url, "build_zip", session, [run_id, None, what])   # what: the 'What to zip' radio
             assert zipped["success"], zipped
         # the typed token: the push fails (offline), the message does not echo it
         typed = page_call(url, "push", session, [run_id, "me/model", TOKEN_TYPED, True, False, None])

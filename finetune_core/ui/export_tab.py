@@ -28,8 +28,6 @@ def build(ctx: AppContext, ui) -> None:
             ui.zip_what = gr.Radio(ZIP_CHOICES, value="model", label="What to zip", elem_id="zip-what",
                                    info="LoRA runs save an adapter (needs peft and the base model); merge "
                                         "it first for a plain model that loads on its own.")
-            # the choice reaches build_zip through a State, so the event keeps its (run, session) inputs
-            ui.zip_choice = gr.State("model")
             ui.zip_btn = gr.Button("Build zip", variant="primary")
             ui.zip_file = gr.File(label="Model zip", interactive=False, elem_id="zip-file")
         with gr.Column():
@@ -157,11 +155,7 @@ def wire(ctx: AppContext, ui) -> None:
     for trigger in (ui.exp_run.change, ui.zip_what.change):
         trigger(show, [ui.exp_run, ui.zip_what, ui.owner_state], [ui.exp_info, ui.snippet, ui.merge_btn, ui.zip_file],
                 api_visibility="private")
-    def pick_zip(what):
-        return what
-
-    ui.zip_what.change(pick_zip, ui.zip_what, ui.zip_choice, api_visibility="private")
-    ui.zip_btn.click(build_zip, [ui.exp_run, ui.owner_state, ui.zip_choice], [ui.zip_file, ui.snippet],
+    ui.zip_btn.click(build_zip, [ui.exp_run, ui.owner_state, ui.zip_what], [ui.zip_file, ui.snippet],
                      api_visibility="private")
     ui.merge_btn.click(merge, [ui.exp_run, ui.owner_state], ui.merge_md, api_visibility="private")
     # The token never leaves this handler: not in outputs, not in logs; the field is cleared afterwards.
