@@ -82,9 +82,22 @@ def _read_run_yaml(model_dir: Path) -> dict:
     return yaml.safe_load(run_yaml.read_text()) if run_yaml.exists() else {}
 
 
-@lru_cache(maxsize=3)
 def load_for_inference(model_ref: str):
-    """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id. Cached (3 models)."""
+    """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id. Cached (3 models);
+    a folder whose weights changed since (a resumed run saved again, a new merge) is loaded anew."""
+    return _load_for_inference(model_ref, _weights_stamp(model_ref))
+
+
+def _weights_stamp(model_ref: str) -> tuple:
+    path = Path(model_ref)
+    if not path.is_dir():
+        return ()
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".json", ".bin")]
+    return tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@lru_cache(maxsize=3)
+def _load_for_inference(model_ref: str, stamp: tuple):
     import torch
 
     from .models import load_tokenizer, model_kind, resolve_model

@@ -178,3 +178,29 @@ def instr_jsonl(tmp_path):
 FAST_TRAINING = {"max_steps": 3, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
                  "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-2,
                  "warmup_steps": 0, "train_sampling_strategy": "random"}
+
+
+# ---------------------------------------------------------------------------------------------
+# calling the app's private events the way its page does
+
+
+def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 180) -> dict:
+    """Call a private event the way the page does (queue join) inside session `session_hash`;
+    `data` has a value for every input, None for a gr.State. Returns the process_completed message."""
+    import json
+
+    import httpx
+
+    with httpx.Client(timeout=timeout) as h:
+        cfg = h.get(f"{url}/config").json()
+        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
+        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                          "session_hash": session_hash})
+        r.raise_for_status()
+        event_id = r.json()["event_id"]
+        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("no process_completed message")

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import page_call
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -147,26 +148,6 @@ def test_a_second_start_of_the_same_session_follows_its_active_run(app):
 # the page's own (private) events, called the way the page calls them
 
 
-def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 120) -> dict:
-    """Queue-join a private event in session `session_hash` (None for a gr.State input); returns the
-    process_completed message {"success", "output"}."""
-    import json
-
-    import httpx
-
-    with httpx.Client(timeout=timeout) as h:
-        cfg = h.get(f"{url}/config").json()
-        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
-        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
-                                                          "session_hash": session_hash})
-        r.raise_for_status()
-        event_id = r.json()["event_id"]
-        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
-            for line in stream.iter_lines():
-                msg = json.loads(line[5:]) if line.startswith("data:") else {}
-                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
-                    return msg
-    raise AssertionError("no process_completed message")
 
 
 def config_of(demo) -> dict:

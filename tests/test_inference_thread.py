@@ -120,3 +120,21 @@ def test_full_length_stream_matches_bare_generate(tiny_chat):
 
     streamed = list(stream_generate(model, tok, MSG, "chat", max_new_tokens=8, do_sample=False, seed=None))
     assert (streamed[-1] if streamed else "").strip() == on_inference_thread(bare).strip()
+
+
+def test_a_folder_saved_again_is_loaded_again(tmp_path, tiny_llama_dir):
+    """The inference cache serves the same model until its folder's weights change (a resumed run
+    that saved model/ again must not chat with the old weights)."""
+    import os
+    import shutil
+
+    from finetune_core.generate import load_for_inference
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    first = load_for_inference(str(folder))[0]
+    assert load_for_inference(str(folder))[0] is first
+    weights = next(folder.glob("*.safetensors"))
+    later = weights.stat().st_mtime + 10
+    os.utime(weights, (later, later))
+    assert load_for_inference(str(folder))[0] is not first

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import class_rows, write_csv
+from conftest import class_rows, page_call, write_csv
 from finetune_core import limits
 from finetune_core.cli import main
 from finetune_core.errors import ConfigError, ModelError
@@ -423,24 +423,6 @@ def test_the_export_tab_treats_demo_mode_and_private_runs_as_shared(monkeypatch)
 TOKEN_TYPED = "hf_PLANTED3typedTOKEN0123456789abcdef"
 
 
-def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 180) -> dict:
-    """Call a private event the way the page does (queue join) inside session `session_hash`;
-    `data` has a value for every input, None for a gr.State. Returns the process_completed message."""
-    import httpx
-
-    with httpx.Client(timeout=timeout) as h:
-        cfg = h.get(f"{url}/config").json()
-        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
-        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
-                                                          "session_hash": session_hash})
-        r.raise_for_status()
-        event_id = r.json()["event_id"]
-        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
-            for line in stream.iter_lines():
-                msg = json.loads(line[5:]) if line.startswith("data:") else {}
-                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
-                    return msg
-    raise AssertionError("no process_completed message")
 
 
 @pytest.mark.slow

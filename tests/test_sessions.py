@@ -25,7 +25,7 @@ pytest.importorskip("gradio_client")
 import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from conftest import REPO, class_rows, write_csv  # noqa: E402
+from conftest import REPO, class_rows, page_call, write_csv  # noqa: E402
 
 QUEUED = 4                                   # sessions B..E
 TRAIN = dict(task="classification", strategy="frozen", head_only=True, max_length=32,   # model: a tiny BERT
@@ -82,29 +82,6 @@ def rest(url: str, api: str, data: list) -> tuple[str, object]:
     return event, json.loads(payload) if payload and payload != "null" else None
 
 
-def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: float = 120) -> dict:
-    """Call an event the way the page does (queue join with fn_index) inside the session `session_hash`.
-
-    gradio_client refuses the page's private events; a browser (or a script posing as one) does not.
-    `data` holds a value for every input, None for a gr.State (the server keeps the session's own).
-    Returns the process_completed message: {"success": bool, "output": {...}}.
-    """
-    with httpx.Client(timeout=timeout) as h:
-        cfg = h.get(f"{url}/config").json()
-        fn_index = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api_name)
-        r = h.post(f"{url}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
-                                                          "session_hash": session_hash, "trigger_id": None,
-                                                          "event_data": None})
-        r.raise_for_status()
-        event_id = r.json()["event_id"]
-        with h.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
-            for line in stream.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                msg = json.loads(line[5:])
-                if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
-                    return msg
-    raise AssertionError("no process_completed message")
 
 
 @pytest.fixture(scope="module")
