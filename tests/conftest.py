@@ -204,3 +204,43 @@ def page_call(url: str, api_name: str, session_hash: str, data: list, timeout: f
                 if msg.get("event_id") == event_id and msg.get("msg") == "process_completed":
                     return msg
     raise AssertionError("no process_completed message")
+
+
+# ---------------------------------------------------------------------------------------------
+# job managers with a stand-in worker, and finished runs owned by a session
+
+
+def worker_python(tmp_path: Path, source: str) -> str:
+    """A 'python' for JobManager(python=...) that runs `source` instead of `-m finetune_core train`
+    (it gets the same arguments: `-m finetune_core train RUN_DIR/run_request.yaml`)."""
+    import sys
+
+    script = tmp_path / "stand_in_worker.py"
+    script.write_text(source)
+    shim = tmp_path / "stand_in_python"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    shim.chmod(0o755)
+    return str(shim)
+
+
+def owned_instruction_run(root: Path, run_id: str, owner: str, model_dir: str, name: str, **training) -> Path:
+    """A finished instruction run of `model_dir` (a tiny causal LM, a few steps) in root/runs, with the
+    job.json the app's JobManager writes for a run it started for `owner`. Returns the runs folder."""
+    import json
+
+    from finetune_core.config import config_from_dict
+    from finetune_core.jobs import owner_key
+    from finetune_core.train import train
+
+    runs = root / "runs"
+    data = write_jsonl(root / "train.jsonl", instruction_rows(12))
+    train(config_from_dict({
+        "task": "instruction", "model": model_dir,
+        "data": {"train": data, "val_size": 0.34, "max_length": 64, "template": "alpaca"},
+        "strategy": {"name": "full"},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "eval_strategy": "no",
+                     "save_strategy": "no", "logging_steps": 1, **training},
+        "output_dir": str(runs / run_id), "seed": 1}))
+    (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(owner),
+                                                        "status": "finished", "name": name}))
+    return runs

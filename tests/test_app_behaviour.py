@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import textwrap
 import time
 import zipfile
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, instruction_rows, write_jsonl
+from conftest import REPO
 
 OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
 OTHER = "b" * 32
@@ -137,14 +136,10 @@ FAKE_WORKER = textwrap.dedent("""
 def fake_manager(tmp_path):
     from finetune_core.jobs import JobManager
 
-    script = tmp_path / "fake_worker.py"
-    script.write_text(FAKE_WORKER)
-    shim = tmp_path / "fake_python"
-    # the manager runs `<python> -m finetune_core train RUN_DIR/run_request.yaml`
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
-    shim.chmod(0o755)
-    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=5, poll_interval=0.1, python=str(shim),
-                     cwd=REPO, private_runs=True)
+    from conftest import worker_python
+
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=5, poll_interval=0.1,
+                     python=worker_python(tmp_path, FAKE_WORKER), cwd=REPO, private_runs=True)
     yield mgr
     mgr.shutdown(kill=True)
 
@@ -465,22 +460,11 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
 @pytest.fixture
 def instruction_run(tmp_path, tiny_llama_dir):
     """A finished instruction run (tiny Llama, a few steps) in an app's runs folder, owned by OWNER."""
-    from finetune_core.config import config_from_dict
-    from finetune_core.jobs import owner_key
-    from finetune_core.train import train
+    from conftest import owned_instruction_run
 
-    runs = tmp_path / "runs"
     run_id = "fedcba9876543210"
-    data = write_jsonl(tmp_path / "train.jsonl", instruction_rows(12))
-    train(config_from_dict({
-        "task": "instruction", "model": tiny_llama_dir,
-        "data": {"train": data, "val_size": 0.34, "max_length": 64, "template": "alpaca"},
-        "strategy": {"name": "full"},
-        "training": {"max_steps": 3, "per_device_train_batch_size": 4, "eval_strategy": "no",
-                     "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-2, "warmup_steps": 0},
-        "output_dir": str(runs / run_id), "seed": 1}))
-    (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(OWNER),
-                                                        "status": "finished", "name": "chatty"}))
+    runs = owned_instruction_run(tmp_path, run_id, OWNER, tiny_llama_dir, "chatty", max_steps=3,
+                                 learning_rate=1e-2, warmup_steps=0)
     return runs, run_id
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import textwrap
 import threading
 import time
@@ -93,14 +92,10 @@ FAKE_WORKER = textwrap.dedent("""
 
 @pytest.fixture
 def fake_manager(tmp_path):
-    script = tmp_path / "fake_worker.py"
-    script.write_text(FAKE_WORKER)
-    shim = tmp_path / "fake_python"
-    # the manager runs `<python> -m finetune_core train RUN_DIR/run_request.yaml`
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
-    shim.chmod(0o755)
-    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=1.5, poll_interval=0.1, python=str(shim),
-                     cwd=REPO)
+    from conftest import worker_python
+
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=1.5, poll_interval=0.1,
+                     python=worker_python(tmp_path, FAKE_WORKER), cwd=REPO)
     yield mgr
     mgr.shutdown(kill=True)
 

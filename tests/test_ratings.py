@@ -163,26 +163,10 @@ def _drain(gen):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, tiny_llama_dir):
     """A finished instruction run (tiny Llama, 1 step) in an app's runs folder, owned by OWNER."""
-    from conftest import instruction_rows, write_jsonl
+    from conftest import owned_instruction_run
 
-    from finetune_core.config import config_from_dict
-    from finetune_core.jobs import owner_key
-    from finetune_core.train import train
-
-    root = tmp_path_factory.mktemp("ratings_app")
-    runs = root / "runs"
     run_id = "0123456789abcdef"
-    data = write_jsonl(root / "train.jsonl", instruction_rows(12))
-    train(config_from_dict({
-        "task": "instruction", "model": tiny_llama_dir,
-        "data": {"train": data, "val_size": 0.34, "max_length": 64, "template": "alpaca"},
-        "strategy": {"name": "full"},
-        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "eval_strategy": "no",
-                     "save_strategy": "no", "logging_steps": 1},
-        "output_dir": str(runs / run_id), "seed": 1}))
-    # as the app's JobManager records a run it started: job.json with the owner's hash
-    (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(OWNER),
-                                                        "status": "finished", "name": "rated"}))
+    runs = owned_instruction_run(tmp_path_factory.mktemp("ratings_app"), run_id, OWNER, tiny_llama_dir, "rated")
     return runs, run_id
 
 

@@ -9,7 +9,6 @@ shimmed worker that makes post-training slow) check the job manager with a stop 
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -123,13 +122,10 @@ SLOW_WORKER = textwrap.dedent("""
 
 @pytest.fixture
 def slow_manager(tmp_path):
-    script = tmp_path / "slow_worker.py"
-    script.write_text(SLOW_WORKER.format(repo=str(REPO), slow=6))
-    shim = tmp_path / "slow_python"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
-    shim.chmod(0o755)
-    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=2, poll_interval=0.1, python=str(shim),
-                     cwd=REPO)
+    from conftest import worker_python
+
+    mgr = JobManager(tmp_path / "runs", max_concurrent=1, stop_timeout=2, poll_interval=0.1,
+                     python=worker_python(tmp_path, SLOW_WORKER.format(repo=str(REPO), slow=6)), cwd=REPO)
     yield mgr
     mgr.shutdown(kill=True)
 
