@@ -18,6 +18,19 @@ import os
 import time
 from pathlib import Path
 
+# The phases of one attempt, in order. Every event may carry one (`phase`); an attempt is one
+# execution of train() on an output_dir (a resume or a re-run appends a new attempt to the same file),
+# numbered by the `attempt` field. The job manager's kill clock runs only in "training": every other
+# phase may legitimately take minutes, and a hard kill there would lose the model being written.
+#   loading     data read, tokenized and audited; model loaded; strategy applied
+#   training    the Trainer's loop
+#   checkpoint  a mid-run evaluation and/or checkpoint write (training resumes after it)
+#   saving      the Trainer has stopped (finished, early-stopped or Stop): the model is being written
+#   evaluating  the tuned model measured on the validation data
+#   baseline    the base model measured the same way (or read from the cache)
+#   generating  held-out prompts answered
+#   done, error the attempt's end
+PHASES = ("loading", "training", "checkpoint", "saving", "evaluating", "baseline", "generating", "done", "error")
 
 
 def is_main_process() -> bool:
