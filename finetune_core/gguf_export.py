@@ -32,6 +32,7 @@ from pathlib import Path
 
 import gguf
 
+from .models import TOKENIZER_FILES
 from .ollama import GgufExportError, chat_format, modelfile_text
 
 QUANT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -73,12 +74,19 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, name: str, quant: st
                               "then export the merged model.")
     _check_quant(quant)
     _check_architecture(_folder_architecture(model_dir))
+    if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        raise GgufExportError(f"'{model_dir.name}' has no tokenizer files, and a GGUF must carry its tokenizer.",
+                              "Save the tokenizer next to the weights (tokenizer.save_pretrained) and export again.")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import torch
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GgufExportError(f"The model in '{model_dir.name}' cannot be loaded: {first}",
+                              "Point to a folder saved with save_pretrained (config, safetensors, tokenizer).") from exc
     return export_gguf_from_model(model, tokenizer, out_dir, name, quant, base_model, modelfile)
 
 

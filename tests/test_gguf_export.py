@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,13 @@ def test_bad_quant_and_name_are_refused(tmp_path, tiny_llama_dir):
         export_gguf(tiny_llama_dir, tmp_path, "../escape")
     with pytest.raises(GgufExportError, match="not a public Hub id"):
         export_gguf(tiny_llama_dir, tmp_path, "x", base_model=str(tmp_path))
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_llama_dir) / name, weights_only / name)
+    with pytest.raises(GgufExportError, match="no tokenizer files"):
+        export_gguf(weights_only, tmp_path / "out", "x")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_lora_adapter_is_merged_in_memory_and_a_bare_adapter_folder_is_refused(tmp_path, tiny_llama_dir):
