@@ -11,8 +11,9 @@ parameters for gradio_client (names and defaults), the inputs of Start, Show com
 the parameter count, and the initial values of the controls.
 
 Adding a control: create the component as `ui.<name>` with `value=form.DEFAULTS["<name>"]` in its
-tab's build(), and add one Field row below (name, config path, default, cast). Every form handler
-receives it from then on; the row decides where its value lands in the config.
+tab's build(), and add one Field row to its tab's part below (DATA_FORM or TRAIN_FORM: name, config
+path, default, cast). Every form handler receives it from then on; the row decides where its value
+lands in the config.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class Field:
         return self.path
 
 
-FIELDS = (
+# The Data tab's controls: they are also the `audit` endpoint's parameters.
+DATA_FORM = (
     # the data source: resolved to data.train by data_source.resolve_data (upload, else Hub, else example)
     Field("data_file", None, None),
     Field("example", None, "domains.csv"),
@@ -160,6 +162,9 @@ FIELDS = (
     Field("response_column", {"alpaca": "data.output_column", "prompt_completion": "data.completion_column"},
           "", column, task="instruction"),
     Field("max_length", "data.max_length", 256, max_length),
+)
+# The Train tab's controls.
+TRAIN_FORM = (
     Field("model", "model", "bundled:minilm-l6", stripped),
     Field("strategy", "strategy.name", "lora"),
     Field("head_only", None, True),                      # read by frozen_layers: ticked = 'all'
@@ -175,11 +180,12 @@ FIELDS = (
     Field("val_size", "data.val_size", 0.2, val_size),
     Field("overrides", None, ""),                        # key=value lines, applied last (parse_overrides)
 )
+FIELDS = DATA_FORM + TRAIN_FORM                          # in this order: the `train` endpoint's parameters
 NAMES = tuple(f.name for f in FIELDS)
 DEFAULTS = {f.name: f.default for f in FIELDS}
-SOURCE = NAMES[:4]                                        # resolve_data's arguments
-DATA_FIELDS = NAMES[:NAMES.index("max_length") + 1]      # the Data tab's part (the audit's inputs)
-SETTINGS = NAMES[len(SOURCE):]                            # all but the data source (recommendations, counts)
+DATA_FIELDS = tuple(f.name for f in DATA_FORM)
+SOURCE = ("data_file", "example", "hub_dataset", "hub_split")      # resolve_data's arguments
+SETTINGS = tuple(name for name in NAMES if name not in SOURCE)    # what Recommend and the count read
 
 
 def source(form: dict) -> dict:
