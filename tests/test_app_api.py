@@ -14,6 +14,13 @@ from gradio_client import Client, handle_file  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = str(REPO / "examples" / "data" / "domains.csv")
 PUBLIC = {"/audit", "/train", "/stop", "/chat", "/predict"}
+TRAIN_PARAMETERS = {
+    "data_file": None, "example": "domains.csv", "hub_dataset": "", "hub_split": "train", "task": "classification",
+    "text_column": "", "label_column": "", "instruction_format": "alpaca", "prompt_column": "", "input_column": "",
+    "response_column": "", "max_length": 256, "model": "bundled:minilm-l6", "strategy": "lora", "head_only": True,
+    "frozen_layers": 3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_targets": "auto",
+    "num_train_epochs": None, "learning_rate": None, "batch_size": None, "early_stopping_patience": 2,
+    "val_size": 0.2, "overrides": ""}
 
 
 def free_port() -> int:
@@ -41,8 +48,9 @@ def test_only_the_stable_endpoints_are_public(app):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == PUBLIC
     assert not api["unnamed_endpoints"]
-    train_params = [p["parameter_name"] for p in api["named_endpoints"]["/train"]["parameters"]]
-    assert train_params[:2] == ["data_file", "example"] and "overrides" in train_params
+    # users' scripts call /train by these names, in this order, relying on these defaults
+    train = {p["parameter_name"]: p.get("parameter_default") for p in api["named_endpoints"]["/train"]["parameters"]}
+    assert train == TRAIN_PARAMETERS and list(train) == list(TRAIN_PARAMETERS)
 
 
 def test_bad_input_is_a_readable_error_and_the_app_keeps_serving(app, tmp_path):
@@ -192,8 +200,8 @@ def test_switching_the_data_source_clears_or_reloads_the_preview(app):
         assert not (preview or {}).get("data") and not info         # (a gr.State: kept on the server)
         assert all(c.get("value", "") == "" for c in cols if isinstance(c, dict) and "choices" in c)
         cleared = page_call(url, "audit_for_source", session,
-                            [source, {}, None, None, "", "train", "classification", "", "", "alpaca", "", "", "",
-                             256, "bundled:minilm-l6", None])
+                            [None, None, "", "train", "classification", "", "", "alpaca", "", "", "", 256,
+                             "bundled:minilm-l6", None, source, {}])
         assert cleared["success"], cleared
         audit_summary, warnings_html, _class_plot, _token_plot, table, _report = cleared["output"]["data"]
         assert audit_summary == "" and warnings_html == "" and table["data"] == []

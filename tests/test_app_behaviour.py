@@ -1,7 +1,8 @@
 """The app's behaviours of issue 3 that no other test pins, through the app's own handlers.
 
-The handlers are the closures `build_app` wires (as tests/test_ratings.py calls them): generators are
-iterated here as gradio iterates them, with the browser session id passed as `owner_state`.
+The handlers are the tabs' module-level functions, called with the app's context (`demo.ft_context`)
+the way `build_app` binds them: generators are iterated here as gradio iterates them, with the browser
+session id passed as `owner_state`. The Train form is a dict of form.py's fields.
 
 - page reload: the Train tab's load handler (`reconnect`) follows the session's running job again,
   step and loss chart included; another session gets nothing;
@@ -34,42 +35,21 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from finetune_core.ui import after_train, chat_tab, evaluate_tab, export_tab, form, train_tab
 
 OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
 OTHER = "b" * 32
 
-# The Train tab's inputs (train_tab.wire's train_inputs, in order) for a small classification run.
-FORM = dict(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
-            text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
-            response_column="", max_length=32, model="bundled:minilm-l6", strategy="frozen", head_only=True,
-            frozen_layers=3, lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="auto",
-            num_train_epochs=None, learning_rate=None, batch_size=None, early_stopping_patience=2,
-            val_size=0.2, overrides="")
+# The Train form (finetune_core/ui/form.py's table) for a small classification run.
+FORM = dict(form.DEFAULTS, max_length=32, strategy="frozen")
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-def handlers(demo) -> dict:
-    """The app's event handlers as 'tab.name' (e.g. 'train_tab.reconnect'); names used twice in one
-    module (none today) would be ambiguous, so they are left out rather than picked at random."""
-    out, seen = {}, set()
-    for f in demo.fns.values():
-        fn = f.fn
-        if fn is None:
-            continue
-        key = f"{getattr(fn, '__module__', '').rsplit('.', 1)[-1]}.{getattr(fn, '__name__', '')}"
-        if key in seen and out.get(key) is not fn:
-            out.pop(key, None)
-            continue
-        seen.add(key)
-        out[key] = fn
-    return out
-
-
 def block_fn(demo, name: str):
-    """The BlockFunction (trigger, inputs, outputs) whose handler is called `name`."""
+    """The events (trigger, inputs, outputs) whose handler is called `name`: how the page wires it."""
     found = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name]
     assert found, f"no event runs {name}"
     return found
@@ -96,10 +76,11 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
 
 
 def app_for(manager):
+    """The app and its context (what every handler takes first)."""
     from finetune_core.ui import build_app
 
     demo = build_app(manager)
-    return demo, handlers(demo)
+    return demo, demo.ft_context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +127,8 @@ def fake_manager(tmp_path):
 
 @pytest.fixture
 def fake_app(fake_manager):
-    demo, h = app_for(fake_manager)
-    yield fake_manager, demo, h
+    demo, ctx = app_for(fake_manager)
+    yield fake_manager, demo, ctx
     demo.close()
 
 
@@ -157,8 +138,8 @@ def static_app(tmp_path_factory):
     from finetune_core.jobs import JobManager
 
     mgr = JobManager(tmp_path_factory.mktemp("static") / "runs", poll_interval=0.5)
-    demo, h = app_for(mgr)
-    yield mgr, demo, h
+    demo, ctx = app_for(mgr)
+    yield mgr, demo, ctx
     demo.close()
     mgr.shutdown()
 
@@ -185,19 +166,19 @@ def step_of(out) -> int:
 
 
 def test_page_reload_reconnects_to_the_running_job_and_its_charts(fake_app):
-    mgr, demo, h = fake_app
+    mgr, demo, ctx = fake_app
     # the Train tab's reconnect runs after the page's load event (which restores the session id)
     (event,) = block_fn(demo, "reconnect")
     assert len(event.outputs) == 6 and event.inputs and len(event.inputs) == 1
 
-    first = h["train_tab.train"](**FORM, owner_state=OWNER, request=None)
+    first = train_tab.train(ctx, FORM, OWNER, None)
     out = next_matching(first, lambda o: step_of(o) >= 3, 30)
     run_id = out[0]
     first.close()                                   # the reload drops the page's stream; the job keeps running
     seen_before = step_of(out)
     assert mgr.get(run_id).status == "running"
 
-    stream = h["train_tab.reconnect"](OWNER, None)
+    stream = train_tab.reconnect(ctx, OWNER, None)
     out = next(stream)
     assert out[0] == run_id
     assert "Training" in out[1] and step_of(out) >= seen_before
@@ -210,9 +191,9 @@ def test_page_reload_reconnects_to_the_running_job_and_its_charts(fake_app):
     assert step_of(out) > seen_before
 
     # another browser session reconnects to nothing (its own jobs only)
-    assert list(h["train_tab.reconnect"](OTHER, None)) == []
+    assert list(train_tab.reconnect(ctx, OTHER, None)) == []
 
-    assert "Stop requested" in h["train_tab.stop"](run_id, OWNER, None)
+    assert "Stop requested" in train_tab.stop(ctx, run_id, OWNER, None)
     last = next_matching(stream, lambda o: o[5].get("status") == "stopped", 15)
     assert "Stopped by you" in last[1]
     assert list(stream) == []                        # a terminal status ends the stream
@@ -227,9 +208,9 @@ def test_page_reload_reconnects_to_the_running_job_and_its_charts(fake_app):
 def test_a_crashed_worker_shows_a_failure_box_with_its_last_lines_within_5s(fake_app, how):
     import gradio as gr
 
-    mgr, demo, h = fake_app
-    form = dict(FORM, overrides="run_name=crash" if how == "traceback" else "")
-    stream = h["train_tab.train"](**form, owner_state=OWNER, request=None)
+    mgr, demo, ctx = fake_app
+    values = dict(FORM, overrides="run_name=crash" if how == "traceback" else "")
+    stream = train_tab.train(ctx, values, OWNER, None)
     out = next_matching(stream, lambda o: step_of(o) >= 2, 30)
     run_id = out[0]
     job = mgr.get(run_id)
@@ -258,7 +239,7 @@ def test_a_crashed_worker_shows_a_failure_box_with_its_last_lines_within_5s(fake
     assert "--- worker.log (last lines) ---" in out[4] and log[-1] in out[4]
     assert out[5]["status"] == "failed" and out[5]["error"]
     # the same box after a reload
-    again = list(h["train_tab.reconnect"](OWNER, None))
+    again = list(train_tab.reconnect(ctx, OWNER, None))
     assert len(again) == 1 and "ft-error" in again[0][1] and escape(log[-1]) in again[0][1]
 
 
@@ -276,13 +257,12 @@ def test_recommend_fills_the_engine_defaults_for_model_kind_and_strategy(task, m
     import torch
 
     from finetune_core.config import training_defaults
-    from finetune_core.ui.train_tab import frozen_value
 
-    _, _, h = static_app
+    _, _, ctx = static_app
     rows = 160
-    epochs, lr, batch, patience, md, rec = h["train_tab.recommend"](task, model, strategy, head_only, 3, 0.2,
-                                                                    {"n_rows": rows})
-    d = training_defaults(task, kind, strategy, int(rows * 0.8), frozen_value(head_only, 3),
+    values = dict(form.DEFAULTS, task=task, model=model, strategy=strategy, head_only=head_only, frozen_layers=3)
+    epochs, lr, batch, patience, md, rec = train_tab.recommend(ctx, values, {"n_rows": rows})
+    d = training_defaults(task, kind, strategy, int(rows * 0.8), "all" if head_only else 3,
                           cuda=torch.cuda.is_available())
     assert (epochs, lr, batch, patience) == (d["num_train_epochs"], d["learning_rate"],
                                              d["per_device_train_batch_size"], d["early_stopping_patience"])
@@ -296,14 +276,32 @@ def test_recommend_fills_the_engine_defaults_for_model_kind_and_strategy(task, m
 
 
 def test_recommend_depends_on_strategy_and_data_size(static_app):
-    _, _, h = static_app
-    rec = h["train_tab.recommend"]
-    lrs = {s: rec("classification", "bundled:minilm-l6", s, True, 3, 0.2, {"n_rows": 160})[1]
-           for s in ("frozen", "full", "lora")}
+    _, _, ctx = static_app
+
+    def rec(strategy, info):
+        return train_tab.recommend(ctx, dict(form.DEFAULTS, strategy=strategy), info)
+
+    lrs = {s: rec(s, {"n_rows": 160})[1] for s in ("frozen", "full", "lora")}
     assert len(set(lrs.values())) == 3 and lrs["full"] < lrs["lora"] < lrs["frozen"]
-    assert "cheat sheet says **full fine-tuning**" in rec("classification", "bundled:minilm-l6", "full", True, 3,
-                                                          0.2, {"n_rows": 2000})[4]
-    assert "Load data in the Data tab" in rec("classification", "bundled:minilm-l6", "full", True, 3, 0.2, None)[4]
+    assert "cheat sheet says **full fine-tuning**" in rec("full", {"n_rows": 2000})[4]
+    assert "Load data in the Data tab" in rec("full", None)[4]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_placeholders_show_what_recommend_and_the_run_use_on_this_device(static_app, monkeypatch, cuda):
+    """On a GPU an instruction batch is 8, on a CPU 4: the 'auto' placeholders say what Recommend says."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    _, _, ctx = static_app
+    values = dict(form.DEFAULTS, task="instruction", model="bundled:smollm2-135m", strategy="lora", head_only=False)
+    info = {"n_rows": 80}
+    epochs, lr, batch, *_ = train_tab.recommend(ctx, values, info)
+    assert batch == (8 if cuda else 4)
+    shown = train_tab.context_changed(ctx, values, info, {})
+    assert [upd(u, "placeholder") for u in shown[:3]] == [f"auto: {epochs:g}", f"auto: {lr:g}", f"auto: {batch:g}"]
+    assert all(upd(u, "value") is None for u in shown[:3])      # empty boxes: the recommended value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,13 +313,13 @@ def test_show_command_yaml_is_what_start_submits_and_the_cli_runs_it(fake_app, t
     from finetune_core.cli import main
     from finetune_core.config import config_from_dict, config_to_dict, load_config
 
-    mgr, _, h = fake_app
+    mgr, _, ctx = fake_app
     # a tiny BERT where the app may load models from (the runs folder's operator folders)
     model_dir = mgr.runs_dir / "_models" / "tiny-bert"
     shutil.copytree(tiny_bert_dir, model_dir)
-    form = dict(FORM, model=str(model_dir), learning_rate=0.01, overrides="max_steps=1\neval_strategy=no\n"
-                "save_strategy=no\nlogging_steps=1\nper_device_train_batch_size=8")
-    group, md, text, path = h["train_tab.show_command"](**form)
+    values = dict(FORM, model=str(model_dir), learning_rate=0.01, overrides="max_steps=1\neval_strategy=no\n"
+                  "save_strategy=no\nlogging_steps=1\nper_device_train_batch_size=8")
+    group, md, text, path = train_tab.show_command(ctx, values)
     assert upd(group, "visible") is True
     assert "```bash\npython -m finetune_core train run.yaml\n```" in md
     assert Path(path).name == "run.yaml" and Path(path).read_text(encoding="utf-8") == text
@@ -331,12 +329,12 @@ def test_show_command_yaml_is_what_start_submits_and_the_cli_runs_it(fake_app, t
     # what Start submits for the same form
     submitted = []
     real_submit = mgr.submit
-    monkeypatch.setattr(mgr, "submit", lambda cfg, owner, **kw: submitted.append(json.loads(json.dumps(cfg)))
+    monkeypatch.setattr(mgr, "submit", lambda cfg, owner, **kw: submitted.append(config_to_dict(cfg))
                         or real_submit(cfg, owner, **kw))
-    stream = h["train_tab.train"](**form, owner_state=OWNER, request=None)
+    stream = train_tab.train(ctx, values, OWNER, None)
     run_id = next(stream)[0]
     stream.close()
-    h["train_tab.stop"](run_id, OWNER, None)
+    train_tab.stop(ctx, run_id, OWNER, None)
     assert len(submitted) == 1
     start = config_from_dict(submitted[0])
     a, b = config_to_dict(shown), config_to_dict(start)
@@ -367,7 +365,7 @@ def _contains(block, label: str) -> bool:
 
 
 def test_strategy_radio_shows_only_that_strategys_options(static_app):
-    _, demo, h = static_app
+    _, demo, ctx = static_app
     events = block_fn(demo, "show_strategy")
     assert len(events) == 2                                  # the strategy radio and the head-only box
     frozen_group, lora_group, frozen_layers = events[0].outputs
@@ -378,7 +376,7 @@ def test_strategy_radio_shows_only_that_strategys_options(static_app):
     # the page opens on LoRA: its options only
     assert (frozen_group.visible, lora_group.visible) == (False, True)
 
-    show = h["train_tab.show_strategy"]
+    show = train_tab.show_strategy
     visible = {(s, head): tuple(upd(u, "visible") for u in show(s, head))
                for s in ("full", "frozen", "lora") for head in (True, False)}
     assert visible[("full", True)] == visible[("full", False)] == (False, False, False)
@@ -400,12 +398,12 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
     assert mgr.runs_dir == tmp_path / "home" / "runs"
     model_dir = mgr.runs_dir / "_models" / "tiny-bert"
     shutil.copytree(tiny_bert_dir, model_dir)
-    demo, h = app_for(mgr)
+    demo, ctx = app_for(mgr)
     try:
-        form = dict(FORM, model=str(model_dir), learning_rate=0.01,
-                    overrides="max_steps=4\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\n"
-                              "per_device_train_batch_size=8")
-        outs = list(h["train_tab.train"](**form, owner_state=OWNER, request=None))
+        values = dict(FORM, model=str(model_dir), learning_rate=0.01,
+                      overrides="max_steps=4\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\n"
+                                "per_device_train_batch_size=8")
+        outs = list(train_tab.train(ctx, values, OWNER, None))
         run_id, status, loss, _, _, result = outs[-1]
         assert result["status"] == "finished", (status, outs[-1][4][-2000:])
         assert "Finished" in status and trace_points(loss) >= 1      # the real worker's events drew the chart
@@ -415,17 +413,17 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
 
     # the app restarts: new JobManager, new app context, nothing kept in memory
     mgr = JobManager(poll_interval=0.2, cwd=REPO, private_runs=True)
-    demo, h = app_for(mgr)
+    demo, ctx = app_for(mgr)
     try:
         assert demo.ft_context.runs_dir == tmp_path / "home" / "runs"
-        every, chat, cls, exp = h["ui.after_train"]("", None, None, None, None, OWNER, None)
+        every, chat, cls, exp = after_train(ctx, "", None, None, None, None, OWNER, None)
         assert run_id in [v for _, v in upd(every, "choices")] and upd(every, "value") == run_id
         assert run_id in [v for _, v in upd(cls, "choices")] and run_id in [v for _, v in upd(exp, "choices")]
         assert run_id not in [v for _, v in upd(chat, "choices")]                  # a classifier does not chat
-        other = h["ui.after_train"]("", None, None, None, None, OTHER, None)[0]
+        other = after_train(ctx, "", None, None, None, None, OTHER, None)[0]
         assert run_id not in [v for _, v in upd(other, "choices")]                  # private to its session
 
-        out = h["evaluate_tab.show_run"](run_id, False, OWNER, None)
+        out = evaluate_tab.show_run(ctx, run_id, False, OWNER, None)
         header, cls_col, baselines, cm, per_class, pred_file = out[0], out[3], out[5], out[7], out[8], out[11]
         assert "**classification**" in header and "strategy **frozen**" in header
         assert upd(cls_col, "visible") is True
@@ -434,13 +432,13 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
         assert cm.data and len(cm.data[0].z) == 4
         assert Path(pred_file).read_text().splitlines()[0].startswith("text")
         with pytest.raises(Exception, match="was not found"):
-            h["evaluate_tab.show_run"](run_id, False, OTHER, None)
+            evaluate_tab.show_run(ctx, run_id, False, OTHER, None)
 
-        probs = h["chat_tab.predict"]("The court ruled in favour of the plaintiff.", run_id, OWNER, None)
+        probs = chat_tab.predict(ctx, "The court ruled in favour of the plaintiff.", run_id, OWNER, None)
         assert set(probs) == {"finance", "legal", "medical", "technology"}
         assert abs(sum(probs.values()) - 1) < 1e-4
 
-        zip_path, snippet = h["export_tab.build_zip"](run_id, OWNER, "model", None)
+        zip_path, snippet = export_tab.build_zip(ctx, run_id, OWNER, "model", None)
         names = zipfile.ZipFile(zip_path).namelist()
         assert any(n.endswith(".safetensors") for n in names)
         assert any(n.endswith("tokenizer.json") or n.endswith("vocab.txt") for n in names)
@@ -474,15 +472,15 @@ def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction
 
     runs, run_id = instruction_run
     mgr = JobManager(runs, poll_interval=0.2, private_runs=True)
-    demo, h = app_for(mgr)
+    demo, ctx = app_for(mgr)
     try:
         base_ref, ft_dir, run_dir = resolve_chat_models(demo.ft_context, run_id, OWNER)
         assert (base_ref, ft_dir, run_dir) == (tiny_llama_dir, str(runs / run_id / "model"), runs / run_id)
-        chat_choices = upd(h["chat_tab.refresh"](None, None, OWNER, None)[0], "choices")
+        chat_choices = upd(chat_tab.refresh(ctx, None, None, OWNER, None)[0], "choices")
         assert run_id in [v for _, v in chat_choices]
 
         # the handler appends to the same lists it yields: keep a copy of each streamed output
-        outs = [copy.deepcopy(o) for o in h["chat_tab.chat"]("Rewrite this note: refund approved.", run_id, 0.7,
+        outs = [copy.deepcopy(o) for o in chat_tab.chat(ctx, "Rewrite this note: refund approved.", run_id, 0.7,
                                                              0.9, 12, False, [], [], OWNER, None)]
         base, ft, exchange = outs[-1]
         for history in (base, ft):
@@ -499,11 +497,11 @@ def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction
         assert any(len(o[1]) == 2 and o[1][1]["content"].startswith("⏳") for o in outs)   # loading note first
 
         # a second turn keeps both conversations
-        outs = list(h["chat_tab.chat"]("And shorter?", run_id, 0.7, 0.9, 8, False, base, ft, OWNER, None))
+        outs = list(chat_tab.chat(ctx, "And shorter?", run_id, 0.7, 0.9, 8, False, base, ft, OWNER, None))
         base, ft, _ = outs[-1]
         assert [m["role"] for m in base] == [m["role"] for m in ft] == ["user", "assistant"] * 2
         with pytest.raises(Exception, match="was not found"):
-            list(h["chat_tab.chat"]("hi", run_id, 0.7, 0.9, 8, False, [], [], OTHER, None))
+            list(chat_tab.chat(ctx, "hi", run_id, 0.7, 0.9, 8, False, [], [], OTHER, None))
     finally:
         demo.close()
         mgr.shutdown()

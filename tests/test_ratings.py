@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import functools
 import importlib
 import json
 import multiprocessing as mp
@@ -149,8 +150,11 @@ OTHER = "b" * 32
 
 
 def _handlers(demo) -> dict:
-    """The app's event handlers by name (they are closures inside chat_tab.wire)."""
-    return {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values() if f.fn is not None}
+    """The Chat tab's rating handlers (module-level functions of chat_tab) with this app's context."""
+    from finetune_core.ui import chat_tab
+
+    return {name: functools.partial(getattr(chat_tab, name), demo.ft_context)
+            for name in ("chat", "rate", "heldout", "save_heldout", "show_ratings")}
 
 
 def _drain(gen):
@@ -181,7 +185,7 @@ def _app(runs, private: bool):
 
 def test_ratings_from_the_chat_handlers_persist_across_an_app_restart(chat_run):
     from finetune_core.jobs import owner_key
-    from finetune_core.ui.evaluate_tab import prompt_preview, read_generations
+    from finetune_core.ui.generations import prompt_preview, read_generations
 
     runs, run_id = chat_run
     run_dir = runs / run_id
@@ -240,7 +244,7 @@ def test_rating_handlers_refuse_bad_cells_and_runs_the_session_may_not_view(chat
     runs, run_id = chat_run
     run_dir = runs / run_id
     (run_dir / "ratings.jsonl").unlink(missing_ok=True)
-    from finetune_core.ui.evaluate_tab import prompt_preview, read_generations
+    from finetune_core.ui.generations import prompt_preview, read_generations
 
     gens = read_generations(run_dir)
     row = [prompt_preview(gens[0]["prompt"]), gens[0]["reference"], "base answer", "ft answer", 4, 9]

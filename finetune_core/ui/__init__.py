@@ -5,6 +5,8 @@
     launch(demo)                  # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, default 127.0.0.1:7860
 
 Stable API names (gradio_client): audit, train, stop, chat, predict. Every other event is private.
+Each tab module has build(ctx, ui) (its components, kept on the shared `ui` namespace) and
+wire(ctx, ui) (its event bindings); its handlers are module-level functions of (ctx, ...).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,25 +25,33 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ..jobs import JobManager, finetune_home  # noqa: E402
+from ..limits import auth  # noqa: E402
 
-def _gradio_temp_in_workspace() -> None:
-    """Gradio keeps uploads and the files it serves (zips, predictions.csv) in its temp folder: put it
-    inside FINETUNE_HOME, the app's workspace, rather than the machine's /tmp (unless set already)."""
-    from ..jobs import finetune_home
-
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(finetune_home() / "tmp" / "gradio"))
-
-
-_gradio_temp_in_workspace()
+# Gradio keeps uploads and the files it serves (zips, predictions.csv) in its temp folder: put it
+# inside FINETUNE_HOME, the app's workspace, rather than the machine's /tmp (unless set already).
+# Set before gradio is imported, which reads it.
+os.environ.setdefault("GRADIO_TEMP_DIR", str(finetune_home() / "tmp" / "gradio"))
 CACHE_MAX_AGE_S = 6 * 3600      # gradio's delete_cache below, and the sweep at launch
+
+import gradio as gr  # noqa: E402
+
+from . import chat_tab, data_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
+from .common import (CSS, AppContext, bind, dropdown_update, limits_line, owner_of, run_choices,  # noqa: E402
+                     upload_limit_mb, warm_ml_imports)
+
+__all__ = ["build_app", "launch", "AppContext", "apply_space_defaults"]
+
+INTRO = """# FineTune Lab
+Fine-tune a classifier or a small chat model on your own data, see how good it is, talk to it, export it.
+**1 Data** → **2 Train** → **3 Evaluate** → **4 Chat** → **5 Export**. Everything runs on this machine, offline
+with the bundled models."""
 
 
 def sweep_gradio_temp(max_age_s: float = CACHE_MAX_AGE_S) -> int:
     """Remove what an earlier app process left in gradio's temp folder (uploads, served zips) once older
     than max_age_s. gradio's delete_cache only cleans files of its own process, and on a Space this
     folder sits on the paid persistent volume: a crashed process's files would stay forever."""
-    import shutil
-
     folder = Path(os.environ.get("GRADIO_TEMP_DIR", ""))
     if not folder.is_dir():
         return 0
@@ -53,15 +64,6 @@ def sweep_gradio_temp(max_age_s: float = CACHE_MAX_AGE_S) -> int:
         except OSError:
             continue
     return removed
-
-import gradio as gr  # noqa: E402
-
-from ..jobs import JobManager  # noqa: E402
-from . import chat_tab, data_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
-from .common import (CSS, AppContext, dropdown_update, limits_line, owner_of, run_choices,  # noqa: E402
-                     upload_limit_mb, warm_ml_imports)
-
-__all__ = ["build_app", "launch", "AppContext", "apply_space_defaults"]
 
 
 def apply_space_defaults(environ=os.environ) -> bool:
@@ -76,10 +78,29 @@ def apply_space_defaults(environ=os.environ) -> bool:
         return True
     return False
 
-INTRO = """# FineTune Lab
-Fine-tune a classifier or a small chat model on your own data, see how good it is, talk to it, export it.
-**1 Data** → **2 Train** → **3 Evaluate** → **4 Chat** → **5 Export**. Everything runs on this machine, offline
-with the bundled models."""
+
+def init_session(stored):
+    """A random id per browser, kept in localStorage (encrypted): jobs belong to it across reloads."""
+    if not (isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{32}", stored)):
+        stored = secrets.token_hex(16)
+    return stored, stored
+
+
+def after_train(ctx: AppContext, run_id, eval_current, chat_current, cls_current, exp_current, owner_state,
+                request: gr.Request):
+    """The run pickers of Evaluate, Chat (chat and classifier) and Export, the new run selected."""
+    owner = owner_of(owner_state, request)
+    try:
+        inst = run_choices(ctx, owner, task="instruction", with_model=True)
+        cls = run_choices(ctx, owner, task="classification", with_model=True)
+        every = run_choices(ctx, owner)
+        with_model = run_choices(ctx, owner, with_model=True)
+    except Exception:  # noqa: BLE001 - a refresh must never break the page
+        return [gr.skip()] * 4
+    return (dropdown_update(every, eval_current, run_id),
+            dropdown_update(inst + chat_tab.BASE_MODELS, chat_current, run_id),
+            dropdown_update(cls, cls_current, run_id),
+            dropdown_update(with_model, exp_current, run_id))
 
 
 def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) -> gr.Blocks:
@@ -104,12 +125,6 @@ def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) 
             with gr.Tab("5 · Export", id="export") as ui.export_tab:
                 export_tab.build(ctx, ui)
 
-        def init_session(stored):
-            """A random id per browser, kept in localStorage (encrypted): jobs belong to it across reloads."""
-            if not (isinstance(stored, str) and re.fullmatch(r"[0-9a-f]{32}", stored)):
-                stored = secrets.token_hex(16)
-            return stored, stored
-
         ui.session_load = demo.load(init_session, ui.browser_state, [ui.browser_state, ui.owner_state],
                                     api_visibility="private", queue=False)
         data_tab.wire(ctx, ui)
@@ -117,30 +132,13 @@ def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) 
         evaluate_tab.wire(ctx, ui)
         chat_tab.wire(ctx, ui)
         export_tab.wire(ctx, ui)
-
         # first paint: the default example's preview, then the parameter count and the run lists
-        ui.session_load.then(ui.load_data_fn, ui.src_inputs, ui.load_outputs, api_visibility="private").success(
-            ui.audit_fn, ui.audit_inputs, ui.audit_outputs, api_visibility="private")
-
-        def after_train(run_id, eval_current, chat_current, cls_current, exp_current, owner_state,
-                        request: gr.Request):
-            owner = owner_of(owner_state, request)
-            try:
-                inst = run_choices(ctx, owner, task="instruction", with_model=True)
-                cls = run_choices(ctx, owner, task="classification", with_model=True)
-                every = run_choices(ctx, owner)
-                with_model = run_choices(ctx, owner, with_model=True)
-            except Exception:  # noqa: BLE001 - a refresh must never break the page
-                return [gr.skip()] * 4
-            return (dropdown_update(every, eval_current, run_id),
-                    dropdown_update(inst + chat_tab.BASE_MODELS, chat_current, run_id),
-                    dropdown_update(cls, cls_current, run_id),
-                    dropdown_update(with_model, exp_current, run_id))
-
+        data_tab.first_paint(ctx, ui)
+        refresh_pickers = bind(ctx, after_train)
         refresh_inputs = [ui.run_id, ui.eval_run, ui.chat_model, ui.cls_run, ui.exp_run, ui.owner_state]
         refresh_outputs = [ui.eval_run, ui.chat_model, ui.cls_run, ui.exp_run]
-        ui.train_event.then(after_train, refresh_inputs, refresh_outputs, api_visibility="private")
-        ui.session_load.then(after_train, refresh_inputs, refresh_outputs, api_visibility="private")
+        ui.train_event.then(refresh_pickers, refresh_inputs, refresh_outputs, api_visibility="private")
+        ui.session_load.then(refresh_pickers, refresh_inputs, refresh_outputs, api_visibility="private")
     return demo
 
 
@@ -154,17 +152,13 @@ def launch(demo: gr.Blocks, **kwargs):
         theme=gr.themes.Soft(), css=CSS, show_error=True,
         max_threads=int(os.environ.get("FINETUNE_MAX_THREADS", "80")),
     )
-    try:
-        from ..limits import auth
-
-        login = auth()                      # FINETUNE_AUTH="user:password"
-    except ImportError:
-        login = None
+    login = auth()                      # FINETUNE_AUTH="user:password"
     if login:
         options["auth"] = [login]
     options.update(kwargs)
     sweep_gradio_temp()
     demo.queue(default_concurrency_limit=int(os.environ.get("FINETUNE_DEFAULT_CONCURRENCY", "4")))
+
     def warm():
         time.sleep(float(os.environ.get("FINETUNE_WARMUP_DELAY", "2")))   # let the server answer first
         warm_ml_imports()

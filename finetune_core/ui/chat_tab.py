@@ -1,4 +1,8 @@
-"""Chat tab: base vs fine-tuned answers side by side (streamed), ratings, held-out test, classifier probe."""
+"""Chat tab: base vs fine-tuned answers side by side (streamed), ratings, held-out test, classifier probe.
+
+Handlers are module-level functions of (ctx, ...); `wire()` binds them to the components. Every model
+computation goes through generate.on_inference_thread (one torch thread for the whole app).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import FinetuneError, ModelError
-from ..jobs import owner_key
+from ..generate import (generate_batch, load_for_inference, on_inference_thread, predict_proba,
+                        stream_generate)
+from ..jobs import _RUN_ID, owner_key
+from ..models import resolve_model
 from ..ratings import add_rating, latest_ratings, rating_summary
-from .common import AppContext, dropdown_update, owner_of, run_choices, user_errors
-from .evaluate_tab import prompt_preview, read_generations
+from ..rundir import read_config
+from .common import AppContext, bind, dropdown_update, owner_of, run_choices, user_errors
+from .generations import prompt_preview, read_generations
 
 BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smollm2-135m")]
 FT_PLACEHOLDER = ("**No fine-tuned model picked.** Choose an instruction run in 'Model to test' above: its answers "
@@ -19,25 +27,14 @@ FT_PLACEHOLDER = ("**No fine-tuned model picked.** Choose an instruction run in 
 INFERENCE_LIMIT = int(os.environ.get("FINETUNE_INFERENCE_CONCURRENCY", "1"))
 
 
-def _run_yaml(run_dir: Path) -> dict:
-    import yaml
-
-    for name in ("run.yaml", "run_request.yaml"):
-        if (run_dir / name).exists():
-            return yaml.safe_load((run_dir / name).read_text(encoding="utf-8")) or {}
-    return {}
-
-
 def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, str | None, Path | None]:
     """(base model ref, fine-tuned model dir or None, run dir or None) for a Chat dropdown value."""
     choice = (choice or "").strip()
     if not choice:
         raise FinetuneError("No model selected.", "Pick an instruction run or the bundled SmolLM2.")
-    from ..jobs import _RUN_ID
-
     if _RUN_ID.match(choice) and (ctx.runs_dir / choice).is_dir():
         run_dir = ctx.run_dir(choice, owner)
-        info = _run_yaml(run_dir)
+        info = read_config(run_dir)
         if info.get("task") == "classification":
             raise FinetuneError("This run is a classifier: it predicts labels, it does not chat.",
                                 "Use 'Try the classifier' below, or pick an instruction run.")
@@ -45,8 +42,6 @@ def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, 
             raise FinetuneError("This run has no saved model yet.", "Wait for it to finish, or pick another run.")
         return info.get("model", "bundled:smollm2-135m"), str(run_dir / "model"), run_dir
     if choice.startswith("bundled:") or "/" in choice and not choice.startswith((".", "/", "~")):
-        from ..models import resolve_model
-
         resolve_model(choice, allowed_roots=ctx.model_roots(owner))    # clear message when offline / unknown
         return choice, None, None
     raise FinetuneError(f"'{choice}' is neither a run nor a model id.", "Pick an entry from the list.")
@@ -57,8 +52,8 @@ NOT_CONTEXT = ("⏳ Loading the model", "(Pick a fine-tuned run")
 
 def context_messages(history: list) -> list[dict]:
     """The turns sent to a model: user / assistant / system text only. Notes never are: messages with
-    metadata (gradio's notes and thoughts), the loading line, and the old 'pick a run' placeholder that
-    histories of earlier versions may still hold."""
+    metadata (gradio's notes and thoughts), the loading line, and a '(Pick a fine-tuned run ...)' note
+    that a history sent back by an API client may carry."""
     out = []
     for m in history:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system") or m.get("metadata"):
@@ -79,8 +74,6 @@ def _text(content) -> str:
 
 
 def _inference(ref: str):
-    from ..generate import load_for_inference, on_inference_thread
-
     try:
         return on_inference_thread(load_for_inference, ref)   # all torch work on one thread (generate.py)
     except FinetuneError:
@@ -132,6 +125,178 @@ def _generation_for(gens: list[dict], position: int, preview: str) -> dict | Non
         return gens[position]
     matches = [g for g in gens if prompt_preview(g.get("prompt", "")) == preview]
     return matches[0] if len(matches) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers
+
+
+@user_errors
+def refresh(ctx: AppContext, chat_current, cls_current, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    inst = run_choices(ctx, owner, task="instruction", with_model=True)
+    cls = run_choices(ctx, owner, task="classification", with_model=True)
+    return dropdown_update(inst + BASE_MODELS, chat_current), dropdown_update(cls, cls_current)
+
+
+@user_errors
+def chat(ctx: AppContext, message="", model="bundled:smollm2-135m", temperature=0.7, top_p=0.9,
+         max_new_tokens=128, do_sample=True, base_history=None, finetuned_history=None, owner_state=None,
+         request: gr.Request = None):
+    """Send one message to the base and the fine-tuned model; streams both answers.
+
+    Returns (base_history, finetuned_history) in messages format: [{"role", "content"}, ...].
+    """
+    owner = owner_of(owner_state, request)
+    message = (message or "").strip()
+    if not message:
+        raise FinetuneError("The message is empty.", "Type something to ask the models.")
+    base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
+    base_history = [m for m in (base_history or []) if isinstance(m, dict)]
+    finetuned_history = [m for m in (finetuned_history or []) if isinstance(m, dict)]
+    settings = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                    do_sample=bool(do_sample))
+    histories = [base_history, finetuned_history]
+    refs = [base_ref, ft_dir]
+    # Without a run the fine-tuned side stays empty and shows its placeholder note: a note written
+    # into the history would be sent back to the model as one of its own answers.
+    for h, ref in zip(histories, refs):
+        if ref is not None:
+            h.append({"role": "user", "content": message})
+    yield base_history, finetuned_history, {}
+    answers = {}
+    for i, (history, ref) in enumerate(zip(histories, refs)):
+        if ref is None:
+            continue
+        msgs = context_messages(history)
+        # Loading can take a while the first time (the bundled SmolLM2 is converted once): say so.
+        history.append({"role": "assistant", "content": "⏳ Loading the model ..."})
+        yield base_history, finetuned_history, gr.skip()
+        try:
+            mdl, tok, info = _inference(ref)
+        except FinetuneError:
+            history.pop()
+            raise
+        if info["task"] != "instruction":
+            history.pop()
+            raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
+        history[-1]["content"] = ""
+        for text in stream_generate(mdl, tok, msgs, info["template"], **settings):
+            history[-1]["content"] = text
+            yield base_history, finetuned_history, gr.skip()
+        answers["base" if i == 0 else "finetuned"] = history[-1]["content"]
+    exchange = {"run_dir": str(run_dir) if run_dir else None, "prompt": message,
+                "answer": answers.get("finetuned", "")}
+    yield base_history, finetuned_history, exchange
+
+
+@user_errors
+def rate(ctx: AppContext, rating, exchange, model, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    if not exchange or not exchange.get("run_dir"):
+        raise FinetuneError("There is no fine-tuned answer to rate yet.", "Pick a run and send a message first.")
+    if rating is None:
+        raise FinetuneError("No rating chosen.", "Click 1 to 5, then save.")
+    # the run the answer came from, looked up again: still there and still visible to this session
+    run_dir = ratable_run(ctx, Path(exchange["run_dir"]).name, owner)
+    add_rating(run_dir, exchange.get("prompt", ""), "finetuned", exchange.get("answer", ""), rating,
+               session=owner_key(owner))
+    gr.Info("Rating saved with the run.")
+    return ratings_md(run_dir), None
+
+
+@user_errors
+def show_ratings(ctx: AppContext, model, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    try:
+        _, _, run_dir = resolve_chat_models(ctx, model, owner)
+    except FinetuneError:
+        run_dir = None
+    return ratings_md(run_dir), [], []
+
+
+@user_errors
+def heldout(ctx: AppContext, model, n, max_new_tokens, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
+    if run_dir is None:
+        raise FinetuneError("The held-out test needs a fine-tuned run.", "Pick an instruction run above.")
+    gens = read_generations(run_dir)[: int(n)]
+    if not gens:
+        raise FinetuneError("This run has no held-out prompts (generations.jsonl is missing).",
+                            "It is written at the end of an instruction run; pick a finished run.")
+    base, base_tok, base_info = _inference(base_ref)
+    ft, ft_tok, ft_info = _inference(ft_dir)
+    # this session's earlier ratings of the same answers fill the rating columns again
+    mine = {(r.get("index"), r["model"], r.get("answer")): r["score"]
+            for r in latest_ratings(run_dir, session=owner_key(owner))}
+    rows = []
+    for pos, g in enumerate(gens):
+        prompt, index = g["prompt"], g.get("index", pos)
+        b = on_inference_thread(generate_batch, base, base_tok, [prompt], ft_info["template"],
+                                max_new_tokens=int(max_new_tokens))[0]
+        f = on_inference_thread(generate_batch, ft, ft_tok, [prompt], ft_info["template"],
+                                max_new_tokens=int(max_new_tokens))[0]
+        rows.append([prompt_preview(prompt), g.get("reference", ""), b, f,
+                     mine.get((index, "base", b)), mine.get((index, "finetuned", f))])
+        yield rows
+    gr.Info("Done: type 1-5 in the rating columns and press 'Save ratings'.")
+
+
+@user_errors
+def save_heldout(ctx: AppContext, table, model, owner_state, request: gr.Request):
+    """Save the table's ratings with the full prompt and its generations.jsonl index.
+
+    Saving again appends to the log; the summary counts each answer once (ratings.latest_ratings)."""
+    owner = owner_of(owner_state, request)
+    _, _, run_dir = resolve_chat_models(ctx, model, owner)
+    if run_dir is None:
+        raise FinetuneError("No run selected.", "Pick an instruction run above.")
+    run_dir = ratable_run(ctx, run_dir.name, owner)
+    values = table.values.tolist() if hasattr(table, "values") else (table or [])
+    gens = read_generations(run_dir)
+    todo = []          # validate every cell first: a typo saves nothing rather than half the table
+    for pos, row in enumerate(values):
+        if len(row) < 6:
+            continue
+        cells = [(name, answer, _score_cell(row[col], pos + 1, label)) for col, name, answer, label in
+                 ((4, "base", row[2], "base rating"), (5, "finetuned", row[3], "fine-tuned rating"))]
+        cells = [c for c in cells if c[2] is not None]
+        if not cells:
+            continue
+        g = _generation_for(gens, pos, str(row[0]))
+        if g is None:
+            raise FinetuneError(f"Row {pos + 1} of the table is not one of this run's held-out prompts "
+                                "any more; nothing was saved.", "Run the held-out test again, then rate.")
+        todo += [(g, name, answer, score) for name, answer, score in cells]
+    if not todo:
+        raise FinetuneError("No ratings to save.", "Type numbers from 1 to 5 in the two rating columns.")
+    for g, name, answer, score in todo:
+        add_rating(run_dir, g["prompt"], name, str(answer or ""), score, session=owner_key(owner),
+                   index=int(g.get("index", gens.index(g))))
+    gr.Info(f"{len(todo)} ratings saved with the run.")
+    return ratings_md(run_dir)
+
+
+@user_errors
+def predict(ctx: AppContext, text="", run="", owner_state=None, request: gr.Request = None):
+    """Class probabilities of a fine-tuned classifier for one text: {label: probability}."""
+    owner = owner_of(owner_state, request)
+    text = (text or "").strip()
+    if not text:
+        raise FinetuneError("The text is empty.", "Type a sentence to classify.")
+    run_dir = ctx.run_dir(run, owner)
+    if read_config(run_dir).get("task") != "classification":
+        raise FinetuneError("This run is not a classifier.", "Pick a classification run.")
+    if not (run_dir / "model").is_dir():
+        raise FinetuneError("This run has no saved model yet.", "Wait for it to finish.")
+    model, tok, info = _inference(str(run_dir / "model"))
+    max_length = int((info.get("run") or {}).get("data", {}).get("max_length", 256))
+    return on_inference_thread(predict_proba, model, tok, text, max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# UI
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -192,191 +357,31 @@ def build(ctx: AppContext, ui) -> None:
 
 
 def wire(ctx: AppContext, ui) -> None:
-    @user_errors
-    def refresh(chat_current, cls_current, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        inst = run_choices(ctx, owner, task="instruction", with_model=True)
-        cls = run_choices(ctx, owner, task="classification", with_model=True)
-        return dropdown_update(inst + BASE_MODELS, chat_current), dropdown_update(cls, cls_current)
-
-    @user_errors
-    def chat(message="", model="bundled:smollm2-135m", temperature=0.7, top_p=0.9, max_new_tokens=128,
-             do_sample=True, base_history=None, finetuned_history=None, owner_state=None,
-             request: gr.Request = None):
-        """Send one message to the base and the fine-tuned model; streams both answers.
-
-        Returns (base_history, finetuned_history) in messages format: [{"role", "content"}, ...].
-        """
-        from ..generate import stream_generate
-
-        owner = owner_of(owner_state, request)
-        message = (message or "").strip()
-        if not message:
-            raise FinetuneError("The message is empty.", "Type something to ask the models.")
-        base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
-        base_history = [m for m in (base_history or []) if isinstance(m, dict)]
-        finetuned_history = [m for m in (finetuned_history or []) if isinstance(m, dict)]
-        settings = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                        do_sample=bool(do_sample))
-        histories = [base_history, finetuned_history]
-        refs = [base_ref, ft_dir]
-        # Without a run the fine-tuned side stays empty and shows its placeholder note: a note written
-        # into the history would be sent back to the model as one of its own answers.
-        for h, ref in zip(histories, refs):
-            if ref is not None:
-                h.append({"role": "user", "content": message})
-        yield base_history, finetuned_history, {}
-        answers = {}
-        for i, (history, ref) in enumerate(zip(histories, refs)):
-            if ref is None:
-                continue
-            msgs = context_messages(history)
-            # Loading can take a while the first time (the bundled SmolLM2 is converted once): say so.
-            history.append({"role": "assistant", "content": "⏳ Loading the model ..."})
-            yield base_history, finetuned_history, gr.skip()
-            try:
-                mdl, tok, info = _inference(ref)
-            except FinetuneError:
-                history.pop()
-                raise
-            if info["task"] != "instruction":
-                history.pop()
-                raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
-            history[-1]["content"] = ""
-            for text in stream_generate(mdl, tok, msgs, info["template"], **settings):
-                history[-1]["content"] = text
-                yield base_history, finetuned_history, gr.skip()
-            answers["base" if i == 0 else "finetuned"] = history[-1]["content"]
-        exchange = {"run_dir": str(run_dir) if run_dir else None, "prompt": message,
-                    "answer": answers.get("finetuned", "")}
-        yield base_history, finetuned_history, exchange
-
-    @user_errors
-    def rate(rating, exchange, model, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        if not exchange or not exchange.get("run_dir"):
-            raise FinetuneError("There is no fine-tuned answer to rate yet.", "Pick a run and send a message first.")
-        if rating is None:
-            raise FinetuneError("No rating chosen.", "Click 1 to 5, then save.")
-        # the run the answer came from, looked up again: still there and still visible to this session
-        run_dir = ratable_run(ctx, Path(exchange["run_dir"]).name, owner)
-        add_rating(run_dir, exchange.get("prompt", ""), "finetuned", exchange.get("answer", ""), rating,
-                   session=owner_key(owner))
-        gr.Info("Rating saved with the run.")
-        return ratings_md(run_dir), None
-
-    @user_errors
-    def show_ratings(model, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        try:
-            _, _, run_dir = resolve_chat_models(ctx, model, owner)
-        except FinetuneError:
-            run_dir = None
-        return ratings_md(run_dir), [], []
-
-    @user_errors
-    def heldout(model, n, max_new_tokens, owner_state, request: gr.Request):
-        from ..generate import generate_batch, on_inference_thread
-
-        owner = owner_of(owner_state, request)
-        base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
-        if run_dir is None:
-            raise FinetuneError("The held-out test needs a fine-tuned run.", "Pick an instruction run above.")
-        gens = read_generations(run_dir)[: int(n)]
-        if not gens:
-            raise FinetuneError("This run has no held-out prompts (generations.jsonl is missing).",
-                                "It is written at the end of an instruction run; pick a finished run.")
-        base, base_tok, base_info = _inference(base_ref)
-        ft, ft_tok, ft_info = _inference(ft_dir)
-        # this session's earlier ratings of the same answers fill the rating columns again
-        mine = {(r.get("index"), r["model"], r.get("answer")): r["score"]
-                for r in latest_ratings(run_dir, session=owner_key(owner))}
-        rows = []
-        for pos, g in enumerate(gens):
-            prompt, index = g["prompt"], g.get("index", pos)
-            b = on_inference_thread(generate_batch, base, base_tok, [prompt], ft_info["template"],
-                                    max_new_tokens=int(max_new_tokens))[0]
-            f = on_inference_thread(generate_batch, ft, ft_tok, [prompt], ft_info["template"],
-                                    max_new_tokens=int(max_new_tokens))[0]
-            rows.append([prompt_preview(prompt), g.get("reference", ""), b, f,
-                         mine.get((index, "base", b)), mine.get((index, "finetuned", f))])
-            yield rows
-        gr.Info("Done: type 1-5 in the rating columns and press 'Save ratings'.")
-
-    @user_errors
-    def save_heldout(table, model, owner_state, request: gr.Request):
-        """Save the table's ratings with the full prompt and its generations.jsonl index.
-
-        Saving again appends to the log; the summary counts each answer once (ratings.latest_ratings)."""
-        owner = owner_of(owner_state, request)
-        _, _, run_dir = resolve_chat_models(ctx, model, owner)
-        if run_dir is None:
-            raise FinetuneError("No run selected.", "Pick an instruction run above.")
-        run_dir = ratable_run(ctx, run_dir.name, owner)
-        values = table.values.tolist() if hasattr(table, "values") else (table or [])
-        gens = read_generations(run_dir)
-        todo = []          # validate every cell first: a typo saves nothing rather than half the table
-        for pos, row in enumerate(values):
-            if len(row) < 6:
-                continue
-            cells = [(name, answer, _score_cell(row[col], pos + 1, label)) for col, name, answer, label in
-                     ((4, "base", row[2], "base rating"), (5, "finetuned", row[3], "fine-tuned rating"))]
-            cells = [c for c in cells if c[2] is not None]
-            if not cells:
-                continue
-            g = _generation_for(gens, pos, str(row[0]))
-            if g is None:
-                raise FinetuneError(f"Row {pos + 1} of the table is not one of this run's held-out prompts "
-                                    "any more; nothing was saved.", "Run the held-out test again, then rate.")
-            todo += [(g, name, answer, score) for name, answer, score in cells]
-        if not todo:
-            raise FinetuneError("No ratings to save.", "Type numbers from 1 to 5 in the two rating columns.")
-        for g, name, answer, score in todo:
-            add_rating(run_dir, g["prompt"], name, str(answer or ""), score, session=owner_key(owner),
-                       index=int(g.get("index", gens.index(g))))
-        gr.Info(f"{len(todo)} ratings saved with the run.")
-        return ratings_md(run_dir)
-
-    @user_errors
-    def predict(text="", run="", owner_state=None, request: gr.Request = None):
-        """Class probabilities of a fine-tuned classifier for one text: {label: probability}."""
-        from ..generate import on_inference_thread, predict_proba
-
-        owner = owner_of(owner_state, request)
-        text = (text or "").strip()
-        if not text:
-            raise FinetuneError("The text is empty.", "Type a sentence to classify.")
-        run_dir = ctx.run_dir(run, owner)
-        if _run_yaml(run_dir).get("task") != "classification":
-            raise FinetuneError("This run is not a classifier.", "Pick a classification run.")
-        if not (run_dir / "model").is_dir():
-            raise FinetuneError("This run has no saved model yet.", "Wait for it to finish.")
-        model, tok, info = _inference(str(run_dir / "model"))
-        max_length = int((info.get("run") or {}).get("data", {}).get("max_length", 256))
-        return on_inference_thread(predict_proba, model, tok, text, max_length=max_length)
-
     refresh_inputs = [ui.chat_model, ui.cls_run, ui.owner_state]
-    ui.chat_refresh.click(refresh, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
-    ui.chat_tab.select(refresh, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
+    refresher = bind(ctx, refresh)
+    ui.chat_refresh.click(refresher, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
+    ui.chat_tab.select(refresher, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
     chat_inputs = [ui.chat_msg, ui.chat_model, ui.temperature, ui.top_p, ui.max_new_tokens, ui.do_sample,
                    ui.base_bot, ui.ft_bot, ui.owner_state]
     chat_outputs = [ui.base_bot, ui.ft_bot, ui.last_exchange]
+    chatter = bind(ctx, chat)
     for trigger, api in ((ui.chat_send.click, True), (ui.chat_msg.submit, False)):
-        trigger(chat, chat_inputs, chat_outputs, api_name="chat" if api else None,
+        trigger(chatter, chat_inputs, chat_outputs, api_name="chat" if api else None,
                 api_visibility="public" if api else "private", concurrency_id="inference",
                 concurrency_limit=INFERENCE_LIMIT).then(lambda: "", None, ui.chat_msg, api_visibility="private",
                                                         queue=False)
     ui.chat_clear.click(lambda: ([], [], {}), None, chat_outputs, api_visibility="private", queue=False)
-    ui.chat_model.change(show_ratings, [ui.chat_model, ui.owner_state], [ui.ratings_md, ui.base_bot, ui.ft_bot],
-                         api_visibility="private")
-    ui.chat_rate_btn.click(rate, [ui.chat_rating, ui.last_exchange, ui.chat_model, ui.owner_state],
+    ui.chat_model.change(bind(ctx, show_ratings), [ui.chat_model, ui.owner_state],
+                         [ui.ratings_md, ui.base_bot, ui.ft_bot], api_visibility="private")
+    ui.chat_rate_btn.click(bind(ctx, rate), [ui.chat_rating, ui.last_exchange, ui.chat_model, ui.owner_state],
                            [ui.ratings_md, ui.chat_rating], api_visibility="private")
-    ui.heldout_btn.click(heldout, [ui.chat_model, ui.heldout_n, ui.max_new_tokens, ui.owner_state], ui.heldout_table,
-                         api_visibility="private", concurrency_id="inference", concurrency_limit=INFERENCE_LIMIT)
-    ui.heldout_save.click(save_heldout, [ui.heldout_table, ui.chat_model, ui.owner_state], ui.ratings_md,
+    ui.heldout_btn.click(bind(ctx, heldout), [ui.chat_model, ui.heldout_n, ui.max_new_tokens, ui.owner_state],
+                         ui.heldout_table, api_visibility="private", concurrency_id="inference",
+                         concurrency_limit=INFERENCE_LIMIT)
+    ui.heldout_save.click(bind(ctx, save_heldout), [ui.heldout_table, ui.chat_model, ui.owner_state], ui.ratings_md,
                           api_visibility="private")
+    predictor = bind(ctx, predict)
     for trigger, api in ((ui.cls_btn.click, True), (ui.cls_text.submit, False)):
-        trigger(predict, [ui.cls_text, ui.cls_run, ui.owner_state], ui.cls_label,
+        trigger(predictor, [ui.cls_text, ui.cls_run, ui.owner_state], ui.cls_label,
                 api_name="predict" if api else None, api_visibility="public" if api else "private",
                 concurrency_id="inference", concurrency_limit=INFERENCE_LIMIT)
-    ui.chat_refresh_fn = refresh

@@ -2,6 +2,9 @@
 
 Only finetune_core/ui/ imports gradio. torch / transformers are imported inside handlers, never at
 import time, so `python app.py` answers HTTP within seconds.
+
+Handlers are module-level functions whose first parameter is the AppContext; `bind(ctx, fn)` turns
+one into the gradio handler of its other parameters (tests call the function itself with a context).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import shutil
 import tempfile
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
 from ..errors import FinetuneError
-from ..jobs import JobManager, finetune_home, owner_key
+from ..jobs import _RUN_ID, JobManager, finetune_home, owner_key
+from ..limits import max_upload_mb, summary
+from ..models import model_cache_dir
 
 log = logging.getLogger("finetune_lab.ui")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,20 +49,11 @@ def example_path(name: str) -> Path:
 
 def upload_limit_mb() -> float:
     """finetune_core.limits.max_upload_mb() (FINETUNE_MAX_UPLOAD_MB, demo mode), 50 MB by default."""
-    try:
-        from ..limits import max_upload_mb
-
-        return max_upload_mb()
-    except ImportError:
-        return float(os.environ.get("FINETUNE_MAX_UPLOAD_MB", "50"))
+    return max_upload_mb()
 
 
 def limits_line() -> str:
     """One sentence on the limits in force on this deployment, or '' when there are none."""
-    try:
-        from ..limits import summary
-    except ImportError:
-        return ""
     try:
         s = summary()
     except FinetuneError as exc:
@@ -150,6 +147,38 @@ def user_errors(fn):
     return wrapper
 
 
+def bind(ctx, fn):
+    """`fn(ctx, *inputs)` as the gradio handler of its inputs.
+
+    The handler keeps fn's name (gradio derives a private event's api_name from it), docstring and
+    parameters without `ctx` (gradio_client's parameter names and defaults); a generator stays a
+    generator (gradio streams it), and `gr.Request` parameters keep their resolved annotation so
+    gradio fills them in.
+    """
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return as_handler(fn, inspect.Signature(params), lambda *args, **kwargs: fn(ctx, *args, **kwargs))
+
+
+def as_handler(fn, signature: inspect.Signature, call):
+    """A plain function with `signature` that runs call(*args, **kwargs); named and documented like fn.
+
+    gradio reads a handler's signature, type hints and generator-ness itself, so a functools.partial
+    will not do: its type hints are lost (no gr.Request) and its name is 'partial'.
+    """
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args, **kwargs):
+            yield from call(*args, **kwargs)
+    else:
+        def handler(*args, **kwargs):
+            return call(*args, **kwargs)
+    hints = typing.get_type_hints(fn)
+    handler.__name__ = handler.__qualname__ = fn.__name__
+    handler.__module__, handler.__doc__ = fn.__module__, fn.__doc__
+    handler.__signature__ = signature
+    handler.__annotations__ = {name: hints[name] for name in signature.parameters if name in hints}
+    return handler
+
+
 # ---------------------------------------------------------------------------------------------
 # context
 
@@ -201,9 +230,6 @@ class AppContext:
         With private runs only this session's own run folders: another session's model (and the
         data it learned) stays out of reach even when its run id is known.
         """
-        from ..jobs import _RUN_ID
-        from ..models import model_cache_dir
-
         if not self.manager.private_runs:
             return [self.runs_dir, model_cache_dir()]
         okey = owner_key(owner)

@@ -1,4 +1,7 @@
-"""Export tab: zip download, LoRA merge, push to the Hub, usage snippet."""
+"""Export tab: zip download, LoRA merge, push to the Hub, usage snippet.
+
+Handlers are module-level functions of (ctx, ...); `wire()` binds them to the components.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,116 @@ import os
 
 import gradio as gr
 
+from .. import export
 from ..errors import FinetuneError
-from .common import (AppContext, check_owner, dropdown_update, is_offline, owner_of, run_choices,
+from ..generate import on_inference_thread
+from ..limits import demo_mode
+from .common import (AppContext, bind, check_owner, dropdown_update, is_offline, owner_of, run_choices,
                      user_errors)
 
 
 ZIP_CHOICES = [("As trained", "model"), ("Merged LoRA model", "merged")]
+
+
+def push_allowed() -> bool:
+    """Demo mode (a public Space) hides push-to-hub unless the Space owner configured HF_TOKEN."""
+    return not demo_mode() or bool(os.environ.get("HF_TOKEN"))
+
+
+def shared_deployment(ctx: AppContext) -> bool:
+    """Demo mode or private runs: many visitors, so the server's HF_TOKEN is not theirs to use."""
+    return demo_mode() or bool(ctx.manager.private_runs)
+
+
+def token_placeholder(ctx: AppContext) -> str:
+    if not os.environ.get("HF_TOKEN"):
+        return "hf_... (a token with write access)"
+    if not shared_deployment(ctx):
+        return "hf_... (or leave empty to use HF_TOKEN)"
+    ns = export.push_namespace()
+    return (f"hf_... (or leave empty to push to {ns}/... with the app's token)" if ns
+            else "hf_... (your own token: this shared app does not lend its own)")
+
+
+def short_name(run_id: str, what: str) -> str:
+    """'model-39ef49' / 'merged-39ef49': short enough that the file box shows it whole."""
+    return f"{'merged' if what == 'merged' else 'model'}-{run_id[:6]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers
+
+
+@user_errors
+def refresh(ctx: AppContext, current, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    return dropdown_update(run_choices(ctx, owner, with_model=True), current)
+
+
+@user_errors
+def show(ctx: AppContext, run_id, what, owner_state, request: gr.Request):
+    if not run_id:
+        return "Pick a run with a saved model.", "", gr.update(interactive=False), None
+    run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
+    model_dir = run_dir / "model"
+    if not model_dir.is_dir():
+        return "This run has no saved model yet.", "", gr.update(interactive=False), None
+    lora = (model_dir / "adapter_config.json").exists()
+    size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
+    merged = (model_dir / "merged").is_dir()
+    info = (f"`{run_id}` · {'LoRA adapter' if lora else 'full model'} · weights {size:.1f} MB"
+            + (" · merged copy available" if merged else ""))
+    return info, snippet_for(run_dir, run_id, what), gr.update(interactive=lora), None
+
+
+def snippet_for(run_dir, run_id, what) -> str:
+    """The loading code for the files the zip holds (its top folder is short_name)."""
+    merged = what == "merged" and (run_dir / "model" / "merged").is_dir()
+    return export.usage_snippet_for_run(run_dir, model_dir=short_name(run_id, "merged" if merged else "model"),
+                                        merged=merged)
+
+
+@user_errors
+def build_zip(ctx: AppContext, run_id, owner_state, what="model", request: gr.Request = None):
+    run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
+    what = what if what in ("model", "merged") else "model"
+    merged = what == "merged"
+    if merged and not (run_dir / "model" / "adapter_config.json").exists():
+        raise FinetuneError("This run trained a full model: there is no LoRA adapter to merge.",
+                            "Pick 'Model as trained' for this run.")
+    name = short_name(run_id, what)
+    path = export.zip_model(run_dir, dest=ctx.temp_dir() / f"{name}.zip", merged=merged, folder=name)
+    return str(path), snippet_for(run_dir, run_id, what)
+
+
+@user_errors
+def merge(ctx: AppContext, run_id, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    run_dir = ctx.run_dir(run_id, owner)
+    # Merging writes into the run folder: only its owner may, private runs or not.
+    check_owner(ctx, run_id, owner, "merge this run's adapter")
+    path = on_inference_thread(export.merge_lora, run_dir)   # torch work stays on one thread (generate.py)
+    return (f"✅ Merged model written to `model/{path.name}/`. Pick 'Merged model' to zip it, or tick "
+            "'Push the merged model' to upload it.")
+
+
+@user_errors
+def push(ctx: AppContext, run_id, repo_id, token, private, merged, owner_state, request: gr.Request):
+    if not push_allowed():
+        raise FinetuneError("Pushing to the Hub is off in demo mode.",
+                            "The Space owner can enable it by setting the HF_TOKEN secret.")
+    run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
+    url = export.push_to_hub(run_dir, repo_id, token=token or None, private=bool(private), merged=bool(merged),
+                             shared=shared_deployment(ctx))
+    return f"✅ Pushed to [{repo_id}]({url}).", ""
+
+
+def push_failed_clear():
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# UI
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -54,111 +161,19 @@ def build(ctx: AppContext, ui) -> None:
     ui.snippet = gr.Code(language="python", label="Use it in Python (ready to paste)", interactive=False)
 
 
-def push_allowed() -> bool:
-    """Demo mode (a public Space) hides push-to-hub unless the Space owner configured HF_TOKEN."""
-    from ..limits import demo_mode
-
-    return not demo_mode() or bool(os.environ.get("HF_TOKEN"))
-
-
-def shared_deployment(ctx: AppContext) -> bool:
-    """Demo mode or private runs: many visitors, so the server's HF_TOKEN is not theirs to use."""
-    from ..limits import demo_mode
-
-    return demo_mode() or bool(ctx.manager.private_runs)
-
-
-def token_placeholder(ctx: AppContext) -> str:
-    from ..export import push_namespace
-
-    if not os.environ.get("HF_TOKEN"):
-        return "hf_... (a token with write access)"
-    if not shared_deployment(ctx):
-        return "hf_... (or leave empty to use HF_TOKEN)"
-    ns = push_namespace()
-    return (f"hf_... (or leave empty to push to {ns}/... with the app's token)" if ns
-            else "hf_... (your own token: this shared app does not lend its own)")
-
-
-def short_name(run_id: str, what: str) -> str:
-    """'model-39ef49' / 'merged-39ef49': short enough that the file box shows it whole."""
-    return f"{'merged' if what == 'merged' else 'model'}-{run_id[:6]}"
-
-
 def wire(ctx: AppContext, ui) -> None:
-    from .. import export
-    from ..generate import on_inference_thread
-
-    @user_errors
-    def refresh(current, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        return dropdown_update(run_choices(ctx, owner, with_model=True), current)
-
-    @user_errors
-    def show(run_id, what, owner_state, request: gr.Request):
-        if not run_id:
-            return "Pick a run with a saved model.", "", gr.update(interactive=False), None
-        run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
-        model_dir = run_dir / "model"
-        if not model_dir.is_dir():
-            return "This run has no saved model yet.", "", gr.update(interactive=False), None
-        lora = (model_dir / "adapter_config.json").exists()
-        size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
-        merged = (model_dir / "merged").is_dir()
-        info = (f"`{run_id}` · {'LoRA adapter' if lora else 'full model'} · weights {size:.1f} MB"
-                + (" · merged copy available" if merged else ""))
-        return info, snippet_for(run_dir, run_id, what), gr.update(interactive=lora), None
-
-    def snippet_for(run_dir, run_id, what) -> str:
-        """The loading code for the files the zip holds (its top folder is short_name)."""
-        merged = what == "merged" and (run_dir / "model" / "merged").is_dir()
-        return export.usage_snippet_for_run(run_dir, model_dir=short_name(run_id, "merged" if merged else "model"),
-                                            merged=merged)
-
-    @user_errors
-    def build_zip(run_id, owner_state, what="model", request: gr.Request = None):
-        run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
-        what = what if what in ("model", "merged") else "model"
-        merged = what == "merged"
-        if merged and not (run_dir / "model" / "adapter_config.json").exists():
-            raise FinetuneError("This run trained a full model: there is no LoRA adapter to merge.",
-                                "Pick 'Model as trained' for this run.")
-        name = short_name(run_id, what)
-        path = export.zip_model(run_dir, dest=ctx.temp_dir() / f"{name}.zip", merged=merged, folder=name)
-        return str(path), snippet_for(run_dir, run_id, what)
-
-    @user_errors
-    def merge(run_id, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        run_dir = ctx.run_dir(run_id, owner)
-        # Merging writes into the run folder: only its owner may, private runs or not.
-        check_owner(ctx, run_id, owner, "merge this run's adapter")
-        path = on_inference_thread(export.merge_lora, run_dir)   # torch work stays on one thread (generate.py)
-        return (f"✅ Merged model written to `model/{path.name}/`. Pick 'Merged model' to zip it, or tick "
-                "'Push the merged model' to upload it.")
-
-    @user_errors
-    def push(run_id, repo_id, token, private, merged, owner_state, request: gr.Request):
-        if not push_allowed():
-            raise FinetuneError("Pushing to the Hub is off in demo mode.",
-                                "The Space owner can enable it by setting the HF_TOKEN secret.")
-        run_dir = ctx.run_dir(run_id, owner_of(owner_state, request))
-        url = export.push_to_hub(run_dir, repo_id, token=token or None, private=bool(private), merged=bool(merged),
-                                 shared=shared_deployment(ctx))
-        return f"✅ Pushed to [{repo_id}]({url}).", ""
-
-    def push_failed_clear():
-        return ""
-
-    ui.exp_refresh.click(refresh, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
-    ui.export_tab.select(refresh, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
+    refresher = bind(ctx, refresh)
+    ui.exp_refresh.click(refresher, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
+    ui.export_tab.select(refresher, [ui.exp_run, ui.owner_state], ui.exp_run, api_visibility="private")
+    shower = bind(ctx, show)
     for trigger in (ui.exp_run.change, ui.zip_what.change):
-        trigger(show, [ui.exp_run, ui.zip_what, ui.owner_state], [ui.exp_info, ui.snippet, ui.merge_btn, ui.zip_file],
+        trigger(shower, [ui.exp_run, ui.zip_what, ui.owner_state], [ui.exp_info, ui.snippet, ui.merge_btn, ui.zip_file],
                 api_visibility="private")
-    ui.zip_btn.click(build_zip, [ui.exp_run, ui.owner_state, ui.zip_what], [ui.zip_file, ui.snippet],
+    ui.zip_btn.click(bind(ctx, build_zip), [ui.exp_run, ui.owner_state, ui.zip_what], [ui.zip_file, ui.snippet],
                      api_visibility="private")
-    ui.merge_btn.click(merge, [ui.exp_run, ui.owner_state], ui.merge_md, api_visibility="private")
+    ui.merge_btn.click(bind(ctx, merge), [ui.exp_run, ui.owner_state], ui.merge_md, api_visibility="private")
     # The token never leaves this handler: not in outputs, not in logs; the field is cleared afterwards.
-    ui.push_btn.click(push, [ui.exp_run, ui.repo_id, ui.hf_token, ui.private_repo, ui.push_merged, ui.owner_state],
+    ui.push_btn.click(bind(ctx, push), [ui.exp_run, ui.repo_id, ui.hf_token, ui.private_repo, ui.push_merged,
+                                        ui.owner_state],
                       [ui.push_md, ui.hf_token], api_visibility="private").then(
         push_failed_clear, None, ui.hf_token, api_visibility="private", queue=False)

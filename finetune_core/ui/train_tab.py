@@ -1,7 +1,10 @@
 """Train tab: model, strategy and hyperparameters; Start / Stop; live progress, log and charts.
 
 Training runs in a worker process (finetune_core.jobs); this tab tails its events.jsonl with
-finetune_core.events.read_events from the last offset, so a tick reads only what is new.
+finetune_core.events.read_events from the last offset, so a tick reads only what is new. The form's
+controls and where each lands in the config are the table in finetune_core/ui/form.py.
+
+Handlers are module-level functions of (ctx, ...); `wire()` binds them to the components.
 """
 
 from __future__ import annotations
@@ -14,22 +17,24 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import ConfigError, FinetuneError
-from ..jobs import read_events
+from .. import plots
+from ..config import LoraSettings, StrategyConfig, dump_config, training_defaults
+from ..data import clean_classification, detect_columns, row_to_messages, split_frame
+from ..errors import FinetuneError
+from ..events import read_events
 from ..jobs import ACTIVE, OwnerBusy
-from .common import AppContext, error_box, owner_of, user_errors, warm_ml_imports
-from .data_tab import data_config, read_frame, resolve_data
+from ..models import BUNDLED, SUGGESTED_HUB_MODELS, list_models, model_kind, resolve_model
+from ..plots import progress_from_events
+from ..rundir import metrics_path, read_json
+from . import form
+from .common import REPO_ROOT, AppContext, bind, error_box, owner_of, user_errors, warm_ml_imports
+from .data_source import read_frame, resolve_data
 
 STRATEGY_CHOICES = [("Full fine-tuning: every weight learns", "full"),
                     ("Frozen backbone: only the top learns", "frozen"),
                     ("LoRA: small adapters learn, base stays frozen", "lora")]
 STRATEGY_INFO = ("Cheat sheet: under 500 rows → freeze the backbone; 500-5,000 rows → full fine-tuning; "
                  "LoRA when full fine-tuning overfits, and for LLMs (1-2% of the weights train, less forgetting).")
-TOP_LEVEL_KEYS = {"task", "model", "data", "strategy", "training", "seed"}
-# Overrides a shared app refuses: paths on the server, pushing with the server's token, other loggers.
-BLOCKED_OVERRIDES = ("output_dir", "resume", "data.train", "data.validation", "training.output_dir",
-                     "training.logging_dir", "training.push_to_hub", "training.hub_", "training.report_to",
-                     "training.deepspeed", "training.resume_from_checkpoint", "training.fsdp_config")
 POLL_SECONDS = 1.0
 
 
@@ -38,8 +43,6 @@ POLL_SECONDS = 1.0
 
 
 def model_choices() -> list[tuple[str, str]]:
-    from ..models import list_models
-
     out = []
     for row in list_models():
         offline = "offline ✓" if row["available_offline"] else "needs the Hub"
@@ -48,8 +51,6 @@ def model_choices() -> list[tuple[str, str]]:
 
 
 def model_description(model: str) -> str:
-    from ..models import BUNDLED, SUGGESTED_HUB_MODELS
-
     if model in BUNDLED:
         return BUNDLED[model]["description"]
     if model in SUGGESTED_HUB_MODELS:
@@ -60,50 +61,30 @@ def model_description(model: str) -> str:
 @functools.lru_cache(maxsize=64)
 def quick_model_kind(model: str, task: str) -> str:
     """'encoder' or 'causal' without loading weights (falls back on the task when the Hub is unreachable)."""
-    from ..models import BUNDLED, SUGGESTED_HUB_MODELS
-
     if model in BUNDLED:
         return BUNDLED[model]["kind"]
     if model in SUGGESTED_HUB_MODELS:
         return "causal" if "causal" in SUGGESTED_HUB_MODELS[model] else "encoder"
     try:
-        from ..models import model_kind, resolve_model
-
         return model_kind(resolve_model(model))
     except Exception:  # noqa: BLE001
         return "causal" if task == "instruction" else "encoder"
-
-
-def frozen_value(head_only: bool, frozen_layers) -> str | int:
-    return "all" if head_only else int(frozen_layers or 0)
-
-
-def lora_targets_value(text: str | None):
-    text = (text or "auto").strip()
-    if text in ("auto", "all-linear"):
-        return text
-    names = [t.strip() for t in text.replace(";", ",").split(",") if t.strip()]
-    if not names:
-        return "auto"
-    return names
 
 
 @functools.lru_cache(maxsize=32)
 def _count_params(path: str, task: str, kind: str, strategy: str, frozen, r: int, alpha: float, dropout: float,
                   targets, num_labels: int) -> dict:
     """Trainable / total parameters, built on the meta device (no weights loaded: instant, no memory)."""
-    import torch
+    import torch          # torch-heavy modules load on first use: the page is drawn without them
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..config import LoraSettings, StrategyConfig
+    from ..heads import MeanPoolingForSequenceClassification, mean_pooling_config
     from ..strategies import apply_strategy, trainable_summary, transformer_blocks
 
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         if task == "classification" and strategy == "frozen" and frozen == "all" and kind == "encoder":
-            from ..heads import MeanPoolingForSequenceClassification, mean_pooling_config   # as train.py builds it
-
-            model = MeanPoolingForSequenceClassification(mean_pooling_config(config, num_labels))
+            model = MeanPoolingForSequenceClassification(mean_pooling_config(config, num_labels))  # as train.py
         elif task == "classification":
             config.num_labels = num_labels
             model = AutoModelForSequenceClassification.from_config(config)
@@ -119,82 +100,63 @@ def _count_params(path: str, task: str, kind: str, strategy: str, frozen, r: int
     return summary
 
 
-def trainable_params(ctx: AppContext, model: str, task: str, strategy: str, head_only: bool, frozen_layers,
-                     lora_r, lora_alpha, lora_dropout, lora_targets, num_labels: int | None,
-                     owner: str | None = None) -> dict:
-    from ..models import resolve_model
-
+def trainable_params(ctx: AppContext, values: dict, num_labels: int | None, owner: str | None = None) -> dict:
+    """The parameter count of the form's model and strategy (form.read gives each setting as trained)."""
+    values = dict(form.DEFAULTS, **values)
+    model, task, strategy = values["model"], values["task"], values["strategy"]
     path = resolve_model(model, allowed_roots=ctx.model_roots(owner))
-    kind = quick_model_kind(model, task)
-    targets = lora_targets_value(lora_targets)
+    targets = form.read(values, "strategy.lora.target_modules")
     targets = tuple(targets) if isinstance(targets, list) else targets
-    frozen = frozen_value(head_only, frozen_layers) if strategy == "frozen" else "all"
-    return _count_params(path, task, kind, strategy, frozen, int(lora_r), float(lora_alpha), float(lora_dropout),
-                         targets, int(num_labels or 2))
+    frozen = form.read(values, "strategy.frozen_layers") if strategy == "frozen" else "all"
+    return _count_params(path, task, quick_model_kind(model, task), strategy, frozen,
+                         form.read(values, "strategy.lora.r"), float(values["lora_alpha"]),
+                         form.read(values, "strategy.lora.dropout"), targets, int(num_labels or 2))
 
 
 # ---------------------------------------------------------------------------------------------
-# config from the form
+# recommended settings
 
 
-def parse_overrides(text: str | None) -> list[str]:
-    """`key=value` lines (or `--set key=value`); keys without a section go under training."""
-    items = []
-    for raw in (text or "").replace(";", "\n").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("--set"):
-            line = line[5:].strip()
-        if "=" not in line:
-            raise ConfigError(f"Override '{line}' has no '='.",
-                              "Write one key=value per line, e.g. max_steps=20 or strategy.lora.r=16.")
-        key, value = line.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"Override '{line}' has no key before the '='.",
-                              "Write one key=value per line, e.g. max_steps=20 or strategy.lora.r=16.")
-        if key.split(".")[0] not in TOP_LEVEL_KEYS | {"output_dir", "resume"}:
-            key = "training." + key
-        for blocked in BLOCKED_OVERRIDES:
-            if key == blocked or (blocked.endswith("_") and key.startswith(blocked)) or key.startswith(blocked + "."):
-                raise ConfigError(f"The override '{key}' is not allowed in the app.",
-                                  "Pick data in the Data tab and export models in the Export tab; the CLI "
-                                  "accepts every key.")
-        items.append(f"{key}={value.strip()}")
-    return items
+def recommended_training(values: dict, n_train: int, cuda: bool | None = None) -> dict:
+    """config.training_defaults for the form's task, model kind and strategy: the values train() fills in
+    for empty boxes. cuda=None detects the device the way train() does (it imports torch: handlers only)."""
+    values = dict(form.DEFAULTS, **values)
+    kind = quick_model_kind(values["model"], values["task"])
+    return training_defaults(values["task"], kind, values["strategy"], n_train,
+                             form.read(values, "strategy.frozen_layers"), cuda=cuda)
 
 
-def build_config(ctx: AppContext, data_path: Path, task: str, text_column, label_column, instruction_format,
-                 prompt_column, input_column, response_column, max_length, model, strategy, head_only,
-                 frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
-                 batch_size, early_stopping_patience, val_size, overrides) -> dict:
-    from ..config import apply_overrides, config_to_dict, RunConfig
-
-    d = data_config(task, text_column, label_column, instruction_format, prompt_column, input_column,
-                    response_column, max_length)
-    d.train = str(data_path)
-    d.val_size = float(val_size or 0.2)
-    cfg = config_to_dict(RunConfig(task=task, model=(model or "").strip(), data=d))
-    cfg["strategy"] = {"name": strategy, "frozen_layers": frozen_value(head_only, frozen_layers),
-                       "lora": {"r": int(lora_r), "alpha": lora_alpha, "dropout": float(lora_dropout),
-                                "target_modules": lora_targets_value(lora_targets)}}
-    training = {}
-    for key, value, cast in (("num_train_epochs", num_train_epochs, float),
-                             ("learning_rate", learning_rate, float),
-                             ("per_device_train_batch_size", batch_size, int),
-                             ("early_stopping_patience", early_stopping_patience, int)):
-        if value in (None, ""):
-            continue
-        v = cast(value)
-        if key != "early_stopping_patience" and v <= 0:
-            continue          # empty (the browser sends an empty number box as 0): the recommended value
-        if key == "early_stopping_patience" and v < 0:
-            raise ConfigError(f"early_stopping_patience must be 0 (off) or more, got {value}.", "Typical: 2.")
-        training[key] = int(v) if key == "num_train_epochs" and v == int(v) else v
-    cfg["training"] = training
-    cfg = apply_overrides(cfg, parse_overrides(overrides))
-    return cfg
+def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
+    lines = []
+    if n_rows:
+        if kind == "causal":
+            best = "lora"
+            why = "for an LLM the article recommends **LoRA**: 1-2% of the weights train and it forgets less"
+        elif n_rows < 500:
+            best = "frozen"
+            why = f"with {n_rows} rows the cheat sheet says **freeze the backbone** (full fine-tuning overfits)"
+        elif n_rows <= 5000:
+            best = "full"
+            why = f"with {n_rows} rows the cheat sheet says **full fine-tuning** (LoRA if it overfits)"
+        else:
+            best = "full"
+            why = f"with {n_rows} rows **full fine-tuning** pays off; LoRA is cheaper on big models"
+        lines.append(f"- Strategy: {why}." + ("" if best == strategy else
+                                               f" You picked **{strategy}**: fine if you are comparing."))
+    else:
+        lines.append("- Load data in the Data tab to get advice sized to your rows.")
+    lr = d["learning_rate"]
+    if strategy == "full" or (strategy == "frozen" and frozen != "all"):
+        lines.append(f"- Learning rate **{lr:g}**: low on purpose, large steps erase what pretraining taught "
+                     "(2e-5 BERT, 1e-5 GPT, never above 5e-5 for full fine-tuning).")
+    else:
+        lines.append(f"- Learning rate **{lr:g}**: only new, small weights learn ({strategy}), so they need "
+                     "larger steps than full fine-tuning's 1e-5 to 5e-5.")
+    lines.append(f"- **{d['num_train_epochs']} epochs** at batch {d['per_device_train_batch_size']} "
+                 f"(~{max(1, -(-n_train // d['per_device_train_batch_size']))} steps per epoch); early stopping "
+                 f"(patience {d['early_stopping_patience']}) ends training when the validation score stops "
+                 "improving and keeps the best checkpoint.")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +213,6 @@ class Progress:
 
 
 def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
-    from ..plots import progress_from_events
-
     p = progress_from_events(prog.events)
     status = st["status"]
     name = html.escape(st.get("name") or st["run_id"])
@@ -318,18 +278,15 @@ def result_line(m: dict) -> str:
     return s + " · details in the Evaluate tab."
 
 
-def result_json(ctx: AppContext, st: dict) -> dict:
-    import json
 
+
+def result_json(ctx: AppContext, st: dict) -> dict:
     out = {"run_id": st["run_id"], "status": st["status"]}
     if st.get("error"):
         out["error"] = st["error"]
-    path = ctx.runs_dir / st["run_id"] / "metrics.json"
+    path = metrics_path(ctx.runs_dir / st["run_id"])
     if path.exists():
-        try:
-            m = json.loads(path.read_text())
-        except ValueError:
-            m = {}
+        m = read_json(path)
         keep = ("task", "strategy", "model", "accuracy", "f1_weighted", "f1_macro", "baselines", "before_finetuning",
                 "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                 "general_perplexity", "forgetting_verdict", "rougeL", "rougeL_before", "trainable_params",
@@ -339,39 +296,270 @@ def result_json(ctx: AppContext, st: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# following a run
+
+
+def watch(ctx: AppContext, run_id: str, owner: str):
+    """Yield the watch outputs (run id, status, loss chart, metric chart, log, result) until the run ends."""
+    run_dir = ctx.run_dir(run_id, owner)
+    prog = Progress()
+    last_sig, last_yield = None, 0.0
+    while True:
+        prog.read(run_dir / "events.jsonl")
+        st = ctx.manager.status(run_id)
+        terminal = st["status"] not in ACTIVE
+        sig = (len(prog.events), st["status"], st.get("position"))
+        now = time.time()
+        if terminal or sig != last_sig or now - last_yield >= 2.0:
+            metrics = (read_json(metrics_path(run_dir)) or None) if terminal else None
+            log_text = "\n".join(prog.log)
+            if terminal and st["status"] == "failed" and st.get("error_lines"):
+                log_text += "\n--- worker.log (last lines) ---\n" + "\n".join(st["error_lines"])
+            curves = prog.changed_curves or terminal
+            prog.changed_curves = False
+            yield (run_id, status_html(st, prog, metrics),
+                   plots.training_curves(prog.events) if curves else gr.skip(),
+                   plots.eval_metric_curve(prog.events) if curves else gr.skip(),
+                   log_text, result_json(ctx, st) if terminal else {"run_id": run_id, "status": st["status"],
+                                                                     "position": st.get("position")})
+            last_sig, last_yield = sig, now
+        if terminal:
+            return
+        time.sleep(POLL_SECONDS)
+
+
+def active_job(ctx: AppContext, owner: str):
+    """This session's queued or running job, if any."""
+    active = ctx.manager.jobs(owner, active_only=True)
+    return active[-1] if active else None
+
+
+def follow_busy(ctx: AppContext, busy, owner: str):
+    """One run per session at a time (its page shows one progress stream, the queue stays fair): say why
+    no new run starts and follow the active one."""
+    where = "waiting in the queue" if busy.status == "queued" else busy.status
+    gr.Warning(f"Your run '{busy.name or busy.run_id}' is still {where}: one run per session at a time. "
+               "Showing its progress. Press Stop to end it, then Start again.")
+    yield from watch(ctx, busy.run_id, owner)
+
+
+def check_before_submit(ctx: AppContext, cfg, path: Path, owner: str) -> None:
+    """Fail fast on what the worker would only find after loading a model: the engine's own column and
+    row checks (labels, classes, split, chat messages) run here in milliseconds, and a model the
+    session may not use (unknown bundled id, hub id offline, another session's folder) is refused."""
+    df = read_frame(path)
+    cols = detect_columns(df, cfg.task, cfg.data, name=path.name)
+    if cfg.task == "classification":
+        rows = clean_classification(df, cols["text"], cols["label"], path.name)
+        split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
+    else:
+        for i, row in enumerate(df.to_dict("records"), start=1):
+            row_to_messages(row, cols, i)
+    if cfg.model not in BUNDLED:
+        resolve_model(cfg.model, allowed_roots=ctx.model_roots(owner))   # private: own runs only
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers
+
+
+@user_errors
+def train(ctx: AppContext, values: dict, owner_state=None, request: gr.Request = None):
+    """Start a fine-tuning run in a worker process and stream its progress until it ends.
+
+    Yields (run_id, status_html, loss_plot, metric_plot, log, result); the last result holds the metrics.
+    """
+    owner = owner_of(owner_state, request)
+    busy = active_job(ctx, owner)
+    if busy is not None:
+        yield from follow_busy(ctx, busy, owner)
+        return
+    path = resolve_data(ctx, **form.source(values))
+    cfg = form.form_to_config(values, path)
+    check_before_submit(ctx, cfg, path, owner)
+    try:
+        job = ctx.manager.submit(cfg, owner, one_active_per_owner=True)
+    except OwnerBusy as exc:          # a second Start that raced the first one past the check above
+        yield from follow_busy(ctx, exc.job, owner)
+        return
+    yield from watch(ctx, job.run_id, owner)
+    st = ctx.manager.status(job.run_id)
+    if st["status"] in ("failed", "interrupted"):      # API clients get an error, not just a red box
+        raise FinetuneError(f"Run {job.run_id} {st['status']}: {st.get('error') or 'see the log'}",
+                            "The log shows the worker's last lines.")
+
+
+@user_errors
+def reconnect(ctx: AppContext, owner_state, request: gr.Request):
+    """After a page reload: follow this session's active (or latest) job again, charts from offset 0."""
+    owner = owner_of(owner_state, request)
+    jobs = ctx.manager.jobs(owner)
+    active = [j for j in jobs if j.active]
+    job = (active or jobs or [None])[-1]
+    if job is None:
+        return
+    yield from watch(ctx, job.run_id, owner)
+
+
+@user_errors
+def watch_id(ctx: AppContext, run_id, owner_state, request: gr.Request):
+    owner = owner_of(owner_state, request)
+    run_id = (run_id or "").strip()
+    if not run_id:
+        return
+    yield from watch(ctx, run_id, owner)
+
+
+@user_errors
+def stop(ctx: AppContext, run_id="", owner_state=None, request: gr.Request = None):
+    """Stop a run you started: training ends after the current step, then the model is evaluated and saved."""
+    owner = owner_of(owner_state, request)
+    run_id = (run_id or "").strip()
+    if not run_id:
+        raise FinetuneError("No run to stop.", "Start a run first.")
+    message = ctx.manager.stop(run_id, owner)
+    gr.Info(message)
+    return message
+
+
+@user_errors
+def resume(ctx: AppContext, run_id="", owner_state=None, request: gr.Request = None):
+    """Continue a stopped or interrupted run of yours from its last checkpoint, then watch it."""
+    owner = owner_of(owner_state, request)
+    run_id = (run_id or "").strip()
+    if not run_id:
+        raise FinetuneError("No run to resume.", "Paste the run id of a stopped or interrupted run.")
+    ctx.manager.resume(run_id, owner)
+    gr.Info("Resuming from the last checkpoint.")
+    yield from watch(ctx, run_id, owner)
+
+
+@user_errors
+def recommend(ctx: AppContext, values: dict, info=None):
+    """Fill the hyperparameter boxes with the values train() would pick, and say why."""
+    values = dict(form.DEFAULTS, **values)
+    n_rows = (info or {}).get("n_rows")
+    n_train = int(n_rows * (1 - float(values["val_size"] or 0.2))) if n_rows else 128
+    d = recommended_training(values, n_train)
+    rec = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"],
+           "patience": d["early_stopping_patience"]}
+    kind = quick_model_kind(values["model"], values["task"])
+    frozen = form.read(values, "strategy.frozen_layers")
+    return (rec["epochs"], rec["lr"], rec["batch"], rec["patience"],
+            advice(kind, values["strategy"], frozen, n_rows, n_train, d), rec)
+
+
+@user_errors
+def context_changed(ctx: AppContext, values: dict, info=None, last_rec=None):
+    """Refresh the 'auto' placeholders; values filled by Recommend follow the new context, edits stay."""
+    values = dict(form.DEFAULTS, **values)
+    n_rows = (info or {}).get("n_rows") or 160
+    d = recommended_training(values, int(n_rows * (1 - float(values["val_size"] or 0.2))))
+    auto = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"]}
+    epochs, lr, batch = values["num_train_epochs"], values["learning_rate"], values["batch_size"]
+    following = bool(last_rec) and [epochs, lr, batch] == [last_rec.get("epochs"), last_rec.get("lr"),
+                                                            last_rec.get("batch")]
+    updates = []
+    for key, current in (("epochs", epochs), ("lr", lr), ("batch", batch)):
+        hint = f"auto: {auto[key]:g}"
+        if not current or current <= 0:
+            updates.append(gr.update(value=None, placeholder=hint))     # shows empty = recommended
+        elif following:
+            updates.append(gr.update(value=auto[key], placeholder=hint))
+        else:
+            updates.append(gr.update(placeholder=hint))                 # the user's own value stays
+    rec = dict(auto, patience=values["early_stopping_patience"]) if following else last_rec
+    return (*updates, rec)
+
+
+def show_strategy(strategy, head_only):
+    return (gr.update(visible=strategy == "frozen"), gr.update(visible=strategy == "lora"),
+            gr.update(visible=strategy == "frozen" and not head_only))
+
+
+def count(ctx: AppContext, values: dict, info=None, owner_state=None, request: gr.Request = None):
+    """The trainable-parameter line, the frozen-blocks slider's range and the model's description."""
+    warm_ml_imports()
+    model, task = values["model"], values["task"]
+    try:
+        s = trainable_params(ctx, values, (info or {}).get("n_classes") or 2, owner_of(owner_state, request))
+    except FinetuneError as exc:
+        return f"⚠️ {exc.message}", gr.update(), model_description(model)
+    except Exception as exc:  # noqa: BLE001
+        return f"⚠️ Cannot count parameters for this setting: {type(exc).__name__}: {exc}", gr.update(), \
+            model_description(model)
+    text = (f"**Trainable: {s['trainable_params']:,}** of {s['total_params']:,} parameters "
+            f"(**{s['trainable_percent']:.2f}%**) · {s['blocks']} transformer blocks")
+    return text, gr.update(maximum=max(0, s["blocks"] - (1 if task == "instruction" else 0))), \
+        model_description(model)
+
+
+@user_errors
+def show_command(ctx: AppContext, values: dict):
+    """The run.yaml Start would submit, with a portable data path, and the command that runs it."""
+    path = resolve_data(ctx, **form.source(values))
+    cfg = form.form_to_config(values, path)
+    try:
+        portable = str(path.resolve().relative_to(REPO_ROOT))
+        note = ""
+    except ValueError:
+        portable = path.name
+        note = f" Put your data file `{path.name}` in the folder you run the command from."
+    cfg.data.train = portable
+    cfg.output_dir = f"runs/{cfg.task[:5]}-{cfg.strategy.name}"
+    text = dump_config(cfg)
+    out = ctx.temp_dir() / "run.yaml"
+    out.write_text(text, encoding="utf-8")
+    md = ("Same run from a terminal (the app runs exactly this in its worker):\n\n"
+          "```bash\npython -m finetune_core train run.yaml\n```\n"
+          f"Empty hyperparameters are filled with the recommended values at start.{note}")
+    return gr.update(visible=True), md, text, str(out)
+
+
+def task_defaults(task, model, head_only):
+    """Instruction tuning needs a causal LM, and a frozen LLM has no new head to train."""
+    if task == "instruction" and quick_model_kind(model, task) == "encoder":
+        return gr.update(value="bundled:smollm2-135m"), gr.update(value=False)
+    if task == "classification" and model == "bundled:smollm2-135m":
+        return gr.update(value="bundled:minilm-l6"), gr.update(value=True)
+    return gr.update(), gr.update(value=False) if task == "instruction" else gr.update()
+
+
+# ---------------------------------------------------------------------------------------------
 # UI
 
 
 def build(ctx: AppContext, ui) -> None:
-    from .. import plots
-    from ..config import training_defaults
-
-    defaults = training_defaults("classification", "encoder", "lora", 128, cuda=False)
+    v = form.DEFAULTS
+    # Drawn before the device is known (torch is not imported to draw the page). The form opens on
+    # classification, whose defaults are the same on CPU and GPU; the load event's context_changed
+    # redraws the placeholders with the device train() will use.
+    defaults = recommended_training(v, 128, cuda=False)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=360):
             gr.Markdown("### Model and strategy")
-            ui.model = gr.Dropdown(model_choices(), value="bundled:minilm-l6", label="Base model",
-                                   allow_custom_value=True,
+            ui.model = gr.Dropdown(model_choices(), value=v["model"], label="Base model", allow_custom_value=True,
                                    info="Bundled models work offline. Encoders (MiniLM, BERT) classify; causal "
                                         "LMs (SmolLM2, GPT-2) also learn to answer instructions. Or type any Hub id.")
-            ui.model_info = gr.Markdown(model_description("bundled:minilm-l6"))
-            ui.strategy = gr.Radio(STRATEGY_CHOICES, value="lora", label="Strategy", info=STRATEGY_INFO)
-            with gr.Group(visible=False) as ui.frozen_group:
-                ui.head_only = gr.Checkbox(True, label="Freeze the whole backbone (train only the new head)",
+            ui.model_info = gr.Markdown(model_description(v["model"]))
+            ui.strategy = gr.Radio(STRATEGY_CHOICES, value=v["strategy"], label="Strategy", info=STRATEGY_INFO)
+            with gr.Group(visible=v["strategy"] == "frozen") as ui.frozen_group:
+                ui.head_only = gr.Checkbox(v["head_only"], label="Freeze the whole backbone (train only the new head)",
                                            info="Fastest and safest with few rows. Untick to let the top blocks learn.")
-                ui.frozen_layers = gr.Slider(0, 48, value=3, step=1, label="Frozen blocks", visible=False,
+                ui.frozen_layers = gr.Slider(0, 48, value=v["frozen_layers"], step=1, label="Frozen blocks",
+                                             visible=False,
                                              info="Embeddings + this many lower blocks stay frozen; the blocks "
                                                   "above learn. Lower blocks hold general language, upper ones the task.")
-            with gr.Group(visible=True) as ui.lora_group:
+            with gr.Group(visible=v["strategy"] == "lora") as ui.lora_group:
                 with gr.Row():
-                    ui.lora_r = gr.Slider(1, 64, value=8, step=1, label="LoRA rank r",
+                    ui.lora_r = gr.Slider(1, 64, value=v["lora_r"], step=1, label="LoRA rank r",
                                           info="Size of each adapter: 8-16 is plenty on small data.")
-                    ui.lora_alpha = gr.Slider(1, 128, value=16, step=1, label="LoRA alpha",
+                    ui.lora_alpha = gr.Slider(1, 128, value=v["lora_alpha"], step=1, label="LoRA alpha",
                                               info="Scales the adapters' effect; 2 × r is the usual choice.")
                 with gr.Row():
-                    ui.lora_dropout = gr.Slider(0.0, 0.5, value=0.05, step=0.01, label="LoRA dropout",
+                    ui.lora_dropout = gr.Slider(0.0, 0.5, value=v["lora_dropout"], step=0.01, label="LoRA dropout",
                                                 info="Regularises the adapters; raise it if the model overfits.")
-                    ui.lora_targets = gr.Textbox("auto", label="Target modules",
+                    ui.lora_targets = gr.Textbox(v["lora_targets"], label="Target modules",
                                                  info="auto = every attention and MLP projection of this "
                                                       "architecture; or all-linear, or names like q_proj,v_proj.")
             ui.params_md = gr.Markdown("")
@@ -382,23 +570,26 @@ def build(ctx: AppContext, ui) -> None:
                 ui.command_btn = gr.Button("Show command", size="sm")
             ui.recommend_md = gr.Markdown("Empty fields use the recommended value shown in grey.")
             with gr.Row():
-                ui.epochs = gr.Number(None, label="Epochs", minimum=0, placeholder=f"auto: {defaults['num_train_epochs']}",
-                                      info="Passes over the data. Early stopping usually ends sooner.")
-                ui.learning_rate = gr.Number(None, label="Learning rate", minimum=0,
+                ui.num_train_epochs = gr.Number(v["num_train_epochs"], label="Epochs", minimum=0,
+                                                placeholder=f"auto: {defaults['num_train_epochs']}",
+                                                info="Passes over the data. Early stopping usually ends sooner.")
+                ui.learning_rate = gr.Number(v["learning_rate"], label="Learning rate", minimum=0,
                                              placeholder=f"auto: {defaults['learning_rate']:g}",
                                              info="Low keeps what the model knows: 2e-5 BERT, 1e-5 GPT, never "
                                                   "above 5e-5 for full FT. A new head alone needs far more (1e-3 to 5e-3), "
                                                   "LoRA in between (2e-4 on a causal LM, 1e-3 on a small encoder).")
             with gr.Row():
-                ui.batch_size = gr.Number(None, label="Batch size", minimum=1, precision=0,
+                ui.batch_size = gr.Number(v["batch_size"], label="Batch size", minimum=1, precision=0,
                                           placeholder=f"auto: {defaults['per_device_train_batch_size']}",
                                           info="Rows per step. Lower it if memory runs out.")
-                ui.patience = gr.Number(2, label="Early stopping patience", minimum=0, precision=0,
-                                        info="Stop after this many evaluations without improvement and keep the "
-                                             "best checkpoint: it guards against overfitting. 0 = off.")
-            ui.val_size = gr.Slider(0.05, 0.5, value=0.2, step=0.05, label="Validation share",
+                ui.early_stopping_patience = gr.Number(v["early_stopping_patience"], label="Early stopping patience",
+                                                       minimum=0, precision=0,
+                                                       info="Stop after this many evaluations without improvement "
+                                                            "and keep the best checkpoint: it guards against "
+                                                            "overfitting. 0 = off.")
+            ui.val_size = gr.Slider(0.05, 0.5, value=v["val_size"], step=0.05, label="Validation share",
                                     info="Rows held out to measure the model; never trained on.")
-            ui.overrides = gr.Textbox("", label="Advanced overrides (optional)", lines=2,
+            ui.overrides = gr.Textbox(v["overrides"], label="Advanced overrides (optional)", lines=2,
                                       placeholder="max_steps=20\nweight_decay=0.0\nseed=1",
                                       info="One key=value per line, like the CLI's --set. Plain keys are "
                                            "TrainingArguments fields (max_steps=20 makes a quick test run).")
@@ -406,6 +597,11 @@ def build(ctx: AppContext, ui) -> None:
                 ui.command_md = gr.Markdown("")
                 ui.command_code = gr.Code(language="yaml", label="run.yaml", interactive=False)
                 ui.command_file = gr.File(label="Download run.yaml", interactive=False)
+    build_run_panel(ui)
+
+
+def build_run_panel(ui) -> None:
+    """Start / Stop / Resume, the run id, the status line, the live charts, the log and the result."""
     with gr.Row():
         ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2, elem_id="start-btn")
         ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
@@ -419,7 +615,7 @@ def build(ctx: AppContext, ui) -> None:
                                label="Loss", show_label=False, elem_id="loss-plot")
         ui.metric_plot = gr.Plot(plots.empty_figure("Validation scores appear after each evaluation.",
                                                     "Validation metric"), label="Validation metric", show_label=False,
-                                    elem_id="metric-plot")
+                                 elem_id="metric-plot")
     ui.result_msg = gr.Markdown("", label="message")
     ui.log = gr.Textbox("", label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False,
                         elem_id="train-log")
@@ -429,331 +625,52 @@ def build(ctx: AppContext, ui) -> None:
 
 
 def wire(ctx: AppContext, ui) -> None:
-    from .. import plots
-
-    mgr = ctx.manager
     watch_outputs = [ui.run_id, ui.status, ui.loss_plot, ui.metric_plot, ui.log, ui.result]
-
-    def watch(run_id: str, owner: str):
-        run_dir = ctx.run_dir(run_id, owner)
-        prog = Progress()
-        last_sig, last_yield = None, 0.0
-        while True:
-            prog.read(run_dir / "events.jsonl")
-            st = mgr.status(run_id)
-            terminal = st["status"] not in ACTIVE
-            sig = (len(prog.events), st["status"], st.get("position"))
-            now = time.time()
-            if terminal or sig != last_sig or now - last_yield >= 2.0:
-                metrics = None
-                if terminal and (run_dir / "metrics.json").exists():
-                    import json
-
-                    try:
-                        metrics = json.loads((run_dir / "metrics.json").read_text())
-                    except ValueError:
-                        metrics = None
-                log_text = "\n".join(prog.log)
-                if terminal and st["status"] == "failed" and st.get("error_lines"):
-                    log_text += "\n--- worker.log (last lines) ---\n" + "\n".join(st["error_lines"])
-                curves = prog.changed_curves or terminal
-                prog.changed_curves = False
-                yield (run_id, status_html(st, prog, metrics),
-                       plots.training_curves(prog.events) if curves else gr.skip(),
-                       plots.eval_metric_curve(prog.events) if curves else gr.skip(),
-                       log_text, result_json(ctx, st) if terminal else {"run_id": run_id, "status": st["status"],
-                                                                         "position": st.get("position")})
-                last_sig, last_yield = sig, now
-            if terminal:
-                return
-            time.sleep(POLL_SECONDS)
-
-    def active_job(owner):
-        """This session's queued or running job, if any."""
-        active = mgr.jobs(owner, active_only=True)
-        return active[-1] if active else None
-
-    def follow_busy(busy, owner):
-        # One run per session at a time (its page shows one progress stream, the queue stays fair).
-        # A second Start used to be dropped without a word; say why and follow the active run.
-        where = "waiting in the queue" if busy.status == "queued" else busy.status
-        gr.Warning(f"Your run '{busy.name or busy.run_id}' is still {where}: one run per session at a time. "
-                   "Showing its progress. Press Stop to end it, then Start again.")
-        yield from watch(busy.run_id, owner)
-
-    @user_errors
-    def train(data_file=None, example="domains.csv", hub_dataset="", hub_split="train", task="classification",
-              text_column="", label_column="", instruction_format="alpaca", prompt_column="", input_column="",
-              response_column="", max_length=256, model="bundled:minilm-l6", strategy="lora", head_only=True,
-              frozen_layers=3, lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="auto",
-              num_train_epochs=None, learning_rate=None, batch_size=None, early_stopping_patience=2,
-              val_size=0.2, overrides="", owner_state=None, request: gr.Request = None):
-        """Start a fine-tuning run in a worker process and stream its progress until it ends.
-
-        Yields (run_id, status_html, loss_plot, metric_plot, log, result); the last result holds the metrics.
-        """
-        owner = owner_of(owner_state, request)
-        busy = active_job(owner)
-        if busy is not None:
-            yield from follow_busy(busy, owner)
-            return
-        path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
-        cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
-                           input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
-                           lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
-                           batch_size, early_stopping_patience, val_size, overrides)
-        # Fail fast on what the worker would only find after loading a model: the engine's own config,
-        # column and row checks (labels, classes, split, chat messages) run here in milliseconds.
-        import copy
-
-        from ..config import config_from_dict
-        from ..data import clean_classification, detect_columns, row_to_messages, split_frame
-
-        run_cfg = config_from_dict(copy.deepcopy(cfg))
-        df = read_frame(path)
-        cols = detect_columns(df, run_cfg.task, run_cfg.data, name=path.name)
-        if run_cfg.task == "classification":
-            rows = clean_classification(df, cols["text"], cols["label"], path.name)
-            split_frame(rows, run_cfg.data.val_size, run_cfg.seed, stratify="label")
-        else:
-            for i, row in enumerate(df.to_dict("records"), start=1):
-                row_to_messages(row, cols, i)
-        from ..models import BUNDLED, resolve_model
-
-        if cfg["model"] not in BUNDLED:      # unknown bundled ids, hub ids offline, folders: refused now
-            resolve_model(cfg["model"], allowed_roots=ctx.model_roots(owner))   # private: own runs only
-        try:
-            job = mgr.submit(cfg, owner, one_active_per_owner=True)
-        except OwnerBusy as exc:          # a second Start that raced the first one past the check above
-            yield from follow_busy(exc.job, owner)
-            return
-        yield from watch(job.run_id, owner)
-        st = mgr.status(job.run_id)
-        if st["status"] in ("failed", "interrupted"):      # API clients get an error, not just a red box
-            raise FinetuneError(f"Run {job.run_id} {st['status']}: {st.get('error') or 'see the log'}",
-                                "The log shows the worker's last lines.")
-
-    @user_errors
-    def reconnect(owner_state, request: gr.Request):
-        """After a page reload: follow this session's active (or latest) job again, charts from offset 0."""
-        owner = owner_of(owner_state, request)
-        jobs = mgr.jobs(owner)
-        active = [j for j in jobs if j.active]
-        job = (active or jobs or [None])[-1]
-        if job is None:
-            return
-        yield from watch(job.run_id, owner)
-
-    @user_errors
-    def watch_id(run_id, owner_state, request: gr.Request):
-        owner = owner_of(owner_state, request)
-        run_id = (run_id or "").strip()
-        if not run_id:
-            return
-        yield from watch(run_id, owner)
-
-    @user_errors
-    def stop(run_id="", owner_state=None, request: gr.Request = None):
-        """Stop a run you started: training ends after the current step, then the model is evaluated and saved."""
-        owner = owner_of(owner_state, request)
-        run_id = (run_id or "").strip()
-        if not run_id:
-            raise FinetuneError("No run to stop.", "Start a run first.")
-        message = mgr.stop(run_id, owner)
-        gr.Info(message)
-        return message
-
-    @user_errors
-    def resume(run_id="", owner_state=None, request: gr.Request = None):
-        """Continue a stopped or interrupted run of yours from its last checkpoint, then watch it."""
-        owner = owner_of(owner_state, request)
-        run_id = (run_id or "").strip()
-        if not run_id:
-            raise FinetuneError("No run to resume.", "Paste the run id of a stopped or interrupted run.")
-        mgr.resume(run_id, owner)
-        gr.Info("Resuming from the last checkpoint.")
-        yield from watch(run_id, owner)
-
-    @user_errors
-    def recommend(task, model, strategy, head_only, frozen_layers, val_size, info):
-        from ..config import training_defaults
-
-        kind = quick_model_kind(model, task)
-        n_rows = (info or {}).get("n_rows")
-        n_train = int(n_rows * (1 - float(val_size or 0.2))) if n_rows else 128
-        import torch
-
-        d = training_defaults(task, kind, strategy, n_train, frozen_value(head_only, frozen_layers),
-                              cuda=torch.cuda.is_available())
-        rec = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"],
-               "patience": d["early_stopping_patience"]}
-        return (rec["epochs"], rec["lr"], rec["batch"], rec["patience"],
-                advice(kind, strategy, frozen_value(head_only, frozen_layers), n_rows, n_train, d), rec)
-
-    def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
-        lines = []
-        if n_rows:
-            if kind == "causal":
-                best = "lora"
-                why = "for an LLM the article recommends **LoRA**: 1-2% of the weights train and it forgets less"
-            elif n_rows < 500:
-                best = "frozen"
-                why = f"with {n_rows} rows the cheat sheet says **freeze the backbone** (full fine-tuning overfits)"
-            elif n_rows <= 5000:
-                best = "full"
-                why = f"with {n_rows} rows the cheat sheet says **full fine-tuning** (LoRA if it overfits)"
-            else:
-                best = "full"
-                why = f"with {n_rows} rows **full fine-tuning** pays off; LoRA is cheaper on big models"
-            lines.append(f"- Strategy: {why}." + ("" if best == strategy else
-                                                   f" You picked **{strategy}**: fine if you are comparing."))
-        else:
-            lines.append("- Load data in the Data tab to get advice sized to your rows.")
-        lr = d["learning_rate"]
-        if strategy == "full" or (strategy == "frozen" and frozen != "all"):
-            lines.append(f"- Learning rate **{lr:g}**: low on purpose, large steps erase what pretraining taught "
-                         "(2e-5 BERT, 1e-5 GPT, never above 5e-5 for full fine-tuning).")
-        else:
-            lines.append(f"- Learning rate **{lr:g}**: only new, small weights learn ({strategy}), so they need "
-                         "larger steps than full fine-tuning's 1e-5 to 5e-5.")
-        lines.append(f"- **{d['num_train_epochs']} epochs** at batch {d['per_device_train_batch_size']} "
-                     f"(~{max(1, -(-n_train // d['per_device_train_batch_size']))} steps per epoch); early stopping "
-                     f"(patience {d['early_stopping_patience']}) ends training when the validation score stops "
-                     "improving and keeps the best checkpoint.")
-        return "\n".join(lines)
-
-    @user_errors
-    def context_changed(task, model, strategy, head_only, frozen_layers, val_size, info, epochs, lr, batch, patience,
-                        last_rec):
-        """Refresh the 'auto' placeholders; values filled by Recommend follow the new context, edits stay."""
-        from ..config import training_defaults
-
-        kind = quick_model_kind(model, task)
-        n_rows = (info or {}).get("n_rows") or 160
-        d = training_defaults(task, kind, strategy, int(n_rows * (1 - float(val_size or 0.2))),
-                              frozen_value(head_only, frozen_layers), cuda=False)
-        auto = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"]}
-        following = bool(last_rec) and [epochs, lr, batch] == [last_rec.get("epochs"), last_rec.get("lr"),
-                                                                last_rec.get("batch")]
-        updates = []
-        for key, current in (("epochs", epochs), ("lr", lr), ("batch", batch)):
-            hint = f"auto: {auto[key]:g}"
-            if not current or current <= 0:
-                updates.append(gr.update(value=None, placeholder=hint))     # shows empty = recommended
-            elif following:
-                updates.append(gr.update(value=auto[key], placeholder=hint))
-            else:
-                updates.append(gr.update(placeholder=hint))                 # the user's own value stays
-        rec = dict(auto, patience=patience) if following else last_rec
-        return (*updates, rec)
-
-    def show_strategy(strategy, head_only):
-        return (gr.update(visible=strategy == "frozen"), gr.update(visible=strategy == "lora"),
-                gr.update(visible=strategy == "frozen" and not head_only))
-
-    def count(task, model, strategy, head_only, frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, info,
-              owner_state=None, request: gr.Request = None):
-        warm_ml_imports()
-        try:
-            s = trainable_params(ctx, model, task, strategy, head_only, frozen_layers, lora_r, lora_alpha,
-                                 lora_dropout, lora_targets, (info or {}).get("n_classes") or 2,
-                                 owner_of(owner_state, request))
-        except FinetuneError as exc:
-            return f"⚠️ {exc.message}", gr.update(), model_description(model)
-        except Exception as exc:  # noqa: BLE001
-            return f"⚠️ Cannot count parameters for this setting: {type(exc).__name__}: {exc}", gr.update(), \
-                model_description(model)
-        text = (f"**Trainable: {s['trainable_params']:,}** of {s['total_params']:,} parameters "
-                f"(**{s['trainable_percent']:.2f}%**) · {s['blocks']} transformer blocks")
-        return text, gr.update(maximum=max(0, s["blocks"] - (1 if task == "instruction" else 0))), \
-            model_description(model)
-
-    @user_errors
-    def show_command(data_file, example, hub_dataset, hub_split, task, text_column, label_column, instruction_format,
-                     prompt_column, input_column, response_column, max_length, model, strategy, head_only,
-                     frozen_layers, lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
-                     batch_size, early_stopping_patience, val_size, overrides):
-        from ..config import config_from_dict, dump_config
-        from .common import REPO_ROOT
-
-        path = resolve_data(ctx, data_file, example, hub_dataset, hub_split)
-        cfg = build_config(ctx, path, task, text_column, label_column, instruction_format, prompt_column,
-                           input_column, response_column, max_length, model, strategy, head_only, frozen_layers,
-                           lora_r, lora_alpha, lora_dropout, lora_targets, num_train_epochs, learning_rate,
-                           batch_size, early_stopping_patience, val_size, overrides)
-        try:
-            portable = str(path.resolve().relative_to(REPO_ROOT))
-            note = ""
-        except ValueError:
-            portable = path.name
-            note = f" Put your data file `{path.name}` in the folder you run the command from."
-        cfg["data"]["train"] = portable
-        cfg["output_dir"] = f"runs/{task[:5]}-{strategy}"
-        text = dump_config(config_from_dict(cfg))
-        out = ctx.temp_dir() / "run.yaml"
-        out.write_text(text, encoding="utf-8")
-        md = ("Same run from a terminal (the app runs exactly this in its worker):\n\n"
-              "```bash\npython -m finetune_core train run.yaml\n```\n"
-              f"Empty hyperparameters are filled with the recommended values at start.{note}")
-        return gr.update(visible=True), md, text, str(out)
-
-    train_inputs = [ui.data_file, ui.example, ui.hub_dataset, ui.hub_split, ui.task, ui.text_column, ui.label_column,
-                    ui.instruction_format, ui.prompt_column, ui.input_column, ui.response_column, ui.max_length,
-                    ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout,
-                    ui.lora_targets, ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.val_size,
-                    ui.overrides]
+    fields = form.components(ui)
     # Watchers are generators that only read files: they do not count against the queue's concurrency.
-    reconnect_event = ui.session_load.then(reconnect, [ui.owner_state], watch_outputs, api_visibility="private",
-                                           concurrency_limit=None)
+    reconnect_event = ui.session_load.then(bind(ctx, reconnect), [ui.owner_state], watch_outputs,
+                                           api_visibility="private", concurrency_limit=None)
     # One stream at a time writes the watch outputs: each new one (Start, an id typed in Run id, Resume)
     # cancels the others, or two streams would take turns drawing different runs. Cancelling a stream
     # never stops a job; the worker keeps training. trigger_mode="multiple": a second Start reaches
-    # train(), which says why no new run starts (the default "once" dropped the click silently).
-    ui.train_event = ui.start_btn.click(train, train_inputs + [ui.owner_state], watch_outputs, api_name="train",
-                                        api_visibility="public", concurrency_limit=None, trigger_mode="multiple",
-                                        cancels=[reconnect_event])
-    watch_event = ui.run_id.submit(watch_id, [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
-                                   concurrency_limit=None, cancels=[reconnect_event, ui.train_event])
-    ui.stop_btn.click(stop, [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop", api_visibility="public",
-                      concurrency_limit=None)
-    ui.resume_event = ui.resume_btn.click(resume, [ui.run_id, ui.owner_state], watch_outputs,
-                                          api_visibility="private", concurrency_limit=None,
-                                          cancels=[reconnect_event, watch_event, ui.train_event])
+    # train(), which says why no new run starts.
+    ui.train_event = ui.start_btn.click(form.bind_form(ctx, train), fields + [ui.owner_state], watch_outputs,
+                                        api_name="train", api_visibility="public", concurrency_limit=None,
+                                        trigger_mode="multiple", cancels=[reconnect_event])
+    watch_event = ui.run_id.submit(bind(ctx, watch_id), [ui.run_id, ui.owner_state], watch_outputs,
+                                   api_visibility="private", concurrency_limit=None,
+                                   cancels=[reconnect_event, ui.train_event])
+    ui.stop_btn.click(bind(ctx, stop), [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop",
+                      api_visibility="public", concurrency_limit=None)
+    resume_event = ui.resume_btn.click(bind(ctx, resume), [ui.run_id, ui.owner_state], watch_outputs,
+                                       api_visibility="private", concurrency_limit=None,
+                                       cancels=[reconnect_event, watch_event, ui.train_event])
     # the cancels that point forward (an event can only name events defined before it)
-    ui.start_btn.click(None, None, None, cancels=[watch_event, ui.resume_event], api_visibility="private",
+    ui.start_btn.click(None, None, None, cancels=[watch_event, resume_event], api_visibility="private",
                        queue=False)
-    ui.run_id.submit(None, None, None, cancels=[ui.resume_event], api_visibility="private", queue=False)
-    ui.watch_outputs = watch_outputs
-
-    def task_defaults(task, model, head_only):
-        """Instruction tuning needs a causal LM, and a frozen LLM has no new head to train."""
-        if task == "instruction" and quick_model_kind(model, task) == "encoder":
-            return gr.update(value="bundled:smollm2-135m"), gr.update(value=False)
-        if task == "classification" and model == "bundled:smollm2-135m":
-            return gr.update(value="bundled:minilm-l6"), gr.update(value=True)
-        return gr.update(), gr.update(value=False) if task == "instruction" else gr.update()
+    ui.run_id.submit(None, None, None, cancels=[resume_event], api_visibility="private", queue=False)
 
     ui.task.change(task_defaults, [ui.task, ui.model, ui.head_only], [ui.model, ui.head_only],
                    api_visibility="private")
-
-    rec_inputs = [ui.task, ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.val_size, ui.data_info]
-    ui.recommend_btn.click(recommend, rec_inputs,
-                           [ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.recommend_md, ui.last_rec],
+    # Recommend, the placeholders and the parameter count read every setting but the data file itself.
+    settings = form.components(ui, form.SETTINGS)
+    hyperparameters = [ui.num_train_epochs, ui.learning_rate, ui.batch_size]
+    ui.recommend_btn.click(form.bind_form(ctx, recommend, form.SETTINGS), settings + [ui.data_info],
+                           hyperparameters + [ui.early_stopping_patience, ui.recommend_md, ui.last_rec],
                            api_visibility="private")
-    ctx_inputs = rec_inputs + [ui.epochs, ui.learning_rate, ui.batch_size, ui.patience, ui.last_rec]
-    count_inputs = [ui.task, ui.model, ui.strategy, ui.head_only, ui.frozen_layers, ui.lora_r, ui.lora_alpha,
-                    ui.lora_dropout, ui.lora_targets, ui.data_info, ui.owner_state]
+    placeholders = form.bind_form(ctx, context_changed, form.SETTINGS)
+    counter = form.bind_form(ctx, count, form.SETTINGS)
+    count_outputs = [ui.params_md, ui.frozen_layers, ui.model_info]
     for comp in (ui.task, ui.model, ui.strategy, ui.head_only, ui.data_info):
-        comp.change(context_changed, ctx_inputs, [ui.epochs, ui.learning_rate, ui.batch_size, ui.last_rec],
+        comp.change(placeholders, settings + [ui.data_info, ui.last_rec], hyperparameters + [ui.last_rec],
                     api_visibility="private")
     for comp in (ui.task, ui.model, ui.strategy, ui.head_only, ui.data_info, ui.lora_targets):
-        comp.change(count, count_inputs, [ui.params_md, ui.frozen_layers, ui.model_info], api_visibility="private")
+        comp.change(counter, settings + [ui.data_info, ui.owner_state], count_outputs, api_visibility="private")
     for comp in (ui.frozen_layers, ui.lora_r, ui.lora_alpha, ui.lora_dropout):
-        comp.release(count, count_inputs, [ui.params_md, ui.frozen_layers, ui.model_info], api_visibility="private")
+        comp.release(counter, settings + [ui.data_info, ui.owner_state], count_outputs, api_visibility="private")
     for comp in (ui.strategy, ui.head_only):
         comp.change(show_strategy, [ui.strategy, ui.head_only], [ui.frozen_group, ui.lora_group, ui.frozen_layers],
                     api_visibility="private", queue=False)
-    ui.command_btn.click(show_command, train_inputs, [ui.command_group, ui.command_md, ui.command_code,
-                                                      ui.command_file], api_visibility="private")
-    ui.count_fn = count
-    ui.count_inputs = count_inputs
+    ui.command_btn.click(form.bind_form(ctx, show_command), fields,
+                         [ui.command_group, ui.command_md, ui.command_code, ui.command_file],
+                         api_visibility="private")

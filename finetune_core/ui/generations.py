@@ -1,0 +1,47 @@
+"""An instruction run's held-out generations (generations.jsonl) as the Evaluate and Chat tabs show them.
+
+    rows = read_generations(run_dir)                 # [{"prompt", "reference", "before", "after", ...}]
+    prompt_preview(rows[0]["prompt"])                # the user's words, without the chat template
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..rundir import generations_path
+
+
+def read_generations(run_dir: Path) -> list[dict]:
+    path = generations_path(run_dir)
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def prompt_preview(prompt: str, limit: int = 400) -> str:
+    """The user's part of a rendered prompt (chat template or Alpaca), for tables."""
+    text = prompt or ""
+    m = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, flags=re.S)
+    if m:
+        text = m[-1]
+    else:
+        m = re.search(r"### Instruction:\n(.*?)\n\n### (?:Input|Response):", text, flags=re.S)
+        if m:
+            text = m.group(1)
+            inp = re.search(r"### Input:\n(.*?)\n\n### Response:", prompt, flags=re.S)
+            if inp:
+                text += "\n\n" + inp.group(1)
+        else:
+            for marker in ("user\n", "User:", "[INST]"):
+                if marker in text:
+                    text = text.rsplit(marker, 1)[-1]
+                    break
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
