@@ -36,11 +36,11 @@ def training_batches(model_path: str, n_rows: int, max_length: int, batch: int =
 def make_trainer(model, work: Path):
     from transformers import TrainingArguments
 
-    from finetune_core.train import _make_trainer_class, _response_only_ok
+    from finetune_core.trainer import FinetuneTrainer, response_only_ok
 
     args = TrainingArguments(output_dir=str(work), use_cpu=True, report_to="none", disable_tqdm=True)
-    trainer = _make_trainer_class()(model=model, args=args)
-    trainer.response_only = _response_only_ok(model)
+    trainer = FinetuneTrainer(model=model, args=args)
+    trainer.response_only = response_only_ok(model)
     return trainer
 
 

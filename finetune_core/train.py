@@ -23,9 +23,10 @@ import numpy as np
 from . import data as D
 from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
 from .errors import ConfigError, FinetuneError
-from .events import EventsCallback, EventWriter, is_main_process
+from .events import EventWriter, is_main_process
 from .models import load_model, load_tokenizer, model_kind, resolve_model
 from .strategies import apply_strategy, can_cache_features, trainable_summary
+from .trainer import EventsCallback, FinetuneTrainer, response_only_ok
 
 STOP_FILE = "STOP"
 
@@ -157,108 +158,6 @@ def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokeni
         return MeanPoolingForSequenceClassification.from_encoder(path, len(p.label_names), p.id2label)
     return load_model(path, "classification", kind, num_labels=len(p.label_names), id2label=p.id2label,
                       pad_token_id=tokenizer.pad_token_id)
-
-
-def _make_trainer_class():
-    import torch
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class LengthGroupedBatches(torch.utils.data.Sampler):
-        """`group_by_length` that still groups on small datasets.
-
-        transformers sorts by length inside "megabatches" of min(50, n // (4 x batch)) batches: below
-        ~200 rows a megabatch is a single batch, so nothing is grouped and dynamic padding still pads
-        ~45% of every batch (48 Self-Instruct rows, batch 8). Here a megabatch is 50 batches whatever
-        the data size: rows are shuffled, sorted by length within each megabatch, cut into batches
-        (one optimizer step's rows each), and the batches are shuffled (a partial one stays last).
-        Same rows per epoch, same batch size, batches in random order as before; only which rows
-        share a batch changes. (transformers also moves the longest batch first; we do not: the
-        first step runs at learning rate 0 under warmup, and that would always be the batch with
-        the most response tokens.)
-        """
-
-        def __init__(self, lengths, group: int, megabatch_mult: int = 50):
-            self.lengths = [int(x) for x in lengths]
-            self.group = max(1, int(group))
-            self.megabatch = self.group * megabatch_mult
-
-        def __len__(self):
-            return len(self.lengths)
-
-        def __iter__(self):
-            n, g = len(self.lengths), self.group
-            perm = torch.randperm(n).tolist()      # global torch RNG, as transformers' own sampler uses
-            groups = []
-            for s in range(0, n, self.megabatch):
-                chunk = sorted(perm[s:s + self.megabatch], key=lambda i: -self.lengths[i])  # stable: ties random
-                groups += [chunk[j:j + g] for j in range(0, len(chunk), g)]
-            tail = [groups.pop()] if groups and len(groups[-1]) < g else []
-            groups = [groups[k] for k in torch.randperm(len(groups)).tolist()]
-            return iter([i for grp in groups + tail for i in grp])
-
-    class FinetuneTrainer(Trainer):
-        """Trainer whose causal-LM loss projects only response positions through the LM head.
-
-        The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have
-        label -100 and contribute nothing to the loss, so we skip computing their logits. The loss
-        value is identical to the model's own (same tokens, same normalisation).
-        """
-
-        response_only = False
-
-        def __init__(self, *args, **kwargs):
-            from transformers.trainer_callback import PrinterCallback
-
-            super().__init__(*args, **kwargs)
-            self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                return LengthGroupedBatches(sampler.lengths, sampler.batch_size)
-            return sampler
-
-        def _get_eval_sampler(self, eval_dataset):
-            # Evaluation stays in dataset order (transformers groups it by length too), so row i of the
-            # predictions is row i of the validation data: error analysis depends on it.
-            import torch
-
-            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.response_only or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch
-
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            body = getattr(base, base.base_model_prefix)
-            labels = inputs["labels"][:, 1:]
-            keep = labels != -100
-            # accelerate applies bf16/fp16 autocast by wrapping model.forward; calling the body and the
-            # head directly bypasses that wrapper, so enter the same autocast here (a no-op in float32).
-            with self.accelerator.autocast():
-                hidden = body(input_ids=inputs["input_ids"],
-                              attention_mask=inputs["attention_mask"]).last_hidden_state
-                logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-            loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
-            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                loss = loss_sum / num_items_in_batch
-            else:
-                loss = loss_sum / keep.sum().clamp(min=1)
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return FinetuneTrainer
-
-
-def _response_only_ok(model) -> bool:
-    """The shortcut needs a plain LM head and no DDP wrapper (DDP must see the full forward)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    return (getattr(cfg, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None
-            and hasattr(base, base.base_model_prefix))
 
 
 def _align_checkpoints(values: dict, given: dict, patience, notes: list[str]) -> None:
@@ -559,7 +458,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     if patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
     events_cb = callbacks[0]
-    Trainer = _make_trainer_class()
+    Trainer = FinetuneTrainer
 
     metrics: dict = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model,
                      "model_kind": kind, "trainable_params": summary["trainable_params"],
@@ -598,7 +497,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         eval_ds = _as_dataset({"input_ids": p.val_ex.input_ids, "labels": p.val_ex.labels})
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
-        trainer.response_only = _response_only_ok(model)
+        trainer.response_only = response_only_ok(model)
         # The base model's loss, perplexities and answers are measured after training (see
         # _measure_base_model), so the first loss point reaches the UI seconds after the model loads.
 
@@ -636,7 +535,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                     "stopped_by_user": events_cb.stopped_by_user, "stopped_by_time_limit": timed_out,
                     "best_checkpoint": state.best_model_checkpoint})
     if cfg.task == "instruction":
-        _release_training_state(trainer)     # Adam's state goes before the model is saved and a base copy loads
+        trainer.release_training_state()     # Adam's state goes before the model is saved and a base copy loads
     if main:
         # The model is saved first, the minutes of evaluation after: a run stopped (and, past every
         # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
@@ -771,20 +670,6 @@ def _classification_eval(trainer, eval_ds, p: _Prepared) -> dict:
     m = classification_metrics(p.val_labels, pred, p.label_names)
     m.update(pred=pred, probs=probs)
     return m
-
-
-def _release_training_state(trainer) -> None:
-    """Drop the optimizer and scheduler (Adam keeps two copies of every trainable weight) and, on glibc,
-    hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse (see
-    set_cpu_threads), and without this a base model loaded after training would stack on top of it."""
-    import gc
-
-    from .malloc import release_free_memory
-
-    trainer.optimizer = trainer.lr_scheduler = None
-    trainer.accelerator.free_memory()       # the accelerator holds its own references to both
-    gc.collect()
-    release_free_memory()
 
 
 def _measure_base_model(model, path: str, kind: str, tokenizer, p: _Prepared, collator, cfg: RunConfig,

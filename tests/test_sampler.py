@@ -11,7 +11,8 @@ import torch
 def make_sampler(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from finetune_core.train import _as_dataset, _make_trainer_class
+    from finetune_core.train import _as_dataset
+    from finetune_core.trainer import FinetuneTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
 
@@ -20,7 +21,7 @@ def make_sampler(tiny_llama_dir):
                           "length": list(lengths)})
         args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=batch, use_cpu=True,
                                  report_to="none", train_sampling_strategy="group_by_length")
-        trainer = _make_trainer_class()(model=model, args=args, train_dataset=ds)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=ds)
         return trainer._get_train_sampler(ds)
 
     return make

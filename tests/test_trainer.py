@@ -14,12 +14,12 @@ from conftest import instruction_rows
 def _tiny_trainer(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from finetune_core.train import _make_trainer_class, _response_only_ok
+    from finetune_core.trainer import FinetuneTrainer, response_only_ok
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True)
-    trainer = _make_trainer_class()(model=model, args=args)
-    trainer.response_only = _response_only_ok(model)
+    trainer = FinetuneTrainer(model=model, args=args)
+    trainer.response_only = response_only_ok(model)
     return model, trainer
 
 
@@ -99,11 +99,12 @@ def test_cached_features_batch_the_same_rows_as_the_uncached_path(tmp_path, tiny
     default) must put the same rows in the same batches, so caching is the only difference."""
     from transformers import DataCollatorWithPadding
 
-    from finetune_core.train import _as_dataset, _cached_datasets, _make_trainer_class
+    from finetune_core.train import _as_dataset, _cached_datasets
+    from finetune_core.trainer import FinetuneTrainer
 
     cfg, tok, p, model, args = _frozen_setup(tmp_path, tiny_bert_dir, n_rows=12)
     assert args.train_sampling_strategy == "group_by_length"
-    Trainer = _make_trainer_class()
+    Trainer = FinetuneTrainer
     train_ds, eval_ds, head = _cached_datasets(model, p, tok, args)
     assert args.train_sampling_strategy == "group_by_length"
     cached = Trainer(model=head, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
