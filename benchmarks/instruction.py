@@ -251,7 +251,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import load_tokenizer, resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     rows = C.self_instruct_rows()

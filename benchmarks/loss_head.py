@@ -97,7 +97,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     path = resolve_model(model)

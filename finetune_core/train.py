@@ -10,10 +10,7 @@ predictions.csv (classification), generations.jsonl (instruction). Rank 0 alone 
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -21,41 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
+from . import limits, rundir
+from .config import RunConfig, config_from_dict, dump_config, load_config
 from .errors import ConfigError, FinetuneError
 from .events import EventWriter, is_main_process
 from .models import load_model, load_tokenizer, model_kind, resolve_model
+from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_model
+from .predictions import write_predictions
+from .runtime import peak_rss_mb, process_start_time, resource_error, set_cpu_threads
 from .strategies import apply_strategy, can_cache_features, trainable_summary
 from .trainer import EventsCallback, FinetuneTrainer, response_only_ok
-
-STOP_FILE = "STOP"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
-
-
-def set_cpu_threads() -> int:
-    """One torch thread per physical core (hyper-threads slow matmul-bound training down); on CPU, a
-    malloc setting that keeps freed tensor memory for reuse. Returns the torch thread count."""
-    import torch
-
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except Exception:  # noqa: BLE001
-        cores = os.cpu_count() or 1
-    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    threads = max(1, cores // max(1, world))
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        from .malloc import keep_freed_memory
-
-        keep_freed_memory()
-    return torch.get_num_threads()
-
+from .training_args import cap_steps, resolve_training_args
 
 def _coerce_config(config) -> RunConfig:
     if isinstance(config, RunConfig):
@@ -160,145 +133,8 @@ def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokeni
                       pad_token_id=tokenizer.pad_token_id)
 
 
-def _align_checkpoints(values: dict, given: dict, patience, notes: list[str]) -> None:
-    """Best-model restoring and early stopping need a checkpoint at every evaluation.
-
-    A user who changes only `eval_strategy` (say to steps) keeps both: our default save schedule
-    follows the evaluation one. A user who sets both to schedules that do not line up gets them
-    switched off, and a note that says so and how to get them back (TrainingArguments would refuse).
-    """
-    wants_best = values.get("load_best_model_at_end")
-    ev, sv = values.get("eval_strategy", "no"), values.get("save_strategy", "steps")
-    if ev == "no":
-        if wants_best and ("load_best_model_at_end" in given or "early_stopping_patience" in given):
-            notes.append("eval_strategy is 'no', so there are no evaluations: load_best_model_at_end and early "
-                         "stopping are off. Set eval_strategy (and save_strategy) to epoch or steps to use them.")
-        values["load_best_model_at_end"] = False
-        return
-    if not wants_best or sv == "best":
-        return
-    eval_steps = values.get("eval_steps") or values.get("logging_steps")
-    if sv != ev and "save_strategy" not in given:
-        values["save_strategy"] = sv = ev
-        if ev == "steps" and "save_steps" not in given:
-            values["save_steps"] = eval_steps
-        notes.append(f"save_strategy follows eval_strategy ({ev}"
-                     + (f", every {eval_steps} steps" if ev == "steps" else "")
-                     + "), so the best checkpoint can be restored at the end.")
-    elif ev == "steps" and sv == "steps" and "save_steps" not in given:
-        values["save_steps"] = eval_steps
-    mismatch = sv != ev or (ev == "steps" and _not_multiple(values.get("save_steps", 500), eval_steps))
-    if mismatch:
-        values["load_best_model_at_end"] = False
-        what = "early stopping " if patience else ""
-        where = (f"eval_strategy is '{ev}' but save_strategy is '{sv}'" if sv != ev else
-                 f"save_steps={values.get('save_steps', 500)} is not a multiple of eval_steps={eval_steps}")
-        notes.append(f"load_best_model_at_end and {what}are off: they need a checkpoint at every evaluation, "
-                     f"and {where}. To keep them, set save_strategy to the same value as eval_strategy "
-                     "(and save_steps equal to eval_steps).")
-
-
-def _not_multiple(save_steps, eval_steps) -> bool:
-    if not eval_steps:
-        return False
-    return round(save_steps * 1_000_000) % round(eval_steps * 1_000_000) != 0
-
-
-def training_values(cfg: RunConfig, kind: str, n_train: int, cuda: bool | None = None,
-                    notes: list[str] | None = None) -> tuple[dict, int | None]:
-    """The TrainingArguments keyword values: our defaults, overridden by every key of `training:`.
-    Returns (values, early_stopping_patience); `notes` collects what a user should be told."""
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    notes = notes if notes is not None else []
-    values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers, cuda=cuda)
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if old in cfg.training and new not in cfg.training:   # transformers 5 renamed them; keep both working
-            values.pop(new, None)
-    values = merge_training(values, cfg.training)
-    patience = values.pop("early_stopping_patience", None)
-    if not cuda:
-        # Half precision on CPU is ~400x slower here: refuse it rather than train for hours.
-        for key in ("bf16", "fp16"):
-            if values.get(key):
-                raise ConfigError(f"training.{key} is on but there is no CUDA GPU.",
-                                  f"Remove training.{key}; on CPU we train in float32.")
-        values["use_cpu"] = True
-    _align_checkpoints(values, cfg.training, patience, notes)
-    return values, patience
-
-
-def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: Path,
-                          notes: list[str] | None = None):
-    """TrainingArguments = our defaults, overridden by every key the user gave in `training:`."""
-    from transformers import TrainingArguments
-
-    values, patience = training_values(cfg, kind, n_train, notes=notes)
-    values.update(output_dir=str(checkpoints), seed=cfg.seed, disable_tqdm=True,
-                  save_only_model=False, remove_unused_columns=True)
-    if cfg.task == "instruction":
-        values["prediction_loss_only"] = True
-    try:
-        args = TrainingArguments(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"Invalid training options: {exc}", "Fix the training: section of the config.") from exc
-    return args, patience
-
-
 # ---------------------------------------------------------------------------------------------
 # outputs
-
-
-def safe_csv_cell(value):
-    """Neutralise spreadsheet formulas (=, +, -, @, tab, CR at the start) so exports never execute code.
-
-    A plain number such as "-1" or "+0.5" is no formula and stays as it is.
-    """
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        try:
-            float(value)
-            return value
-        except ValueError:
-            return "'" + value
-    return value
-
-
-def write_predictions(path: Path, texts, y_true, y_pred, probs, names) -> None:
-    import pandas as pd
-
-    df = pd.DataFrame({
-        "text": [safe_csv_cell(t) for t in texts],
-        "true_label": [safe_csv_cell(names[i]) for i in y_true],
-        "predicted_label": [safe_csv_cell(names[i]) for i in y_pred],
-        "confidence": [float(probs[i, p]) for i, p in enumerate(y_pred)],
-        "correct": [bool(a == b) for a, b in zip(y_true, y_pred)],
-    })
-    for j, n in enumerate(names):
-        df[f"p_{n}"] = probs[:, j].round(6)
-    df.to_csv(path, index=False)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def model_card(cfg: RunConfig, metrics: dict) -> str:
@@ -311,40 +147,6 @@ def model_card(cfg: RunConfig, metrics: dict) -> str:
 # the run
 
 
-def _resource_error(exc: BaseException) -> FinetuneError | None:
-    """A FinetuneError for a full disk or exhausted memory anywhere in `exc`'s chain, else None.
-
-    A full disk shows up as OSError(ENOSPC) from Python and safetensors, but as a RuntimeError
-    ("file write failed") from torch.save's zip writer.
-    """
-    import torch
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc)
-        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text \
-                or "file write failed" in text:
-            return FinetuneError("The disk is full: a checkpoint or the model could not be written.",
-                                 "Free disk space (delete old runs), then run again with resume: true to continue "
-                                 "from the last complete checkpoint in checkpoints/.")
-        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-            return FinetuneError("Training ran out of memory.",
-                                 "Lower per_device_train_batch_size or data.max_length, or use LoRA. Earlier "
-                                 "checkpoints in checkpoints/ are intact; resume: true continues from the last one.")
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _process_start_time() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001
-        return time.time()
-
-
 def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: int | None = None) -> dict:
     """Run one fine-tuning job end to end and return metrics (also written to metrics.json).
 
@@ -355,9 +157,9 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    writer = EventWriter(out / "events.jsonl", enabled=main, echo=echo)
-    stop_path = Path(stop_file) if stop_file else out / STOP_FILE
-    if main and stop_path.exists() and stop_path.stat().st_mtime < _process_start_time():
+    writer = EventWriter(rundir.events_path(out), enabled=main, echo=echo)
+    stop_path = Path(stop_file) if stop_file else rundir.stop_path(out)
+    if main and stop_path.exists() and stop_path.stat().st_mtime < process_start_time():
         # A stale request, also when resuming: the STOP that ended the last run is spent. A STOP
         # written after this process started (a Stop clicked during start-up) still counts.
         stop_path.unlink()
@@ -374,7 +176,7 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
         report(exc.message)
         raise
     except Exception as exc:
-        friendly = _resource_error(exc)
+        friendly = resource_error(exc)
         if friendly is not None:
             report(friendly.message)
             raise friendly from exc
@@ -400,14 +202,14 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     tokenizer = load_tokenizer(path, kind)
 
     if main:
-        dump_config(cfg, out / "run.yaml")
+        dump_config(cfg, rundir.config_path(out))
     if cfg.task == "classification":
         p = prepare_classification(cfg, tokenizer, train_df, val_df, cols)
     else:
         p = prepare_instruction(cfg, tokenizer, train_df, val_df, cols)
     if main:
         report = _audit_run(cfg, tokenizer, train_df, val_df, cols, p)
-        write_json(out / "audit.json", report)
+        rundir.write_json(rundir.audit_path(out), report)
         for w in report.get("warnings", []):
             writer.emit("info", message=f"Audit: {w}")
 
@@ -431,7 +233,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     writer.emit("info", message=summary["line"], trainable_params=summary["trainable_params"],
                 total_params=summary["total_params"])
 
-    checkpoints = out / "checkpoints"
+    checkpoints = rundir.checkpoints_dir(out)
     notes: list[str] = []
     args, patience = resolve_training_args(cfg, kind, n_train, checkpoints, notes)
     for note in notes:
@@ -439,18 +241,10 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     if not args.push_to_hub:
         args.hub_token = None        # unused without push_to_hub; never pickled into checkpoints/training_args.bin
     callbacks = [EventsCallback(writer, stop_file=stop_path)]
-    from . import limits
-
-    step_cap, minutes_cap = limits.max_steps(), limits.max_minutes()
-    if step_cap:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        batches = -(-n_train // max(1, args.per_device_train_batch_size * world))
-        planned = args.max_steps if args.max_steps > 0 else \
-            int(np.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
-        if planned > step_cap:
-            args.max_steps = step_cap
-            writer.emit("info", message=f"This deployment limits a run to {step_cap} steps (FINETUNE_MAX_STEPS); "
-                                        f"training {step_cap} of the {planned} planned steps.")
+    capped = cap_steps(args, n_train)
+    if capped:
+        writer.emit("info", message=capped)
+    minutes_cap = limits.max_minutes()
     time_limit = None
     if minutes_cap:
         time_limit = limits.time_limit_callback(t_start + 60 * minutes_cap, writer, minutes_cap)
@@ -506,8 +300,8 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
         if main:
             # Before the Trainer sees them: its save_total_limit rotation counts a half-written
             # checkpoint-N as the newest one, keeps it and deletes good ones instead.
-            _drop_incomplete_checkpoints(checkpoints)
-        resume = _resume_checkpoint(checkpoints)
+            drop_incomplete_checkpoints(checkpoints)
+        resume = resume_checkpoint(checkpoints)
         if resume is None:
             writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
     # A Stop pressed while the model loaded (a STOP newer than this process) ends training at the
@@ -516,11 +310,11 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     except Exception as exc:
-        friendly = _resource_error(exc)
+        friendly = resource_error(exc)
         if friendly is None:
             raise
         if main:
-            _drop_incomplete_checkpoints(checkpoints)   # a checkpoint cut off by the failure is no "latest"
+            drop_incomplete_checkpoints(checkpoints)   # a checkpoint cut off by the failure is no "latest"
         raise friendly from exc
     # Feature caching is part of training's cost: count it, so cached and uncached runs compare fairly.
     train_seconds = time.time() - t0 + metrics.get("feature_seconds", 0.0)
@@ -539,7 +333,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     if main:
         # The model is saved first, the minutes of evaluation after: a run stopped (and, past every
         # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
-        _save_model(cfg, model, tokenizer, out, metrics)
+        save_model(cfg, model, tokenizer, out, model_card(cfg, metrics))
 
     if cfg.task == "classification":
         final = _classification_eval(trainer, eval_ds, p)
@@ -552,7 +346,7 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
                                                    p.label_names)
         metrics["val_samples"] = len(p.val_texts)
         if main:
-            write_predictions(out / "predictions.csv", p.val_texts, p.val_labels, final["pred"], final["probs"],
+            write_predictions(rundir.predictions_path(out), p.val_texts, p.val_labels, final["pred"], final["probs"],
                               p.label_names)
     else:
         metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix=""))
@@ -568,14 +362,14 @@ def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main
     metrics["total_seconds"] = time.time() - t_start
 
     if main:
-        _atomic_write_text(out / "model" / "README.md", model_card(cfg, metrics))
-        write_json(out / "metrics.json", metrics)
+        rundir.atomic_write_text(rundir.model_dir(out) / "README.md", model_card(cfg, metrics))
+        rundir.write_json(rundir.metrics_path(out), metrics)
         if cfg.task == "instruction":
             from .generate import write_generations
 
             writer.emit("info", message="Generating answers to held-out prompts after training ...")
             write_generations(out, model, tokenizer, p, metrics, before=before_generations)
-            write_json(out / "metrics.json", metrics)
+            rundir.write_json(rundir.metrics_path(out), metrics)
         if not events_cb.stopped_by_user:
             # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
             shutil.rmtree(checkpoints, ignore_errors=True)
@@ -710,58 +504,3 @@ def _lm_probe(model, tokenizer, p: _Prepared, collator, cfg: RunConfig, suffix: 
     general = perplexity(model, tokenizer, general_text_paragraphs(), max_length=cfg.data.max_length)
     return {f"eval_loss{suffix}": loss, f"perplexity{suffix}": math.exp(loss),
             f"general_perplexity{suffix}": general}
-
-
-def _checkpoint_complete(c: Path) -> bool:
-    """The Trainer writes weights, optimizer, RNG state, then trainer_state.json last: a checkpoint is
-    complete when that file parses and names its step, and the weights are there and not empty."""
-    if not c.is_dir() or not c.name.split("-")[-1].isdigit():
-        return False
-    try:
-        state = json.loads((c / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(state, dict) or "global_step" not in state:
-        return False
-    weights = [w for pattern in ("*.safetensors", "pytorch_model*.bin") for w in c.glob(pattern)
-               if w.stat().st_size > 0]
-    return bool(weights)
-
-
-def _drop_incomplete_checkpoints(checkpoints: Path) -> list[str]:
-    """Delete the checkpoint folders a crash or a full disk cut off (rank 0 only); returns their names."""
-    dropped = []
-    if checkpoints.is_dir():
-        for c in checkpoints.glob("checkpoint-*"):
-            if c.is_dir() and c.name.split("-")[-1].isdigit() and not _checkpoint_complete(c):
-                shutil.rmtree(c, ignore_errors=True)
-                dropped.append(c.name)
-    return sorted(dropped)
-
-
-def _resume_checkpoint(checkpoints: Path) -> str | None:
-    """The newest *complete* checkpoint; half-written ones (a crash or a full disk) are skipped."""
-    if not checkpoints.is_dir():
-        return None
-    done = [c for c in checkpoints.glob("checkpoint-*") if _checkpoint_complete(c)]
-    if not done:
-        return None
-    return str(max(done, key=lambda c: int(c.name.split("-")[-1])))
-
-
-def _save_model(cfg: RunConfig, model, tokenizer, out: Path, metrics: dict) -> None:
-    target = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)        # safetensors: transformers 5 writes no pickle weights
-        tokenizer.save_pretrained(tmp)
-        if cfg.strategy.name == "lora" and cfg.task == "classification":
-            # Keep the label names next to the adapter: AutoPeft loads the base with this config.
-            model.get_base_model().config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # never leave half a model behind (e.g. the disk filled up)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)

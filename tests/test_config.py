@@ -70,7 +70,7 @@ def test_training_accepts_every_training_arguments_field():
 
 
 def test_training_fields_reach_training_arguments(tmp_path):
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     cfg = config_from_dict({"training": {"gradient_accumulation_steps": 3, "adam_beta2": 0.95, "max_grad_norm": 0.5,
                                          "label_smoothing_factor": 0.1, "lr_scheduler_type": "linear",
@@ -87,7 +87,7 @@ def test_training_fields_reach_training_arguments(tmp_path):
 def test_half_precision_refused_on_cpu(tmp_path, key):
     import torch
 
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     if torch.cuda.is_available():
         pytest.skip("a GPU accepts half precision")
@@ -128,7 +128,7 @@ def test_activation_checkpointing_only_for_causal_lora_on_cpu():
 def test_old_gradient_checkpointing_name_still_wins_over_our_default(tmp_path, given, expected):
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing; a config with the old
     name must not be silently overridden by our default under the new one."""
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     cfg = config_from_dict({"task": "instruction", "strategy": {"name": "lora"}, "training": given})
     args, _ = resolve_training_args(cfg, "causal", 64, tmp_path / "ckpt")

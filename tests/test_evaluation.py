@@ -360,6 +360,7 @@ def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
     from finetune_core.events import read_all_events
     from finetune_core.generate import generate_batch, heldout_prompts
     from finetune_core.models import load_model, load_tokenizer
+    from finetune_core.training_args import resolve_training_args
 
     model_dir = str(wordpiece_llama_dir(tmp_path / "tiny-llama"))
     rows = [{"instruction": f"Say the colour number {i}.", "input": "", "output": f"colour {i} is blue"}
@@ -391,7 +392,7 @@ def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
     measuring = next(i for i, e in enumerate(events) if "Measuring the base model" in (e.get("message") or ""))
     assert first_log < measuring
 
-    args = T.resolve_training_args(cfg, "causal", 18, tmp_path / "ck")[0]
+    args = resolve_training_args(cfg, "causal", 18, tmp_path / "ck")[0]
     assert args.activation_checkpointing is (strategy == "lora")
     if strategy == "lora":
         weights = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))

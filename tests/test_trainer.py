@@ -79,8 +79,8 @@ def _frozen_setup(tmp_path, tiny_bert_dir, n_rows=8):
     from finetune_core.config import config_from_dict
     from finetune_core.models import load_tokenizer
     from finetune_core.strategies import apply_strategy
-    from finetune_core.train import (_build_classifier, _load_frames, prepare_classification,
-                                     resolve_training_args)
+    from finetune_core.train import _build_classifier, _load_frames, prepare_classification
+    from finetune_core.training_args import resolve_training_args
 
     csv = write_csv(tmp_path / "train.csv", class_rows(n_rows))
     cfg = config_from_dict({"model": tiny_bert_dir, "data": {"train": csv, "max_length": 64},
