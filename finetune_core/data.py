@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,25 @@ CHAT_ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+
+
+def is_missing(v) -> bool:
+    """None, NaN and pandas' NA and NaT (nullable dtypes, e.g. from Parquet) all mean 'no value'."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
+
+
+def normalise_label(v) -> str | None:
+    """A label cell as training and the audit compare labels: a stripped string, a whole float without
+    its '.0' (a CSV column read as numbers gives 1.0 for "1"); None when missing or blank."""
+    if is_missing(v) or str(v).strip() == "":
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,14 +308,6 @@ def _check_flat_text(series: pd.Series, column: str) -> None:
                         f"first at row {first + 1}.", "Flatten them into plain text, or pick another column.")
 
 
-@dataclass
-class ClassificationData:
-    texts: list[str]
-    labels: list[int]
-    dropped_missing_label: int
-    dropped_empty_text: int
-
-
 def label_names_for(values: pd.Series) -> list[str]:
     """Sorted label names; integer labels sort numerically and keep their number as the name."""
     uniq = pd.unique(values.dropna())
@@ -305,26 +317,15 @@ def label_names_for(values: pd.Series) -> list[str]:
     return sorted(str(v).strip() for v in uniq)
 
 
-def _missing(v) -> bool:
-    """None, NaN and pandas' NA (nullable dtypes, e.g. from Parquet) all mean 'no value'."""
-    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
-
-
-def _label_str(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
 def clean_classification(df: pd.DataFrame, text_col: str, label_col: str, name: str = "the data") -> pd.DataFrame:
     """Rows with a text and a label; labels as stripped strings. Raises on unusable data."""
     _check_flat_text(df[text_col], text_col)
     out = pd.DataFrame({"text": df[text_col], "label": df[label_col]})
-    out["label"] = out["label"].map(lambda v: None if _missing(v) or str(v).strip() == "" else _label_str(v))
+    out["label"] = out["label"].map(normalise_label)
     if out["label"].isna().all():
         raise DataError(f"Every row of {name} has an empty label in column '{label_col}'.",
                         "Fill in the labels, or pick the right label column.")
-    out["text"] = out["text"].map(lambda v: "" if _missing(v) else str(v))
+    out["text"] = out["text"].map(lambda v: "" if is_missing(v) else str(v))
     out = out[out["label"].notna()]
     out = out[out["text"].str.strip() != ""]
     if out.empty:
@@ -389,7 +390,7 @@ def tokenize_classification(texts, labels, tokenizer, max_length: int) -> dict:
 
 
 def _cell(v) -> str:
-    return "" if _missing(v) else str(v)
+    return "" if is_missing(v) else str(v)
 
 
 def _parse_messages(value, row: int) -> list[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import data as D
 from . import limits, rundir
-from .config import RunConfig, config_from_dict, dump_config, load_config
+from .config import RunConfig, config_from_dict, dump_config, load_config, uses_mean_pooling_head
 from .errors import ConfigError, FinetuneError
 from .events import EventWriter, is_main_process
 from .models import load_model, load_tokenizer, model_kind, resolve_model
@@ -125,7 +125,7 @@ def _as_dataset(columns: dict):
 
 
 def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokenizer):
-    if cfg.strategy.name == "frozen" and cfg.strategy.frozen_layers == "all" and kind == "encoder":
+    if uses_mean_pooling_head(cfg.task, cfg.strategy.name, cfg.strategy.frozen_layers, kind):
         from .heads import MeanPoolingForSequenceClassification
 
         return MeanPoolingForSequenceClassification.from_encoder(path, len(p.label_names), p.id2label)

@@ -263,3 +263,26 @@ def test_validate_returns_config():
 def test_lora_target_modules_type_is_checked(targets):
     with pytest.raises(ConfigError, match="target_modules"):
         config_from_dict({"strategy": {"lora": {"target_modules": targets}}})
+
+
+@pytest.mark.parametrize("rows, kind, pick", [(60, "encoder", "frozen"), (499, "encoder", "frozen"),
+                                              (500, "encoder", "full"), (5000, "encoder", "full"),
+                                              (9000, "encoder", "full"), (60, "causal", "lora"),
+                                              (9000, "causal", "lora")])
+def test_cheat_sheet_picks_the_strategy_by_rows_and_model_kind(rows, kind, pick):
+    from finetune_core.config import FREEZE_BELOW, FULL_UP_TO, STRATEGY_CHEAT_SHEET, recommended_strategy
+
+    strategy, why = recommended_strategy(rows, kind, strong="**")
+    assert strategy == pick and why.count("**") == 2
+    assert "**" not in recommended_strategy(rows, kind)[1]
+    assert f"under {FREEZE_BELOW} rows" in STRATEGY_CHEAT_SHEET and f"{FULL_UP_TO:,} rows" in STRATEGY_CHEAT_SHEET
+
+
+def test_mean_pooling_head_only_for_head_only_classification_on_an_encoder():
+    from finetune_core.config import uses_mean_pooling_head
+
+    assert uses_mean_pooling_head("classification", "frozen", "all", "encoder")
+    assert not uses_mean_pooling_head("classification", "frozen", "all", "causal")
+    assert not uses_mean_pooling_head("classification", "frozen", 2, "encoder")
+    assert not uses_mean_pooling_head("classification", "lora", "all", "encoder")
+    assert not uses_mean_pooling_head("instruction", "frozen", "all", "encoder")
