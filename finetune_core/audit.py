@@ -412,6 +412,34 @@ def _instruction_tokens(rows, cols, tokenizer, template, max_length, report, war
     _truncation_warning(summary, warnings, "examples")
 
 
+def audit_run(cfg, tokenizer, frames: D.Frames, train_part: pd.DataFrame, val_part: pd.DataFrame,
+              part_columns: dict) -> dict:
+    """audit.json of a run: the training file's checklist, and the overlap of the validation data used.
+
+    With a validation file that is the file itself. When validation is split from the training file
+    (`train_part` / `val_part`, with columns `part_columns`), the file is audited whole and the overlap
+    is measured between the two parts of the split (the same text on both sides: duplicates in the
+    file that leak into validation)."""
+    report = audit_dataframe(frames.train, cfg.task, frames.columns, tokenizer=tokenizer,
+                             max_length=cfg.data.max_length, val_df=frames.validation, template=cfg.data.template)
+    if frames.validation is not None:
+        report["validation_source"] = "file"
+        return report
+    split = audit_dataframe(train_part, cfg.task, part_columns, tokenizer=None, max_length=cfg.data.max_length,
+                            val_df=val_part, template=cfg.data.template)
+    report["validation_source"] = f"split from the training file (val_size={cfg.data.val_size})"
+    for key in ("validation_rows", "overlap_with_validation", "validation_unseen_labels"):
+        if key in split:
+            report[key] = split[key]
+    for w in split["warnings"]:
+        if "appear in both the training and the validation data" in w:
+            report["warnings"].append(w.replace("Remove them from one of the two files.",
+                                                "Validation is split from the training file: remove the "
+                                                "duplicate rows from it."))
+    report["ok"] = not report["warnings"]
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 

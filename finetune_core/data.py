@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from . import limits
+from .errors import ConfigError, DataError
 
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "query", "utterance", "message", "document",
@@ -148,8 +149,6 @@ def read_table(path: str | Path, max_bytes: int | None = None, max_rows: int | N
     max_bytes / max_rows: None = the deployment limits from the environment (finetune_core.limits:
     FINETUNE_MAX_UPLOAD_MB when set, FINETUNE_MAX_ROWS), which are unset on a local machine.
     """
-    from . import limits
-
     path = Path(path)
     name = path.name
     size_var = rows_var = ""
@@ -294,6 +293,31 @@ def store_columns(data_cfg, cols: dict) -> None:
         data_cfg.input_column = cols.get("input")
     else:
         data_cfg.prompt_column, data_cfg.completion_column = cols["prompt"], cols["completion"]
+
+
+@dataclass
+class Frames:
+    """A run's data files as read: the training file, the validation file (None: split from training)
+    and the column mapping detected on the training file."""
+    train: pd.DataFrame
+    validation: pd.DataFrame | None
+    columns: dict
+
+
+def load_frames(cfg, max_bytes: int | None = None) -> Frames:
+    """Read `cfg.data.train` (and `cfg.data.validation`), detect the columns for `cfg.task` and record
+    them in `cfg.data`, so run.yaml says which columns were used."""
+    if not cfg.data.train:
+        raise ConfigError("No training data given (data.train is empty).",
+                          "Set data.train to a CSV, TSV, JSON, JSONL or Parquet file.")
+    train_df = read_table(cfg.data.train, max_bytes=max_bytes)
+    cols = detect_columns(train_df, cfg.task, cfg.data, name=Path(cfg.data.train).name)
+    store_columns(cfg.data, cols)
+    val_df = None
+    if cfg.data.validation:
+        val_df = read_table(cfg.data.validation, max_bytes=max_bytes)
+        detect_columns(val_df, cfg.task, cfg.data, name=Path(cfg.data.validation).name)
+    return Frames(train_df, val_df, cols)
 
 
 # ---------------------------------------------------------------------------------------------
