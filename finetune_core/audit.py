@@ -38,6 +38,7 @@ import pandas as pd
 from . import data as D
 from .config import recommended_strategy
 from .errors import ConfigError, DataError, FinetuneError
+from .models import load_tokenizer, resolve_model
 
 TASKS = ("classification", "instruction")
 DEFAULT_MODELS = {"classification": "bundled:minilm-l6", "instruction": "bundled:smollm2-135m"}
@@ -448,8 +449,6 @@ def _load_audit_tokenizer(task: str, model, notes: list[str]):
     """(tokenizer or None, model id used or None). model=None: the task's bundled default; False: none."""
     if model is False:
         return None, None
-    from .models import load_tokenizer, resolve_model
-
     model_id = model or DEFAULT_MODELS[task]
     try:
         return load_tokenizer(resolve_model(model_id)), model_id

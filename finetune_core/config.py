@@ -6,7 +6,9 @@
 
 `training:` is a free-form dict of `transformers.TrainingArguments` fields (plus
 `early_stopping_patience`); `training_defaults()` fills what the user left out with the article's
-best practices for this task, model kind and strategy.
+best practices for this task, model kind and strategy; `recommended_strategy()` is the article's
+cheat sheet. The app imports this module at start-up: torch and transformers load only inside the
+functions that need them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
 
 Instruction rows become (prompt, response) pairs; `tokenize_instruction` puts -100 on every prompt
 position (and the collator on every padding position), so the loss is taken on response tokens only.
+The Data tab reads and audits files through this module, so scikit-learn and torch load only inside
+the two functions that use them (split_frame, CausalCollator).
 """
 
 from __future__ import annotations

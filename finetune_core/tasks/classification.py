@@ -19,13 +19,13 @@ from transformers import DataCollatorWithPadding
 
 from .. import data as D
 from .. import evaluation, rundir
+from ..audit import audit_run
 from ..config import RunConfig, uses_mean_pooling_head
 from ..errors import ConfigError, FinetuneError
 from ..heads import CachedFeatureHead, MeanPoolingForSequenceClassification
 from ..models import load_model as load_pretrained
 from ..predictions import write_predictions
 from ..strategies import can_cache_features
-from ..audit import audit_run
 from ..trainer import FinetuneTrainer
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
