@@ -102,14 +102,15 @@ class FinetuneTrainer(Trainer):
             loss = loss_sum / keep.sum().clamp(min=1)
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def release_training_state(self) -> None:
-        """Drop the optimizer and scheduler (Adam keeps two copies of every trainable weight) and, on
-        glibc, hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse
-        (runtime.set_cpu_threads), and without this a model loaded after training would stack on top."""
-        self.optimizer = self.lr_scheduler = None
-        self.accelerator.free_memory()       # the accelerator holds its own references to both
-        gc.collect()
-        release_free_memory()
+
+def release_training_state(trainer: Trainer) -> None:
+    """Drop a finished trainer's optimizer and scheduler (Adam keeps two copies of every trainable weight)
+    and, on glibc, hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse
+    (runtime.set_cpu_threads), and without this a model loaded after training would stack on top of it."""
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()       # the accelerator holds its own references to both
+    gc.collect()
+    release_free_memory()
 
 
 def response_only_ok(model) -> bool:

@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
 from ..generate import generate_batch, heldout_prompts, write_generations
 from ..models import load_model as load_pretrained
-from ..trainer import FinetuneTrainer, response_only_ok
+from ..trainer import FinetuneTrainer, release_training_state, response_only_ok
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
 
@@ -167,7 +167,7 @@ def measure_base_model(run: RunContext, model, data: InstructionData, metrics: d
 
 def evaluate(run: RunContext, trainer, model, data: InstructionData, metrics: dict) -> list[str] | None:
     """Tuned and base model on the validation pairs and general text; returns the base model's answers."""
-    trainer.release_training_state()    # Adam's state goes before a copy of the base model loads
+    release_training_state(trainer)     # Adam's state goes before a copy of the base model loads
     metrics.update(lm_probe(model, run.tokenizer, data, run.cfg, suffix=""))
     run.writer.emit("info", message="Measuring the base model for comparison: loss, general-text perplexity "
                                     "and answers to the held-out prompts ...")
