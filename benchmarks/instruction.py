@@ -47,7 +47,7 @@ def article_examples(rows: list[dict]) -> list[dict]:
 
 
 def val_batches(tokenizer, val_rows: list[dict], max_length: int, batch_size: int = 8) -> list[dict]:
-    """The validation batches `train()` scores (`_lm_probe`): alpaca template, dynamic padding."""
+    """The validation batches `train()` scores (`tasks.instruction.lm_probe`): alpaca template, dynamic padding."""
     import pandas as pd
 
     from finetune_core import data as D
