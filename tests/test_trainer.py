@@ -146,4 +146,4 @@ def test_cached_features_are_computed_on_the_training_device(tmp_path, tiny_bert
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert args.device.type == expected.type
     stored = train_ds[:]["features"]
-    assert stored.shape == (len(p.train_texts), 32) and stored.device.type == "cpu"   # on the host, as datasets are          # stored on the host, like any dataset
+    assert stored.shape == (len(p.train_texts), 32) and stored.device.type == "cpu"   # stored on the host, like any dataset
