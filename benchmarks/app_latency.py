@@ -259,7 +259,7 @@ def run(quick: bool = False, out_dir: Path | None = None) -> dict:
                         "target": "after step 1", "met": r["first_loss_step"] == 1})
 
     print(f"[{NAME}] streamed chat vs bare generate ...", flush=True)
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     set_cpu_threads()
     g = compare_streaming(C.SMOLLM2, 16 if quick else 64, rounds=2 if quick else 3)

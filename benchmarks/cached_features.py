@@ -74,7 +74,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.MINILM)
     C.quiet_env()
     import pandas as pd
 
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     n_intents, per_intent, epochs = (5, 10, 2) if quick else (15, 30, 10)

@@ -122,7 +122,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     path = resolve_model(model)
@@ -222,7 +222,7 @@ def malloc_child(tuned: bool, steps: int = 3) -> dict:
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     if tuned:
         set_cpu_threads()

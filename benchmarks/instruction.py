@@ -47,7 +47,7 @@ def article_examples(rows: list[dict]) -> list[dict]:
 
 
 def val_batches(tokenizer, val_rows: list[dict], max_length: int, batch_size: int = 8) -> list[dict]:
-    """The validation batches `train()` scores (`_lm_probe`): alpaca template, dynamic padding."""
+    """The validation batches `train()` scores (`tasks.instruction.lm_probe`): alpaca template, dynamic padding."""
     import pandas as pd
 
     from finetune_core import data as D
@@ -251,7 +251,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import load_tokenizer, resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     rows = C.self_instruct_rows()

@@ -36,11 +36,11 @@ def training_batches(model_path: str, n_rows: int, max_length: int, batch: int =
 def make_trainer(model, work: Path):
     from transformers import TrainingArguments
 
-    from finetune_core.train import _make_trainer_class, _response_only_ok
+    from finetune_core.trainer import FinetuneTrainer, response_only_ok
 
     args = TrainingArguments(output_dir=str(work), use_cpu=True, report_to="none", disable_tqdm=True)
-    trainer = _make_trainer_class()(model=model, args=args)
-    trainer.response_only = _response_only_ok(model)
+    trainer = FinetuneTrainer(model=model, args=args)
+    trainer.response_only = response_only_ok(model)
     return trainer
 
 
@@ -97,7 +97,7 @@ def run(quick: bool = False, out_dir: Path | None = None, model: str = C.SMOLLM2
     from transformers import AutoModelForCausalLM
 
     from finetune_core.models import resolve_model
-    from finetune_core.train import set_cpu_threads
+    from finetune_core.runtime import set_cpu_threads
 
     threads = set_cpu_threads()
     path = resolve_model(model)

@@ -47,29 +47,27 @@ def _reset_hwm() -> bool:
 @contextlib.contextmanager
 def training_phase_probe(store: dict):
     """Record RSS when trainer.train() starts and the peak RSS during it (benchmark instrumentation)."""
-    import finetune_core.train as T
+    from finetune_core.trainer import FinetuneTrainer
 
-    original = T._make_trainer_class
+    own = "train" in vars(FinetuneTrainer)
+    original = FinetuneTrainer.train
 
-    def patched():
-        cls = original()
+    def probed(self, *args, **kwargs):
+        store["rss_before_train_mb"] = (_vm_kb("VmRSS") or 0) / 1024
+        store["hwm_reset"] = _reset_hwm()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            store["train_peak_rss_mb"] = (_vm_kb("VmHWM") or 0) / 1024 if store["hwm_reset"] else None
 
-        class Probed(cls):
-            def train(self, *args, **kwargs):
-                store["rss_before_train_mb"] = (_vm_kb("VmRSS") or 0) / 1024
-                store["hwm_reset"] = _reset_hwm()
-                try:
-                    return super().train(*args, **kwargs)
-                finally:
-                    store["train_peak_rss_mb"] = (_vm_kb("VmHWM") or 0) / 1024 if store["hwm_reset"] else None
-
-        return Probed
-
-    T._make_trainer_class = patched
+    FinetuneTrainer.train = probed
     try:
         yield store
     finally:
-        T._make_trainer_class = original
+        if own:
+            FinetuneTrainer.train = original
+        else:
+            del FinetuneTrainer.train
 
 
 def child(strategy: str, model: str, n_train: int, n_val: int, max_length: int, steps: int, batch: int) -> dict:

@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 
 from . import data as D
+from .config import recommended_strategy
 from .errors import ConfigError, DataError, FinetuneError
+from .models import load_tokenizer, resolve_model
 
 TASKS = ("classification", "instruction")
 DEFAULT_MODELS = {"classification": "bundled:minilm-l6", "instruction": "bundled:smollm2-135m"}
@@ -45,7 +47,6 @@ IMBALANCE_WARN = 5.0          # article: ratio > 5 -> warning
 FEW_EXAMPLES = 5              # a class with fewer rows is hard to learn and to evaluate
 TRUNCATED_WARN = 0.10         # share of rows longer than max_length
 SMALL_CLASSIFICATION = 100    # article: frozen backbone "works with 100+ examples"
-FREEZE_BELOW = 500            # article cheat sheet: < 500 freeze backbone
 FULL_OK_FROM = 1000           # article: full fine-tuning "need 1000+ for reliable results"
 SMALL_INSTRUCTION = 50        # article exercise: "50+ examples"
 GOOD_INSTRUCTION = 1000       # article: instruction FT "1000 to 10000 good examples"
@@ -57,21 +58,8 @@ CHARS_PER_TOKEN = 4           # the article's rough estimate when no tokenizer i
 # small helpers
 
 
-def _missing(v) -> bool:
-    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
-
-
 def _text(v) -> str:
-    return "" if _missing(v) else str(v)
-
-
-def _label(v) -> str | None:
-    """A label as training sees it (data.clean_classification): stripped string, None if missing."""
-    if _missing(v) or str(v).strip() == "":
-        return None
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
+    return "" if D.is_missing(v) else str(v)
 
 
 def _stats(values) -> dict:
@@ -115,7 +103,7 @@ def _columns_present(df: pd.DataFrame, cols: dict) -> bool:
 
 
 def _missing_values(df: pd.DataFrame) -> dict:
-    per_column = {str(c): int(df[c].map(_missing).sum()) for c in df.columns}
+    per_column = {str(c): int(df[c].map(D.is_missing).sum()) for c in df.columns}
     return {"total": int(sum(per_column.values())), "per_column": per_column}
 
 
@@ -133,7 +121,7 @@ def _classification_rows(df: pd.DataFrame, cols: dict):
     raw = df[cols["text"]].tolist()
     nested = sum(1 for v in raw if isinstance(v, (dict, list)))
     texts = [_text(v) for v in raw]
-    labels = [_label(v) for v in df[cols["label"]].tolist()]
+    labels = [D.normalise_label(v) for v in df[cols["label"]].tolist()]
     return texts, labels, nested
 
 
@@ -300,12 +288,8 @@ def _audit_classification(df, cols, tokenizer, max_length, val_df, report, warni
 
 
 def _suggest_classification(n: int) -> str:
-    if n < FREEZE_BELOW:
-        return (f"{n} examples: freeze the backbone (frozen) or use LoRA; the article's cheat sheet says "
-                f"< {FREEZE_BELOW}: freeze backbone.")
-    if n <= 5000:
-        return f"{n} examples: full fine-tuning or LoRA (article: 500-5k full fine-tune)."
-    return f"{n} examples: plenty of data for any strategy (full, frozen or LoRA)."
+    _, why = recommended_strategy(n, "encoder")
+    return f"{why[:1].upper()}{why[1:]}."
 
 
 def _truncation_warning(summary: dict, warnings: list[str], what: str) -> None:
@@ -389,10 +373,11 @@ def _audit_instruction(df, cols, tokenizer, max_length, val_df, template, report
 
 
 def _suggest_instruction(n: int) -> str:
+    _, why = recommended_strategy(n, "causal")
     if n < GOOD_INSTRUCTION:
-        return (f"{n} examples: use LoRA (few trainable parameters, less forgetting); the article suggests "
-                f"{GOOD_INSTRUCTION}-10000 good examples for instruction tuning.")
-    return f"{n} examples: LoRA or full fine-tuning; watch the forgetting probe."
+        return (f"{n} examples. {why[:1].upper()}{why[1:]}; the article suggests {GOOD_INSTRUCTION}-10000 good "
+                "examples for instruction tuning.")
+    return f"{n} examples. {why[:1].upper()}{why[1:]}; watch the forgetting probe."
 
 
 def _instruction_tokens(rows, cols, tokenizer, template, max_length, report, warnings) -> None:
@@ -428,6 +413,34 @@ def _instruction_tokens(rows, cols, tokenizer, template, max_length, report, war
     _truncation_warning(summary, warnings, "examples")
 
 
+def audit_run(cfg, tokenizer, frames: D.Frames, train_part: pd.DataFrame, val_part: pd.DataFrame,
+              part_columns: dict) -> dict:
+    """audit.json of a run: the training file's checklist, and the overlap of the validation data used.
+
+    With a validation file that is the file itself. When validation is split from the training file
+    (`train_part` / `val_part`, with columns `part_columns`), the file is audited whole and the overlap
+    is measured between the two parts of the split (the same text on both sides: duplicates in the
+    file that leak into validation)."""
+    report = audit_dataframe(frames.train, cfg.task, frames.columns, tokenizer=tokenizer,
+                             max_length=cfg.data.max_length, val_df=frames.validation, template=cfg.data.template)
+    if frames.validation is not None:
+        report["validation_source"] = "file"
+        return report
+    split = audit_dataframe(train_part, cfg.task, part_columns, tokenizer=None, max_length=cfg.data.max_length,
+                            val_df=val_part, template=cfg.data.template)
+    report["validation_source"] = f"split from the training file (val_size={cfg.data.val_size})"
+    for key in ("validation_rows", "overlap_with_validation", "validation_unseen_labels"):
+        if key in split:
+            report[key] = split[key]
+    for w in split["warnings"]:
+        if "appear in both the training and the validation data" in w:
+            report["warnings"].append(w.replace("Remove them from one of the two files.",
+                                                "Validation is split from the training file: remove the "
+                                                "duplicate rows from it."))
+    report["ok"] = not report["warnings"]
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -436,8 +449,6 @@ def _load_audit_tokenizer(task: str, model, notes: list[str]):
     """(tokenizer or None, model id used or None). model=None: the task's bundled default; False: none."""
     if model is False:
         return None, None
-    from .models import load_tokenizer, resolve_model
-
     model_id = model or DEFAULT_MODELS[task]
     try:
         return load_tokenizer(resolve_model(model_id)), model_id

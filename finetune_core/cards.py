@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from .config import public_dict, uses_mean_pooling_head
+
 
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -33,8 +35,6 @@ def usage_snippet(task: str, strategy: str, model_dir: str = "path/to/model", me
 
 
 def render_model_card(cfg, metrics: dict) -> str:
-    from .config import public_dict
-
     task, strategy = cfg.task, cfg.strategy.name
     lines = [f"# Fine-tuned with FineTune Lab: {cfg.model} ({task}, {strategy})", ""]
     if "smollm2" in cfg.model:
@@ -53,10 +53,7 @@ def render_model_card(cfg, metrics: dict) -> str:
         for name, row in metrics["baselines"].items():
             lines.append(f"| {name} | {row['accuracy']:.4f} | {row['f1_weighted']:.4f} |")
         lines.append(f"| fine-tuned | {metrics.get('accuracy', 0):.4f} | {metrics.get('f1_weighted', 0):.4f} |")
-    # The mean-pooling head is what train._build_classifier uses for a head-only run on an encoder; a causal
-    # LM's head-only run keeps its own score head and loads with plain transformers.
-    mean_pooling = (task == "classification" and strategy == "frozen" and cfg.strategy.frozen_layers == "all"
-                    and metrics.get("model_kind") == "encoder")
+    mean_pooling = uses_mean_pooling_head(task, strategy, cfg.strategy.frozen_layers, metrics.get("model_kind"))
     lines += ["", "## Usage", "", "```python", usage_snippet(task, strategy, "path/to/model", mean_pooling).rstrip(),
               "```", "", "## Training config", "", "```yaml",
               yaml.safe_dump(public_dict(cfg), sort_keys=False).rstrip(), "```", ""]

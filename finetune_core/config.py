@@ -6,7 +6,9 @@
 
 `training:` is a free-form dict of `transformers.TrainingArguments` fields (plus
 `early_stopping_patience`); `training_defaults()` fills what the user left out with the article's
-best practices for this task, model kind and strategy.
+best practices for this task, model kind and strategy; `recommended_strategy()` is the article's
+cheat sheet. The app imports this module at start-up: torch and transformers load only inside the
+functions that need them.
 """
 
 from __future__ import annotations
@@ -329,6 +331,37 @@ def _validate_training_values(training: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # defaults: the article's best practices, per task, model kind and strategy
+
+# The article's cheat sheet: the amount of data decides the strategy (an LLM takes LoRA at any size).
+FREEZE_BELOW = 500            # fewer rows: freeze the backbone, full fine-tuning overfits
+FULL_UP_TO = 5000             # up to here: full fine-tuning; above, any strategy has the data it needs
+STRATEGY_CHEAT_SHEET = ("Cheat sheet: under 500 rows → freeze the backbone; 500-5,000 rows → full fine-tuning; "
+                        "LoRA when full fine-tuning overfits, and for LLMs (1-2% of the weights train, less "
+                        "forgetting).")
+
+
+def recommended_strategy(n_rows: int, model_kind: str = "encoder", strong: str = "") -> tuple[str, str]:
+    """The cheat sheet's strategy for `n_rows` rows of data, and why, as a clause ("with 160 rows the cheat
+    sheet says freeze the backbone (full fine-tuning overfits)"). `strong` wraps the advice ("**" in
+    markdown)."""
+    s = strong
+    if model_kind == "causal":
+        return "lora", f"for an LLM the article recommends {s}LoRA{s}: 1-2% of the weights train and it forgets less"
+    if n_rows < FREEZE_BELOW:
+        return "frozen", (f"with {n_rows} rows the cheat sheet says {s}freeze the backbone{s} "
+                          "(full fine-tuning overfits)")
+    if n_rows <= FULL_UP_TO:
+        return "full", f"with {n_rows} rows the cheat sheet says {s}full fine-tuning{s} (LoRA if it overfits)"
+    return "full", f"with {n_rows} rows {s}full fine-tuning{s} pays off; LoRA is cheaper on big models"
+
+
+def uses_mean_pooling_head(task: str, strategy: str, frozen_layers: Any, model_kind: str) -> bool:
+    """A head-only classification run on an encoder trains heads.MeanPoolingForSequenceClassification (a
+    linear head on mean-pooled states) instead of the model's own pooler head; a causal LM keeps its
+    score head. Its saved model needs `import finetune_core.heads` to load."""
+    return (task == "classification" and strategy == "frozen" and frozen_layers == "all"
+            and model_kind == "encoder")
+
 
 
 def half_precision_key() -> str:

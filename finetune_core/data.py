@@ -6,6 +6,8 @@
 
 Instruction rows become (prompt, response) pairs; `tokenize_instruction` puts -100 on every prompt
 position (and the collator on every padding position), so the loss is taken on response tokens only.
+The Data tab reads and audits files through this module, so scikit-learn and torch load only inside
+the two functions that use them (split_frame, CausalCollator).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from . import limits
+from .errors import ConfigError, DataError
 
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "query", "utterance", "message", "document",
@@ -30,6 +34,25 @@ CHAT_ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+
+
+def is_missing(v) -> bool:
+    """None, NaN and pandas' NA and NaT (nullable dtypes, e.g. from Parquet) all mean 'no value'."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
+
+
+def normalise_label(v) -> str | None:
+    """A label cell as training and the audit compare labels: a stripped string, a whole float without
+    its '.0' (a CSV column read as numbers gives 1.0 for "1"); None when missing or blank."""
+    if is_missing(v) or str(v).strip() == "":
+        return None
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +151,6 @@ def read_table(path: str | Path, max_bytes: int | None = None, max_rows: int | N
     max_bytes / max_rows: None = the deployment limits from the environment (finetune_core.limits:
     FINETUNE_MAX_UPLOAD_MB when set, FINETUNE_MAX_ROWS), which are unset on a local machine.
     """
-    from . import limits
-
     path = Path(path)
     name = path.name
     size_var = rows_var = ""
@@ -276,6 +297,31 @@ def store_columns(data_cfg, cols: dict) -> None:
         data_cfg.prompt_column, data_cfg.completion_column = cols["prompt"], cols["completion"]
 
 
+@dataclass
+class Frames:
+    """A run's data files as read: the training file, the validation file (None: split from training)
+    and the column mapping detected on the training file."""
+    train: pd.DataFrame
+    validation: pd.DataFrame | None
+    columns: dict
+
+
+def load_frames(cfg, max_bytes: int | None = None) -> Frames:
+    """Read `cfg.data.train` (and `cfg.data.validation`), detect the columns for `cfg.task` and record
+    them in `cfg.data`, so run.yaml says which columns were used."""
+    if not cfg.data.train:
+        raise ConfigError("No training data given (data.train is empty).",
+                          "Set data.train to a CSV, TSV, JSON, JSONL or Parquet file.")
+    train_df = read_table(cfg.data.train, max_bytes=max_bytes)
+    cols = detect_columns(train_df, cfg.task, cfg.data, name=Path(cfg.data.train).name)
+    store_columns(cfg.data, cols)
+    val_df = None
+    if cfg.data.validation:
+        val_df = read_table(cfg.data.validation, max_bytes=max_bytes)
+        detect_columns(val_df, cfg.task, cfg.data, name=Path(cfg.data.validation).name)
+    return Frames(train_df, val_df, cols)
+
+
 # ---------------------------------------------------------------------------------------------
 # classification
 
@@ -288,14 +334,6 @@ def _check_flat_text(series: pd.Series, column: str) -> None:
                         f"first at row {first + 1}.", "Flatten them into plain text, or pick another column.")
 
 
-@dataclass
-class ClassificationData:
-    texts: list[str]
-    labels: list[int]
-    dropped_missing_label: int
-    dropped_empty_text: int
-
-
 def label_names_for(values: pd.Series) -> list[str]:
     """Sorted label names; integer labels sort numerically and keep their number as the name."""
     uniq = pd.unique(values.dropna())
@@ -305,26 +343,15 @@ def label_names_for(values: pd.Series) -> list[str]:
     return sorted(str(v).strip() for v in uniq)
 
 
-def _missing(v) -> bool:
-    """None, NaN and pandas' NA (nullable dtypes, e.g. from Parquet) all mean 'no value'."""
-    return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
-
-
-def _label_str(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).strip()
-
-
 def clean_classification(df: pd.DataFrame, text_col: str, label_col: str, name: str = "the data") -> pd.DataFrame:
     """Rows with a text and a label; labels as stripped strings. Raises on unusable data."""
     _check_flat_text(df[text_col], text_col)
     out = pd.DataFrame({"text": df[text_col], "label": df[label_col]})
-    out["label"] = out["label"].map(lambda v: None if _missing(v) or str(v).strip() == "" else _label_str(v))
+    out["label"] = out["label"].map(normalise_label)
     if out["label"].isna().all():
         raise DataError(f"Every row of {name} has an empty label in column '{label_col}'.",
                         "Fill in the labels, or pick the right label column.")
-    out["text"] = out["text"].map(lambda v: "" if _missing(v) else str(v))
+    out["text"] = out["text"].map(lambda v: "" if is_missing(v) else str(v))
     out = out[out["label"].notna()]
     out = out[out["text"].str.strip() != ""]
     if out.empty:
@@ -389,7 +416,7 @@ def tokenize_classification(texts, labels, tokenizer, max_length: int) -> dict:
 
 
 def _cell(v) -> str:
-    return "" if _missing(v) else str(v)
+    return "" if is_missing(v) else str(v)
 
 
 def _parse_messages(value, row: int) -> list[dict]:

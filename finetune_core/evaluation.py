@@ -5,7 +5,8 @@
     e = error_analysis(val_texts, y_true, y_pred, probs, label_names)   # confident mistakes, confused pairs
     ppl = perplexity(model, tokenizer, general_text_paragraphs())        # the forgetting probe
 
-Metrics come from scikit-learn (evaluate.load() needs the hub). Nothing here trains the model.
+Metrics come from scikit-learn (evaluate.load() needs the hub), imported inside the functions that
+use it: seconds of imports an instruction run never needs. Nothing here trains the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import math
 from importlib import resources
 
 import numpy as np
+import torch
+
+from .data import CausalCollator
 
 FORGETTING_THRESHOLD = 0.10   # relative perplexity rise above which we call it forgetting
 
@@ -127,8 +131,6 @@ def general_text_paragraphs() -> list[str]:
 
 def token_loss(model, batches) -> tuple[float, int]:
     """Mean cross-entropy per predicted token over batches of {input_ids, attention_mask, labels}."""
-    import torch
-
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -150,8 +152,6 @@ def token_loss(model, batches) -> tuple[float, int]:
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
     """exp(mean token loss) of plain texts (every token predicted, padding excluded)."""
-    from .data import CausalCollator
-
     enc = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     feats = [{"input_ids": ids, "labels": list(ids)} for ids in enc if len(ids) > 1]
     collate = CausalCollator(tokenizer.pad_token_id)

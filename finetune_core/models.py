@@ -5,11 +5,14 @@
 
 `resolve_model(id)` turns a model id into a local directory (or a hub id when online);
 `load_model(path, task, ...)` loads it for classification or instruction tuning in float32.
+torch and transformers load inside the functions that use them: the app lists the models while it
+draws its page.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -208,8 +211,6 @@ def model_kind(path_or_id: str) -> str:
     from transformers import AutoConfig
 
     if _is_peft_dir(path_or_id):
-        import json
-
         base = json.loads((Path(path_or_id) / "adapter_config.json").read_text())["base_model_name_or_path"]
         return model_kind(base)
     config = AutoConfig.from_pretrained(path_or_id)

@@ -10,6 +10,8 @@ target modules are resolved per architecture when `target_modules: auto`.
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from .errors import ConfigError
@@ -107,7 +109,7 @@ def apply_strategy(model, strategy, task: str):
         return model
 
     if name == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType, get_peft_model   # seconds to import: only LoRA runs pay them
 
         lora = strategy.lora
         targets = lora_target_modules(model, lora.target_modules)
@@ -150,8 +152,6 @@ def _bad_targets_error(model, bad: str, detail: str = "") -> ConfigError:
 
 def _check_targets(model, targets) -> None:
     """Every requested name must match a module, by peft's rule: the full name, or its last parts."""
-    import re
-
     if targets == "all-linear":
         return
     names = [n for n, _ in model.named_modules() if n]

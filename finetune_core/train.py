@@ -1,454 +1,49 @@
-"""train(config) -> metrics: wires data, model, strategy and Trainer, then writes every run output.
+"""train(config) -> metrics: one fine-tuning run, end to end, writing every run output.
 
     python -m finetune_core train examples/configs/classification_lora.yaml
     accelerate launch -m finetune_core train CONFIG.yaml      # same code, several processes
     torchrun --standalone --nproc_per_node 2 -m finetune_core train CONFIG.yaml
 
-Outputs in `output_dir/` (DESIGN.md): run.yaml, events.jsonl, audit.json, metrics.json, model/,
-predictions.csv (classification), generations.jsonl (instruction). Rank 0 alone writes them.
+`_run` reads top to bottom in sections: load data; load model; strategy; training arguments; trainer;
+train; save; evaluate; write outputs. What depends on the task is in the task's pipeline module
+(tasks/classification.py, tasks/instruction.py; the interface is in tasks/__init__.py).
+
+Outputs in `output_dir/` (DESIGN.md, names in rundir.py): run.yaml, events.jsonl, audit.json,
+metrics.json, model/, predictions.csv (classification), generations.jsonl (instruction).
+Rank 0 alone writes them.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
+from transformers import EarlyStoppingCallback, set_seed
 
 from . import data as D
-from .config import RunConfig, config_from_dict, dump_config, load_config, merge_training, training_defaults
+from . import limits, rundir
+from .cards import render_model_card
+from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_model
+from .config import TASKS, RunConfig, config_from_dict, dump_config, load_config
 from .errors import ConfigError, FinetuneError
-from .events import EventsCallback, EventWriter, is_main_process
-from .models import load_model, load_tokenizer, model_kind, resolve_model
-from .strategies import apply_strategy, can_cache_features, trainable_summary
-
-STOP_FILE = "STOP"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
-
-
-def set_cpu_threads() -> int:
-    """One torch thread per physical core (hyper-threads slow matmul-bound training down); on CPU, a
-    malloc setting that keeps freed tensor memory for reuse. Returns the torch thread count."""
-    import torch
-
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except Exception:  # noqa: BLE001
-        cores = os.cpu_count() or 1
-    world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    threads = max(1, cores // max(1, world))
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        from .malloc import keep_freed_memory
-
-        keep_freed_memory()
-    return torch.get_num_threads()
-
-
-def _coerce_config(config) -> RunConfig:
-    if isinstance(config, RunConfig):
-        return config
-    if isinstance(config, dict):
-        return config_from_dict(config)
-    return load_config(config)
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-def _load_frames(cfg: RunConfig, max_bytes: int | None = None):
-    if not cfg.data.train:
-        raise ConfigError("No training data given (data.train is empty).",
-                          "Set data.train to a CSV, TSV, JSON, JSONL or Parquet file.")
-    train_df = D.read_table(cfg.data.train, max_bytes=max_bytes)
-    cols = D.detect_columns(train_df, cfg.task, cfg.data, name=Path(cfg.data.train).name)
-    D.store_columns(cfg.data, cols)
-    val_df = None
-    if cfg.data.validation:
-        val_df = D.read_table(cfg.data.validation, max_bytes=max_bytes)
-        D.detect_columns(val_df, cfg.task, cfg.data, name=Path(cfg.data.validation).name)
-    return train_df, val_df, cols
-
-
-class _Prepared:
-    """Everything the Trainer needs, plus what evaluation reports on."""
-
-
-def prepare_classification(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _Prepared:
-    p = _Prepared()
-    train_clean = D.clean_classification(train_df, cols["text"], cols["label"], Path(cfg.data.train).name)
-    if val_df is not None:
-        val_clean = D.clean_classification(val_df, cols["text"], cols["label"], Path(cfg.data.validation).name)
-    else:
-        train_clean, val_clean = D.split_frame(train_clean, cfg.data.val_size, cfg.seed, stratify="label")
-    p.train_frame, p.val_frame = train_clean, val_clean     # what is audited for train/validation overlap
-    names = D.label_names_for(train_clean["label"])
-    unseen = sorted(set(val_clean["label"]) - set(names))
-    if unseen:
-        raise FinetuneError(f"The validation data has labels the training data never shows: {', '.join(unseen)}.",
-                            "Add training examples for them, or remove those validation rows.")
-    label2id = {n: i for i, n in enumerate(names)}
-    p.label_names = names
-    p.id2label = {i: n for i, n in enumerate(names)}
-    p.train_texts = train_clean["text"].tolist()
-    p.val_texts = val_clean["text"].tolist()
-    p.train_labels = [label2id[v] for v in train_clean["label"]]
-    p.val_labels = [label2id[v] for v in val_clean["label"]]
-    p.dropped_rows = len(train_df) - len(train_clean) if val_df is not None else \
-        len(train_df) - len(train_clean) - len(val_clean)
-    p.dropped_reasons = {"missing_label_or_empty_text": int(p.dropped_rows)}
-    p.train_tok = D.tokenize_classification(p.train_texts, p.train_labels, tokenizer, cfg.data.max_length)
-    p.val_tok = D.tokenize_classification(p.val_texts, p.val_labels, tokenizer, cfg.data.max_length)
-    return p
-
-
-def prepare_instruction(cfg: RunConfig, tokenizer, train_df, val_df, cols) -> _Prepared:
-    p = _Prepared()
-    if val_df is None:
-        train_df, val_df = D.split_frame(train_df, cfg.data.val_size, cfg.seed)
-    p.template = D.resolve_template(cfg.data.template, tokenizer)
-    p.train_ex = D.tokenize_instruction(train_df, cols, tokenizer, p.template, cfg.data.max_length)
-    p.val_ex = D.tokenize_instruction(val_df, cols, tokenizer, p.template, cfg.data.max_length)
-    if not p.train_ex.input_ids:
-        if not p.train_ex.dropped_too_long:
-            raise FinetuneError("Every training row has an empty response, so there is nothing to learn.",
-                                "Fill in the response (output/completion/assistant) column, or pick the right "
-                                "column with data.output_column.")
-        raise FinetuneError(f"Every training row's prompt is longer than max_length={cfg.data.max_length} tokens "
-                            "(or its response is empty), so no response token is left to learn from.",
-                            "Raise data.max_length or shorten the prompts.")
-    if not p.val_ex.input_ids:
-        raise FinetuneError("No validation row fits in max_length (or every validation response is empty).",
-                            "Raise data.max_length, or fill in the validation responses.")
-    p.dropped_reasons = {"prompt_fills_max_length": p.train_ex.dropped_too_long + p.val_ex.dropped_too_long,
-                         "empty_response": p.train_ex.dropped_empty_response + p.val_ex.dropped_empty_response}
-    p.dropped_rows = sum(p.dropped_reasons.values())
-    p.val_rows = val_df.reset_index(drop=True)
-    p.train_frame, p.val_frame = train_df, val_df
-    return p
-
-
-def _as_dataset(columns: dict):
-    from datasets import Dataset
-
-    return Dataset.from_dict(columns)
-
-
-# ---------------------------------------------------------------------------------------------
-# model + trainer
-
-
-def _build_classifier(cfg: RunConfig, path: str, kind: str, p: _Prepared, tokenizer):
-    if cfg.strategy.name == "frozen" and cfg.strategy.frozen_layers == "all" and kind == "encoder":
-        from .heads import MeanPoolingForSequenceClassification
-
-        return MeanPoolingForSequenceClassification.from_encoder(path, len(p.label_names), p.id2label)
-    return load_model(path, "classification", kind, num_labels=len(p.label_names), id2label=p.id2label,
-                      pad_token_id=tokenizer.pad_token_id)
-
-
-def _make_trainer_class():
-    import torch
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class LengthGroupedBatches(torch.utils.data.Sampler):
-        """`group_by_length` that still groups on small datasets.
-
-        transformers sorts by length inside "megabatches" of min(50, n // (4 x batch)) batches: below
-        ~200 rows a megabatch is a single batch, so nothing is grouped and dynamic padding still pads
-        ~45% of every batch (48 Self-Instruct rows, batch 8). Here a megabatch is 50 batches whatever
-        the data size: rows are shuffled, sorted by length within each megabatch, cut into batches
-        (one optimizer step's rows each), and the batches are shuffled (a partial one stays last).
-        Same rows per epoch, same batch size, batches in random order as before; only which rows
-        share a batch changes. (transformers also moves the longest batch first; we do not: the
-        first step runs at learning rate 0 under warmup, and that would always be the batch with
-        the most response tokens.)
-        """
-
-        def __init__(self, lengths, group: int, megabatch_mult: int = 50):
-            self.lengths = [int(x) for x in lengths]
-            self.group = max(1, int(group))
-            self.megabatch = self.group * megabatch_mult
-
-        def __len__(self):
-            return len(self.lengths)
-
-        def __iter__(self):
-            n, g = len(self.lengths), self.group
-            perm = torch.randperm(n).tolist()      # global torch RNG, as transformers' own sampler uses
-            groups = []
-            for s in range(0, n, self.megabatch):
-                chunk = sorted(perm[s:s + self.megabatch], key=lambda i: -self.lengths[i])  # stable: ties random
-                groups += [chunk[j:j + g] for j in range(0, len(chunk), g)]
-            tail = [groups.pop()] if groups and len(groups[-1]) < g else []
-            groups = [groups[k] for k in torch.randperm(len(groups)).tolist()]
-            return iter([i for grp in groups + tail for i in grp])
-
-    class FinetuneTrainer(Trainer):
-        """Trainer whose causal-LM loss projects only response positions through the LM head.
-
-        The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have
-        label -100 and contribute nothing to the loss, so we skip computing their logits. The loss
-        value is identical to the model's own (same tokens, same normalisation).
-        """
-
-        response_only = False
-
-        def __init__(self, *args, **kwargs):
-            from transformers.trainer_callback import PrinterCallback
-
-            super().__init__(*args, **kwargs)
-            self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                return LengthGroupedBatches(sampler.lengths, sampler.batch_size)
-            return sampler
-
-        def _get_eval_sampler(self, eval_dataset):
-            # Evaluation stays in dataset order (transformers groups it by length too), so row i of the
-            # predictions is row i of the validation data: error analysis depends on it.
-            import torch
-
-            return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.response_only or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch
-
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            body = getattr(base, base.base_model_prefix)
-            labels = inputs["labels"][:, 1:]
-            keep = labels != -100
-            # accelerate applies bf16/fp16 autocast by wrapping model.forward; calling the body and the
-            # head directly bypasses that wrapper, so enter the same autocast here (a no-op in float32).
-            with self.accelerator.autocast():
-                hidden = body(input_ids=inputs["input_ids"],
-                              attention_mask=inputs["attention_mask"]).last_hidden_state
-                logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-            loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
-            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                loss = loss_sum / num_items_in_batch
-            else:
-                loss = loss_sum / keep.sum().clamp(min=1)
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return FinetuneTrainer
-
-
-def _response_only_ok(model) -> bool:
-    """The shortcut needs a plain LM head and no DDP wrapper (DDP must see the full forward)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    return (getattr(cfg, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None
-            and hasattr(base, base.base_model_prefix))
-
-
-def _align_checkpoints(values: dict, given: dict, patience, notes: list[str]) -> None:
-    """Best-model restoring and early stopping need a checkpoint at every evaluation.
-
-    A user who changes only `eval_strategy` (say to steps) keeps both: our default save schedule
-    follows the evaluation one. A user who sets both to schedules that do not line up gets them
-    switched off, and a note that says so and how to get them back (TrainingArguments would refuse).
-    """
-    wants_best = values.get("load_best_model_at_end")
-    ev, sv = values.get("eval_strategy", "no"), values.get("save_strategy", "steps")
-    if ev == "no":
-        if wants_best and ("load_best_model_at_end" in given or "early_stopping_patience" in given):
-            notes.append("eval_strategy is 'no', so there are no evaluations: load_best_model_at_end and early "
-                         "stopping are off. Set eval_strategy (and save_strategy) to epoch or steps to use them.")
-        values["load_best_model_at_end"] = False
-        return
-    if not wants_best or sv == "best":
-        return
-    eval_steps = values.get("eval_steps") or values.get("logging_steps")
-    if sv != ev and "save_strategy" not in given:
-        values["save_strategy"] = sv = ev
-        if ev == "steps" and "save_steps" not in given:
-            values["save_steps"] = eval_steps
-        notes.append(f"save_strategy follows eval_strategy ({ev}"
-                     + (f", every {eval_steps} steps" if ev == "steps" else "")
-                     + "), so the best checkpoint can be restored at the end.")
-    elif ev == "steps" and sv == "steps" and "save_steps" not in given:
-        values["save_steps"] = eval_steps
-    mismatch = sv != ev or (ev == "steps" and _not_multiple(values.get("save_steps", 500), eval_steps))
-    if mismatch:
-        values["load_best_model_at_end"] = False
-        what = "early stopping " if patience else ""
-        where = (f"eval_strategy is '{ev}' but save_strategy is '{sv}'" if sv != ev else
-                 f"save_steps={values.get('save_steps', 500)} is not a multiple of eval_steps={eval_steps}")
-        notes.append(f"load_best_model_at_end and {what}are off: they need a checkpoint at every evaluation, "
-                     f"and {where}. To keep them, set save_strategy to the same value as eval_strategy "
-                     "(and save_steps equal to eval_steps).")
-
-
-def _not_multiple(save_steps, eval_steps) -> bool:
-    if not eval_steps:
-        return False
-    return round(save_steps * 1_000_000) % round(eval_steps * 1_000_000) != 0
-
-
-def training_values(cfg: RunConfig, kind: str, n_train: int, cuda: bool | None = None,
-                    notes: list[str] | None = None) -> tuple[dict, int | None]:
-    """The TrainingArguments keyword values: our defaults, overridden by every key of `training:`.
-    Returns (values, early_stopping_patience); `notes` collects what a user should be told."""
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    notes = notes if notes is not None else []
-    values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers, cuda=cuda)
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if old in cfg.training and new not in cfg.training:   # transformers 5 renamed them; keep both working
-            values.pop(new, None)
-    values = merge_training(values, cfg.training)
-    patience = values.pop("early_stopping_patience", None)
-    if not cuda:
-        # Half precision on CPU is ~400x slower here: refuse it rather than train for hours.
-        for key in ("bf16", "fp16"):
-            if values.get(key):
-                raise ConfigError(f"training.{key} is on but there is no CUDA GPU.",
-                                  f"Remove training.{key}; on CPU we train in float32.")
-        values["use_cpu"] = True
-    _align_checkpoints(values, cfg.training, patience, notes)
-    return values, patience
-
-
-def resolve_training_args(cfg: RunConfig, kind: str, n_train: int, checkpoints: Path,
-                          notes: list[str] | None = None):
-    """TrainingArguments = our defaults, overridden by every key the user gave in `training:`."""
-    from transformers import TrainingArguments
-
-    values, patience = training_values(cfg, kind, n_train, notes=notes)
-    values.update(output_dir=str(checkpoints), seed=cfg.seed, disable_tqdm=True,
-                  save_only_model=False, remove_unused_columns=True)
-    if cfg.task == "instruction":
-        values["prediction_loss_only"] = True
-    try:
-        args = TrainingArguments(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"Invalid training options: {exc}", "Fix the training: section of the config.") from exc
-    return args, patience
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs
-
-
-def safe_csv_cell(value):
-    """Neutralise spreadsheet formulas (=, +, -, @, tab, CR at the start) so exports never execute code.
-
-    A plain number such as "-1" or "+0.5" is no formula and stays as it is.
-    """
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        try:
-            float(value)
-            return value
-        except ValueError:
-            return "'" + value
-    return value
-
-
-def write_predictions(path: Path, texts, y_true, y_pred, probs, names) -> None:
-    import pandas as pd
-
-    df = pd.DataFrame({
-        "text": [safe_csv_cell(t) for t in texts],
-        "true_label": [safe_csv_cell(names[i]) for i in y_true],
-        "predicted_label": [safe_csv_cell(names[i]) for i in y_pred],
-        "confidence": [float(probs[i, p]) for i, p in enumerate(y_pred)],
-        "correct": [bool(a == b) for a, b in zip(y_true, y_pred)],
-    })
-    for j, n in enumerate(names):
-        df[f"p_{n}"] = probs[:, j].round(6)
-    df.to_csv(path, index=False)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def model_card(cfg: RunConfig, metrics: dict) -> str:
-    from .cards import render_model_card
-
-    return render_model_card(cfg, metrics)
-
-
-# ---------------------------------------------------------------------------------------------
-# the run
-
-
-def _resource_error(exc: BaseException) -> FinetuneError | None:
-    """A FinetuneError for a full disk or exhausted memory anywhere in `exc`'s chain, else None.
-
-    A full disk shows up as OSError(ENOSPC) from Python and safetensors, but as a RuntimeError
-    ("file write failed") from torch.save's zip writer.
-    """
-    import torch
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc)
-        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text \
-                or "file write failed" in text:
-            return FinetuneError("The disk is full: a checkpoint or the model could not be written.",
-                                 "Free disk space (delete old runs), then run again with resume: true to continue "
-                                 "from the last complete checkpoint in checkpoints/.")
-        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-            return FinetuneError("Training ran out of memory.",
-                                 "Lower per_device_train_batch_size or data.max_length, or use LoRA. Earlier "
-                                 "checkpoints in checkpoints/ are intact; resume: true continues from the last one.")
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _process_start_time() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001
-        return time.time()
+from .events import EventWriter, is_main_process
+from .models import load_tokenizer, model_kind, resolve_model
+from .runtime import peak_rss_mb, process_start_time, resource_error, set_cpu_threads
+from .strategies import apply_strategy, trainable_summary
+from .tasks import RunContext, classification, instruction
+from .trainer import EventsCallback
+from .training_args import cap_steps
 
 
 def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: int | None = None) -> dict:
     """Run one fine-tuning job end to end and return metrics (also written to metrics.json).
 
+    config: a RunConfig, a dict of its fields, or a YAML file. stop_file: the file whose appearance
+    ends training at the next step (default output_dir/STOP). echo: called with every event.
+    max_bytes: the largest data file accepted (None: the deployment's limit, if any).
     events.jsonl is appended to, never truncated: a resumed (or repeated) run continues the same file.
     """
     cfg = _coerce_config(config)
@@ -456,9 +51,9 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    writer = EventWriter(out / "events.jsonl", enabled=main, echo=echo)
-    stop_path = Path(stop_file) if stop_file else out / STOP_FILE
-    if main and stop_path.exists() and stop_path.stat().st_mtime < _process_start_time():
+    writer = EventWriter(rundir.events_path(out), enabled=main, echo=echo)
+    stop_path = Path(stop_file) if stop_file else rundir.stop_path(out)
+    if main and stop_path.exists() and stop_path.stat().st_mtime < process_start_time():
         # A stale request, also when resuming: the STOP that ended the last run is spent. A STOP
         # written after this process started (a Stop clicked during start-up) still counts.
         stop_path.unlink()
@@ -470,12 +65,12 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
             pass
 
     try:
-        return _train(cfg, out, writer, stop_path, main, max_bytes)
+        return _run(cfg, out, writer, stop_path, main, max_bytes)
     except FinetuneError as exc:
         report(exc.message)
         raise
     except Exception as exc:
-        friendly = _resource_error(exc)
+        friendly = resource_error(exc)
         if friendly is not None:
             report(friendly.message)
             raise friendly from exc
@@ -483,400 +78,161 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
         raise
 
 
-def _train(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
-    import torch
-    from transformers import EarlyStoppingCallback, set_seed
+def _coerce_config(config) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
 
+
+def task_module(task: str):
+    """The pipeline module that runs `task` (what one provides: tasks/__init__.py)."""
+    if task == "classification":
+        return classification
+    if task == "instruction":
+        return instruction
+    raise ConfigError(f"Unknown task '{task}'.", f"Use one of: {', '.join(TASKS)}.")
+
+
+def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
     t_start = time.time()
     set_seed(cfg.seed)
     threads = set_cpu_threads()
-    # Data first: a bad file is reported in a second, not after a model load.
-    train_df, val_df, cols = _load_frames(cfg, max_bytes)
+    task = task_module(cfg.task)
+
+    # -- load data: first, so a bad file is reported in a second, not after a model load
+    frames = D.load_frames(cfg, max_bytes)
+
+    # -- load model (the tokenizer first: preparing the data needs it)
     writer.emit("info", message=f"Loading model {cfg.model} ...")
     path = resolve_model(cfg.model)
     kind = model_kind(path)
-    if cfg.task == "instruction" and kind != "causal":
-        raise ConfigError(f"The model '{cfg.model}' is an encoder; it cannot generate text for instruction tuning.",
-                          "Use a causal LM such as bundled:smollm2-135m or gpt2.")
-    tokenizer = load_tokenizer(path, kind)
-
+    task.check_model(cfg, kind)
+    run = RunContext(cfg=cfg, out=out, writer=writer, main=main, model_path=path, model_kind=kind,
+                     tokenizer=load_tokenizer(path, kind))
     if main:
-        dump_config(cfg, out / "run.yaml")
-    if cfg.task == "classification":
-        p = prepare_classification(cfg, tokenizer, train_df, val_df, cols)
-    else:
-        p = prepare_instruction(cfg, tokenizer, train_df, val_df, cols)
+        dump_config(cfg, rundir.config_path(out))
+    data = task.prepare(run, frames)
     if main:
-        report = _audit_run(cfg, tokenizer, train_df, val_df, cols, p)
-        write_json(out / "audit.json", report)
+        report = task.audit(run, frames, data)
+        rundir.write_json(rundir.audit_path(out), report)
         for w in report.get("warnings", []):
             writer.emit("info", message=f"Audit: {w}")
+    model = task.load_model(run, data)
 
-    if cfg.task == "classification":
-        model = _build_classifier(cfg, path, kind, p, tokenizer)
-        n_train = len(p.train_texts)
-    else:
-        model = load_model(path, "instruction", kind)
-        n_train = len(p.train_ex.input_ids)
-        if p.dropped_rows:
-            why = []
-            if p.dropped_reasons["prompt_fills_max_length"]:
-                why.append(f"{p.dropped_reasons['prompt_fills_max_length']} because their prompt fills "
-                           f"max_length={cfg.data.max_length}, leaving no response token to learn")
-            if p.dropped_reasons["empty_response"]:
-                why.append(f"{p.dropped_reasons['empty_response']} because their response is empty")
-            writer.emit("info", message=f"{p.dropped_rows} rows dropped: {'; '.join(why)}.")
+    # -- strategy
     model = apply_strategy(model, cfg.strategy, cfg.task)
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
     writer.emit("info", message=summary["line"], trainable_params=summary["trainable_params"],
                 total_params=summary["total_params"])
 
-    checkpoints = out / "checkpoints"
+    # -- training arguments
     notes: list[str] = []
-    args, patience = resolve_training_args(cfg, kind, n_train, checkpoints, notes)
+    args, patience = task.training_arguments(run, data, notes)
     for note in notes:
         writer.emit("info", message=note)
     if not args.push_to_hub:
         args.hub_token = None        # unused without push_to_hub; never pickled into checkpoints/training_args.bin
-    callbacks = [EventsCallback(writer, stop_file=stop_path)]
-    from . import limits
+    capped = cap_steps(args, data.n_train)
+    if capped:
+        writer.emit("info", message=capped)
+    callbacks, time_limit = _callbacks(args, patience, writer, stop_path, t_start)
 
-    step_cap, minutes_cap = limits.max_steps(), limits.max_minutes()
-    if step_cap:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        batches = -(-n_train // max(1, args.per_device_train_batch_size * world))
-        planned = args.max_steps if args.max_steps > 0 else \
-            int(np.ceil(args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)))
-        if planned > step_cap:
-            args.max_steps = step_cap
-            writer.emit("info", message=f"This deployment limits a run to {step_cap} steps (FINETUNE_MAX_STEPS); "
-                                        f"training {step_cap} of the {planned} planned steps.")
+    # -- trainer
+    metrics = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model, "model_kind": kind,
+               "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+               "torch_threads": threads, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "dropped_rows": int(data.dropped_rows),
+               "dropped_rows_reasons": data.dropped_reasons,
+               "hugepage_heap": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
+    trainer = task.build_trainer(run, model, data, args, callbacks, metrics)
+
+    # -- train
+    result, seconds = _fit(cfg, trainer, writer, rundir.checkpoints_dir(out), main)
+    # Feature caching is part of training's cost: count it, so cached and uncached runs compare fairly.
+    train_seconds = seconds + metrics.get("feature_seconds", 0.0)
+    metrics.update(_training_metrics(trainer.state, result, train_seconds, data.n_train, callbacks, time_limit))
+
+    # -- save: the model first, the minutes of evaluation after, so a run stopped (and, past every
+    # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
+    if main:
+        save_model(cfg, model, run.tokenizer, out, render_model_card(cfg, metrics))
+
+    # -- evaluate
+    evaluated = task.evaluate(run, trainer, model, data, metrics)
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics["total_seconds"] = time.time() - t_start
+
+    # -- write outputs
+    stopped_by_user = callbacks[0].stopped_by_user
+    if main:
+        rundir.atomic_write_text(rundir.model_dir(out) / "README.md", render_model_card(cfg, metrics))
+        rundir.write_json(rundir.metrics_path(out), metrics)
+        task.write_outputs(run, model, data, metrics, evaluated)
+        rundir.write_json(rundir.metrics_path(out), metrics)      # with what the outputs added
+        if not stopped_by_user:
+            # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
+            shutil.rmtree(rundir.checkpoints_dir(out), ignore_errors=True)
+    state = trainer.state
+    writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                message=f"Done in {metrics['train_seconds']:.1f}s", train_seconds=metrics["train_seconds"],
+                main_metric=metrics.get(task.MAIN_METRIC), stopped_early=metrics["stopped_early"],
+                stopped_by_user=stopped_by_user)
+    return metrics
+
+
+def _callbacks(args, patience, writer: EventWriter, stop_path: Path, t_start: float):
+    """(callbacks, the time-limit callback or None): EventsCallback first (its stop flag tells how the
+    run ended), then the deployment's time limit (FINETUNE_MAX_MINUTES) and early stopping."""
+    callbacks = [EventsCallback(writer, stop_file=stop_path)]
     time_limit = None
+    minutes_cap = limits.max_minutes()
     if minutes_cap:
         time_limit = limits.time_limit_callback(t_start + 60 * minutes_cap, writer, minutes_cap)
         callbacks.append(time_limit)
     if patience and args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(patience)))
-    events_cb = callbacks[0]
-    Trainer = _make_trainer_class()
+    return callbacks, time_limit
 
-    metrics: dict = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model,
-                     "model_kind": kind, "trainable_params": summary["trainable_params"],
-                     "total_params": summary["total_params"], "torch_threads": threads,
-                     "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                     "device": "cuda" if torch.cuda.is_available() else "cpu",
-                     "dropped_rows": int(p.dropped_rows),
-                     "dropped_rows_reasons": p.dropped_reasons,
-                     "hugepage_heap": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
 
-    if cfg.task == "classification":
-        from .evaluation import compute_metrics_fn
-
-        use_cache = _want_cache(cfg, model)
-        metrics["cache_features"] = use_cache
-        if use_cache:
-            writer.emit("info", message="Caching features: the frozen encoder runs once over the data.")
-            t_feat = time.time()
-            train_ds, eval_ds, train_model = _cached_datasets(model, p, tokenizer, args)
-            metrics["feature_seconds"] = time.time() - t_feat   # counted in train_seconds below
-            collator = None
-        else:
-            from transformers import DataCollatorWithPadding
-
-            train_ds, eval_ds, train_model = _as_dataset(p.train_tok), _as_dataset(p.val_tok), model
-            collator = DataCollatorWithPadding(tokenizer)
-        trainer = Trainer(model=train_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collator, processing_class=tokenizer if not use_cache else None,
-                          compute_metrics=compute_metrics_fn, callbacks=callbacks)
-        before = _classification_eval(trainer, eval_ds, p)
-        metrics["before_finetuning"] = {k: before[k] for k in ("accuracy", "f1_weighted", "f1_macro")}
-    else:
-        collator = D.CausalCollator(tokenizer.pad_token_id)
-        train_ds = _as_dataset({"input_ids": p.train_ex.input_ids, "labels": p.train_ex.labels,
-                                "length": [len(x) for x in p.train_ex.input_ids]})
-        eval_ds = _as_dataset({"input_ids": p.val_ex.input_ids, "labels": p.val_ex.labels})
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
-        trainer.response_only = _response_only_ok(model)
-        # The base model's loss, perplexities and answers are measured after training (see
-        # _measure_base_model), so the first loss point reaches the UI seconds after the model loads.
-
+def _fit(cfg: RunConfig, trainer, writer: EventWriter, checkpoints: Path, main: bool):
+    """trainer.train(), resumed from the newest complete checkpoint when cfg.resume; returns (its result,
+    seconds). A full disk or exhausted memory becomes the FinetuneError that says what to do."""
     resume = None
     if cfg.resume:
         if main:
             # Before the Trainer sees them: its save_total_limit rotation counts a half-written
             # checkpoint-N as the newest one, keeps it and deletes good ones instead.
-            _drop_incomplete_checkpoints(checkpoints)
-        resume = _resume_checkpoint(checkpoints)
+            drop_incomplete_checkpoints(checkpoints)
+        resume = resume_checkpoint(checkpoints)
         if resume is None:
             writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
     # A Stop pressed while the model loaded (a STOP newer than this process) ends training at the
     # first step: the run ends as stopped with a saved, evaluable model like any other stop.
     t0 = time.time()
     try:
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=resume)
     except Exception as exc:
-        friendly = _resource_error(exc)
+        friendly = resource_error(exc)
         if friendly is None:
             raise
         if main:
-            _drop_incomplete_checkpoints(checkpoints)   # a checkpoint cut off by the failure is no "latest"
+            drop_incomplete_checkpoints(checkpoints)   # a checkpoint cut off by the failure is no "latest"
         raise friendly from exc
-    # Feature caching is part of training's cost: count it, so cached and uncached runs compare fairly.
-    train_seconds = time.time() - t0 + metrics.get("feature_seconds", 0.0)
-    state = trainer.state
+    return result, time.time() - t0
+
+
+def _training_metrics(state, result, train_seconds: float, n_train: int, callbacks: list, time_limit) -> dict:
+    """How training went: loss, steps, seconds, and why it ended (finished, early stopping, Stop, time limit)."""
+    events_cb = callbacks[0]
     timed_out = bool(time_limit is not None and time_limit.triggered)
     early = any(isinstance(c, EarlyStoppingCallback) for c in callbacks) and \
         state.global_step < state.max_steps and not events_cb.stopped_by_user
-    metrics.update({"train_seconds": train_seconds, "train_samples": n_train,
-                    "train_loss": float(train_result.training_loss), "global_step": state.global_step,
-                    "max_steps": state.max_steps, "epochs_completed": float(state.epoch or 0),
-                    "stopped_early": bool(early or events_cb.stopped_by_user or timed_out),
-                    "stopped_by_user": events_cb.stopped_by_user, "stopped_by_time_limit": timed_out,
-                    "best_checkpoint": state.best_model_checkpoint})
-    if cfg.task == "instruction":
-        _release_training_state(trainer)     # Adam's state goes before the model is saved and a base copy loads
-    if main:
-        # The model is saved first, the minutes of evaluation after: a run stopped (and, past every
-        # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
-        _save_model(cfg, model, tokenizer, out, metrics)
-
-    if cfg.task == "classification":
-        final = _classification_eval(trainer, eval_ds, p)
-        metrics.update({k: final[k] for k in ("accuracy", "f1_weighted", "f1_macro", "labels", "per_class",
-                                              "confusion_matrix")})
-        from .evaluation import baselines, error_analysis
-
-        metrics["baselines"] = baselines(p.train_texts, p.train_labels, p.val_texts, p.val_labels)
-        metrics["error_analysis"] = error_analysis(p.val_texts, p.val_labels, final["pred"], final["probs"],
-                                                   p.label_names)
-        metrics["val_samples"] = len(p.val_texts)
-        if main:
-            write_predictions(out / "predictions.csv", p.val_texts, p.val_labels, final["pred"], final["probs"],
-                              p.label_names)
-    else:
-        metrics.update(_lm_probe(model, tokenizer, p, collator, cfg, suffix=""))
-        writer.emit("info", message="Measuring the base model for comparison: loss, general-text perplexity "
-                                    "and answers to the held-out prompts ...")
-        before_generations = _measure_base_model(model, path, kind, tokenizer, p, collator, cfg, metrics, main)
-        from .evaluation import forgetting_report
-
-        metrics.update(forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
-        metrics["val_samples"] = len(p.val_ex.input_ids)
-        metrics["template"] = p.template
-    metrics["peak_rss_mb"] = peak_rss_mb()
-    metrics["total_seconds"] = time.time() - t_start
-
-    if main:
-        _atomic_write_text(out / "model" / "README.md", model_card(cfg, metrics))
-        write_json(out / "metrics.json", metrics)
-        if cfg.task == "instruction":
-            from .generate import write_generations
-
-            writer.emit("info", message="Generating answers to held-out prompts after training ...")
-            write_generations(out, model, tokenizer, p, metrics, before=before_generations)
-            write_json(out / "metrics.json", metrics)
-        if not events_cb.stopped_by_user:
-            # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
-            shutil.rmtree(checkpoints, ignore_errors=True)
-    main_metric = metrics.get("f1_weighted", metrics.get("eval_loss"))
-    writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                message=f"Done in {train_seconds:.1f}s", train_seconds=train_seconds, main_metric=main_metric,
-                stopped_early=metrics["stopped_early"], stopped_by_user=events_cb.stopped_by_user)
-    return metrics
-
-
-def _audit_run(cfg: RunConfig, tokenizer, train_df, val_df, cols, p: _Prepared) -> dict:
-    """audit.json: the training file's checklist, and the overlap of the validation data actually used.
-
-    With a validation file that is the file itself. When validation is split from the training file,
-    the file is audited whole and the overlap is measured between the two parts of the split (the same
-    text on both sides: duplicates in the file that leak into validation)."""
-    from .audit import audit_dataframe
-
-    report = audit_dataframe(train_df, cfg.task, cols, tokenizer=tokenizer, max_length=cfg.data.max_length,
-                             val_df=val_df, template=cfg.data.template)
-    if val_df is not None:
-        report["validation_source"] = "file"
-        return report
-    split_cols = {"text": "text", "label": "label"} if cfg.task == "classification" else cols
-    split = audit_dataframe(p.train_frame, cfg.task, split_cols, tokenizer=None, max_length=cfg.data.max_length,
-                            val_df=p.val_frame, template=cfg.data.template)
-    report["validation_source"] = f"split from the training file (val_size={cfg.data.val_size})"
-    for key in ("validation_rows", "overlap_with_validation", "validation_unseen_labels"):
-        if key in split:
-            report[key] = split[key]
-    for w in split["warnings"]:
-        if "appear in both the training and the validation data" in w:
-            report["warnings"].append(w.replace("Remove them from one of the two files.",
-                                                "Validation is split from the training file: remove the "
-                                                "duplicate rows from it."))
-    report["ok"] = not report["warnings"]
-    return report
-
-
-def _want_cache(cfg: RunConfig, model) -> bool:
-    ok, why = can_cache_features(model, cfg.strategy, cfg.task)
-    if cfg.strategy.cache_features is True and not ok:
-        raise ConfigError(f"strategy.cache_features is true but cannot be used: {why}.",
-                          "Set cache_features: auto (it turns on when valid).")
-    return ok if cfg.strategy.cache_features in ("auto", True) else False
-
-
-def _cached_datasets(model, p: _Prepared, tokenizer, args):
-    """Run the frozen encoder once (eval mode, no grad) and train the head on its outputs.
-
-    The encoder runs on the training device (the GPU when there is one; the Trainer has not moved the
-    model yet). Each row keeps its token count as `length`, so `group_by_length` batches the same rows
-    together as the uncached path would: caching is the only difference between the two.
-    """
-    import torch
-    from transformers import DataCollatorWithPadding
-
-    from .heads import CachedFeatureHead
-
-    collate = DataCollatorWithPadding(tokenizer)
-    device = args.device
-    model.to(device)
-    model.eval()
-
-    def features(tok: dict) -> torch.Tensor:
-        n = len(tok["input_ids"])
-        order = sorted(range(n), key=lambda i: len(tok["input_ids"][i]))   # similar lengths: less padding
-        out = torch.empty(n, model.config.hidden_size)
-        with torch.no_grad():
-            for start in range(0, n, 64):
-                idx = order[start:start + 64]
-                batch = collate([{k: tok[k][i] for k in tok if k != "labels"} for i in idx])
-                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                out[idx] = model.features(**batch).float().cpu()
-        return out
-
-    def dataset(tok: dict, labels) -> "object":
-        feats = features(tok)
-        return _as_dataset({"features": feats.numpy(), "labels": labels,
-                            "length": [len(x) for x in tok["input_ids"]]}).with_format("torch")
-
-    return dataset(p.train_tok, p.train_labels), dataset(p.val_tok, p.val_labels), CachedFeatureHead(model)
-
-
-def _classification_eval(trainer, eval_ds, p: _Prepared) -> dict:
-    from .evaluation import classification_metrics, softmax
-
-    out = trainer.predict(eval_ds, metric_key_prefix="eval")
-    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
-    probs = softmax(np.asarray(logits, dtype=np.float64))
-    pred = probs.argmax(-1).tolist()
-    m = classification_metrics(p.val_labels, pred, p.label_names)
-    m.update(pred=pred, probs=probs)
-    return m
-
-
-def _release_training_state(trainer) -> None:
-    """Drop the optimizer and scheduler (Adam keeps two copies of every trainable weight) and, on glibc,
-    hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse (see
-    set_cpu_threads), and without this a base model loaded after training would stack on top of it."""
-    import gc
-
-    from .malloc import release_free_memory
-
-    trainer.optimizer = trainer.lr_scheduler = None
-    trainer.accelerator.free_memory()       # the accelerator holds its own references to both
-    gc.collect()
-    release_free_memory()
-
-
-def _measure_base_model(model, path: str, kind: str, tokenizer, p: _Prepared, collator, cfg: RunConfig,
-                        metrics: dict, main: bool) -> list[str] | None:
-    """The "before" side of an instruction run, measured after training on the untouched base weights:
-    LoRA switches its adapters off (the base weights never changed); full and frozen runs load the base
-    model again from its files (the same load as at the start, so the same weights). Adds the `_before`
-    metrics; returns the base model's answers to the held-out prompts (rank 0 only, which writes them)."""
-    import gc
-
-    from .generate import generate_batch, heldout_prompts
-
-    def measure(base) -> list[str] | None:
-        metrics.update(_lm_probe(base, tokenizer, p, collator, cfg, suffix="_before"))
-        return generate_batch(base, tokenizer, heldout_prompts(p)[0], p.template) if main else None
-
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            return measure(model)
-    gc.collect()
-    base = load_model(path, "instruction", kind).to(next(model.parameters()).device)
-    try:
-        return measure(base)
-    finally:
-        del base
-        gc.collect()
-
-
-def _lm_probe(model, tokenizer, p: _Prepared, collator, cfg: RunConfig, suffix: str) -> dict:
-    """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting)."""
-    import math
-
-    from .evaluation import general_text_paragraphs, perplexity, token_loss
-
-    feats = [{"input_ids": i, "labels": l} for i, l in zip(p.val_ex.input_ids, p.val_ex.labels)]
-    batches = [collator(feats[i:i + 8]) for i in range(0, len(feats), 8)]
-    loss, _ = token_loss(model, batches)
-    general = perplexity(model, tokenizer, general_text_paragraphs(), max_length=cfg.data.max_length)
-    return {f"eval_loss{suffix}": loss, f"perplexity{suffix}": math.exp(loss),
-            f"general_perplexity{suffix}": general}
-
-
-def _checkpoint_complete(c: Path) -> bool:
-    """The Trainer writes weights, optimizer, RNG state, then trainer_state.json last: a checkpoint is
-    complete when that file parses and names its step, and the weights are there and not empty."""
-    if not c.is_dir() or not c.name.split("-")[-1].isdigit():
-        return False
-    try:
-        state = json.loads((c / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(state, dict) or "global_step" not in state:
-        return False
-    weights = [w for pattern in ("*.safetensors", "pytorch_model*.bin") for w in c.glob(pattern)
-               if w.stat().st_size > 0]
-    return bool(weights)
-
-
-def _drop_incomplete_checkpoints(checkpoints: Path) -> list[str]:
-    """Delete the checkpoint folders a crash or a full disk cut off (rank 0 only); returns their names."""
-    dropped = []
-    if checkpoints.is_dir():
-        for c in checkpoints.glob("checkpoint-*"):
-            if c.is_dir() and c.name.split("-")[-1].isdigit() and not _checkpoint_complete(c):
-                shutil.rmtree(c, ignore_errors=True)
-                dropped.append(c.name)
-    return sorted(dropped)
-
-
-def _resume_checkpoint(checkpoints: Path) -> str | None:
-    """The newest *complete* checkpoint; half-written ones (a crash or a full disk) are skipped."""
-    if not checkpoints.is_dir():
-        return None
-    done = [c for c in checkpoints.glob("checkpoint-*") if _checkpoint_complete(c)]
-    if not done:
-        return None
-    return str(max(done, key=lambda c: int(c.name.split("-")[-1])))
-
-
-def _save_model(cfg: RunConfig, model, tokenizer, out: Path, metrics: dict) -> None:
-    target = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)        # safetensors: transformers 5 writes no pickle weights
-        tokenizer.save_pretrained(tmp)
-        if cfg.strategy.name == "lora" and cfg.task == "classification":
-            # Keep the label names next to the adapter: AutoPeft loads the base with this config.
-            model.get_base_model().config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(cfg, metrics), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # never leave half a model behind (e.g. the disk filled up)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    return {"train_seconds": train_seconds, "train_samples": n_train,
+            "train_loss": float(result.training_loss), "global_step": state.global_step,
+            "max_steps": state.max_steps, "epochs_completed": float(state.epoch or 0),
+            "stopped_early": bool(early or events_cb.stopped_by_user or timed_out),
+            "stopped_by_user": events_cb.stopped_by_user, "stopped_by_time_limit": timed_out,
+            "best_checkpoint": state.best_model_checkpoint}

@@ -91,6 +91,24 @@ def test_labels_compared_as_stripped_strings():
     assert r["imbalance_ratio"] == 1.0
 
 
+def test_audit_and_training_read_labels_alike():
+    """One rule: the audit's classes are the labels clean_classification trains on, cell for cell."""
+    cells = [" pos", "pos ", 1.0, 1, "1", 2.5, None, float("nan"), pd.NA, "", "  ", "None", "NA"]
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(len(cells))], "label": pd.Series(cells, dtype=object)})
+    trained = D.clean_classification(df, "text", "label")["label"].value_counts().to_dict()
+    assert audit(df)["class_distribution"] == trained == {"pos": 2, "1": 3, "2.5": 1, "None": 1, "NA": 1}
+    assert audit(df)["missing_labels"] == 5
+
+
+@pytest.mark.parametrize("rows, advice", [(60, "freeze the backbone"), (800, "full fine-tuning"),
+                                          (9000, "full fine-tuning pays off")])
+def test_size_suggestion_is_the_cheat_sheets_pick(rows, advice):
+    from finetune_core.config import recommended_strategy
+
+    r = audit(frame({"a": rows // 2, "b": rows - rows // 2}))
+    assert advice in r["suggestion"] and recommended_strategy(rows)[1][1:] in r["suggestion"]
+
+
 @pytest.mark.parametrize("small, warned", [(40, False), (21, False), (20, False), (19, True), (10, True)])
 def test_imbalance_warning_only_above_5x(small, warned):
     r = audit(frame({"big": 100, "small": small}))

@@ -121,21 +121,20 @@ def test_cached_features_subset_and_configs(tmp_path):
 
 def test_memory_training_phase_probe(tmp_path, tiny_llama_dir):
     import torch
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    import finetune_core.train as T
     from benchmarks import memory
     from finetune_core.data import CausalCollator
+    from finetune_core.trainer import FinetuneTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 4
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
                              report_to="none", use_cpu=True, disable_tqdm=True)
     with memory.training_phase_probe({}) as store:
-        trainer = T._make_trainer_class()(model=model, args=args, train_dataset=rows,
-                                          data_collator=CausalCollator(0))
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=rows, data_collator=CausalCollator(0))
         trainer.train()
-    assert T._make_trainer_class.__name__ == "_make_trainer_class"      # restored
+    assert FinetuneTrainer.train is Trainer.train      # restored
     assert store["rss_before_train_mb"] > 0
     assert store["train_peak_rss_mb"] is None or store["train_peak_rss_mb"] > 0
     assert memory._vm_kb("VmRSS") > 0

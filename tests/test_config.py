@@ -70,7 +70,7 @@ def test_training_accepts_every_training_arguments_field():
 
 
 def test_training_fields_reach_training_arguments(tmp_path):
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     cfg = config_from_dict({"training": {"gradient_accumulation_steps": 3, "adam_beta2": 0.95, "max_grad_norm": 0.5,
                                          "label_smoothing_factor": 0.1, "lr_scheduler_type": "linear",
@@ -87,7 +87,7 @@ def test_training_fields_reach_training_arguments(tmp_path):
 def test_half_precision_refused_on_cpu(tmp_path, key):
     import torch
 
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     if torch.cuda.is_available():
         pytest.skip("a GPU accepts half precision")
@@ -128,7 +128,7 @@ def test_activation_checkpointing_only_for_causal_lora_on_cpu():
 def test_old_gradient_checkpointing_name_still_wins_over_our_default(tmp_path, given, expected):
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing; a config with the old
     name must not be silently overridden by our default under the new one."""
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     cfg = config_from_dict({"task": "instruction", "strategy": {"name": "lora"}, "training": given})
     args, _ = resolve_training_args(cfg, "causal", 64, tmp_path / "ckpt")
@@ -263,3 +263,26 @@ def test_validate_returns_config():
 def test_lora_target_modules_type_is_checked(targets):
     with pytest.raises(ConfigError, match="target_modules"):
         config_from_dict({"strategy": {"lora": {"target_modules": targets}}})
+
+
+@pytest.mark.parametrize("rows, kind, pick", [(60, "encoder", "frozen"), (499, "encoder", "frozen"),
+                                              (500, "encoder", "full"), (5000, "encoder", "full"),
+                                              (9000, "encoder", "full"), (60, "causal", "lora"),
+                                              (9000, "causal", "lora")])
+def test_cheat_sheet_picks_the_strategy_by_rows_and_model_kind(rows, kind, pick):
+    from finetune_core.config import FREEZE_BELOW, FULL_UP_TO, STRATEGY_CHEAT_SHEET, recommended_strategy
+
+    strategy, why = recommended_strategy(rows, kind, strong="**")
+    assert strategy == pick and why.count("**") == 2
+    assert "**" not in recommended_strategy(rows, kind)[1]
+    assert f"under {FREEZE_BELOW} rows" in STRATEGY_CHEAT_SHEET and f"{FULL_UP_TO:,} rows" in STRATEGY_CHEAT_SHEET
+
+
+def test_mean_pooling_head_only_for_head_only_classification_on_an_encoder():
+    from finetune_core.config import uses_mean_pooling_head
+
+    assert uses_mean_pooling_head("classification", "frozen", "all", "encoder")
+    assert not uses_mean_pooling_head("classification", "frozen", "all", "causal")
+    assert not uses_mean_pooling_head("classification", "frozen", 2, "encoder")
+    assert not uses_mean_pooling_head("classification", "lora", "all", "encoder")
+    assert not uses_mean_pooling_head("instruction", "frozen", "all", "encoder")

@@ -40,7 +40,7 @@ MATRIX = [
 @pytest.mark.parametrize("fixture, task, strategy, frozen, lr", MATRIX)
 def test_resolved_defaults_per_kind_and_strategy(request, tmp_path, fixture, task, strategy, frozen, lr):
     from finetune_core.models import model_kind
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     kind = model_kind(request.getfixturevalue(fixture))
     assert kind == ("encoder" if fixture == "tiny_bert_dir" else "causal")
@@ -114,7 +114,7 @@ def test_bf16_only_where_the_gpu_does_it_natively(monkeypatch):
                           (False, {"bf16": False}, {"fp16": True, "bf16": False})])
 def test_users_half_precision_replaces_ours(monkeypatch, native_bf16, given, expected):
     """fp16: true on a bf16 GPU must mean fp16, not TrainingArguments' "At most one of fp16 and bf16"."""
-    from finetune_core.train import training_values
+    from finetune_core.training_args import training_values
 
     _fake_cuda(monkeypatch, native_bf16=native_bf16, emulated_bf16=False)
     values, _ = training_values(_cfg(training=given), "encoder", 100)
@@ -122,7 +122,7 @@ def test_users_half_precision_replaces_ours(monkeypatch, native_bf16, given, exp
 
 
 def test_no_half_precision_on_cpu():
-    from finetune_core.train import training_values
+    from finetune_core.training_args import training_values
 
     values, _ = training_values(_cfg(), "encoder", 100, cuda=False)
     assert values["use_cpu"] is True and "bf16" not in values and "fp16" not in values
@@ -141,7 +141,7 @@ def test_empty_training_section_means_no_overrides(tmp_path):
 
 
 def test_changing_only_eval_strategy_keeps_the_best_model(tmp_path):
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     notes: list[str] = []
     cfg = _cfg(training={"eval_strategy": "steps", "eval_steps": 5})
@@ -152,7 +152,7 @@ def test_changing_only_eval_strategy_keeps_the_best_model(tmp_path):
 
 
 def test_conflicting_schedules_turn_best_model_off_with_a_note(tmp_path):
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     notes: list[str] = []
     cfg = _cfg(training={"eval_strategy": "epoch", "save_strategy": "steps", "save_steps": 7})
@@ -166,7 +166,7 @@ def test_conflicting_schedules_turn_best_model_off_with_a_note(tmp_path):
 
 
 def test_matching_schedules_need_no_note(tmp_path):
-    from finetune_core.train import resolve_training_args
+    from finetune_core.training_args import resolve_training_args
 
     notes: list[str] = []
     resolve_training_args(_cfg(), "encoder", 100, tmp_path / "ckpt", notes)

@@ -43,8 +43,9 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState
 
-from finetune_core.events import EventsCallback, EventWriter
+from finetune_core.events import EventWriter
 from finetune_core.limits import time_limit_callback
+from finetune_core.trainer import EventsCallback
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

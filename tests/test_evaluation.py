@@ -238,8 +238,10 @@ def test_baselines_use_the_models_split(tiny_run):
     """val_samples == predictions.csv rows, same texts in the same order, and baselines recomputed from
     the run's own split (re-derived from run.yaml) reproduce metrics['baselines'] exactly."""
     from finetune_core.config import load_config
+    from finetune_core.data import load_frames
+    from finetune_core.events import EventWriter
     from finetune_core.models import load_tokenizer
-    from finetune_core.train import _load_frames, prepare_classification
+    from finetune_core.tasks import RunContext, classification
 
     m, out = tiny_run["metrics"], tiny_run["out"]
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
@@ -247,9 +249,9 @@ def test_baselines_use_the_models_split(tiny_run):
     assert sum(sum(row) for row in m["confusion_matrix"]) == len(preds)
 
     cfg = load_config(out / "run.yaml")
-    tokenizer = load_tokenizer(cfg.model)
-    train_df, val_df, cols = _load_frames(cfg)
-    p = prepare_classification(cfg, tokenizer, train_df, val_df, cols)
+    run = RunContext(cfg=cfg, out=out, writer=EventWriter(out / "unused.jsonl", enabled=False), main=False,
+                     model_path=cfg.model, model_kind="encoder", tokenizer=load_tokenizer(cfg.model))
+    p = classification.prepare(run, load_frames(cfg))
     assert preds["text"].tolist() == p.val_texts
     assert len(p.train_texts) == m["train_samples"]
     assert len(p.train_texts) + len(p.val_texts) == 30
@@ -354,12 +356,14 @@ def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
     activation checkpointing by default on CPU: its adapters must still receive gradients."""
     from safetensors.torch import load_file
 
-    from finetune_core import data as D
     from finetune_core import train as T
     from finetune_core.config import config_from_dict
-    from finetune_core.events import read_all_events
+    from finetune_core.data import load_frames
+    from finetune_core.events import EventWriter, read_all_events
     from finetune_core.generate import generate_batch, heldout_prompts
     from finetune_core.models import load_model, load_tokenizer
+    from finetune_core.tasks import RunContext, instruction
+    from finetune_core.training_args import resolve_training_args
 
     model_dir = str(wordpiece_llama_dir(tmp_path / "tiny-llama"))
     rows = [{"instruction": f"Say the colour number {i}.", "input": "", "output": f"colour {i} is blue"}
@@ -377,10 +381,11 @@ def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
     assert m["eval_loss"] != pytest.approx(m["eval_loss_before"], rel=1e-4)     # it did train
 
     tok = load_tokenizer(model_dir, "causal")
-    train_df, val_df, cols = T._load_frames(cfg, None)
-    p = T.prepare_instruction(cfg, tok, train_df, val_df, cols)
+    run = RunContext(cfg=cfg, out=tmp_path / "run", writer=EventWriter(tmp_path / "unused.jsonl", enabled=False),
+                     main=False, model_path=model_dir, model_kind="causal", tokenizer=tok)
+    p = instruction.prepare(run, load_frames(cfg))
     base = load_model(model_dir, "instruction", "causal")
-    ref = T._lm_probe(base, tok, p, D.CausalCollator(tok.pad_token_id), cfg, "_before")
+    ref = instruction.lm_probe(base, tok, p, cfg, "_before")
     assert m["eval_loss_before"] == pytest.approx(ref["eval_loss_before"], rel=1e-5)
     assert m["general_perplexity_before"] == pytest.approx(ref["general_perplexity_before"], rel=1e-5)
     lines = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
@@ -391,7 +396,7 @@ def test_before_side_is_the_untouched_base_model(tmp_path, strategy):
     measuring = next(i for i, e in enumerate(events) if "Measuring the base model" in (e.get("message") or ""))
     assert first_log < measuring
 
-    args = T.resolve_training_args(cfg, "causal", 18, tmp_path / "ck")[0]
+    args = resolve_training_args(cfg, "causal", 18, tmp_path / "ck")[0]
     assert args.activation_checkpointing is (strategy == "lora")
     if strategy == "lora":
         weights = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))

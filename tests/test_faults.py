@@ -15,7 +15,7 @@ import yaml
 from conftest import class_rows, write_csv
 from finetune_core.cli import main
 from finetune_core.events import read_all_events
-from finetune_core.train import _checkpoint_complete, _resume_checkpoint
+from finetune_core.checkpoints import checkpoint_complete, resume_checkpoint
 
 # 24 rows -> 19 train; batch 4; a checkpoint every 2 steps
 TRAINING = {"max_steps": 6, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
@@ -54,8 +54,8 @@ def assert_refused(rc: int, err: str, *fragments: str) -> None:
 def assert_checkpoints_sound(out: Path, expected_latest: int) -> None:
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert ckpts, "earlier checkpoints were lost"
-    assert all(_checkpoint_complete(c) for c in ckpts), [c.name for c in ckpts]   # nothing half-written left
-    assert _resume_checkpoint(out / "checkpoints").endswith(f"checkpoint-{expected_latest}")
+    assert all(checkpoint_complete(c) for c in ckpts), [c.name for c in ckpts]   # nothing half-written left
+    assert resume_checkpoint(out / "checkpoints").endswith(f"checkpoint-{expected_latest}")
 
 
 @pytest.mark.parametrize("error", [ENOSPC, TORCH_WRITE_FAILED], ids=["ENOSPC", "torch-write-failed"])
@@ -126,7 +126,7 @@ def test_out_of_memory_in_a_step(tmp_path, tiny_bert_dir, capsys, monkeypatch, e
 
 def test_resume_only_picks_complete_checkpoints(tmp_path):
     ckpts = tmp_path / "checkpoints"
-    assert _resume_checkpoint(ckpts) is None                 # no folder yet
+    assert resume_checkpoint(ckpts) is None                 # no folder yet
 
     def fake(step: int, state: str | None = '{"global_step": %d}', weights: bytes = b"w" * 16) -> Path:
         c = ckpts / f"checkpoint-{step}"
@@ -139,11 +139,11 @@ def test_resume_only_picks_complete_checkpoints(tmp_path):
 
     fake(2)
     fake(10)
-    assert _resume_checkpoint(ckpts).endswith("checkpoint-10")   # numeric order, not "10" < "2"
+    assert resume_checkpoint(ckpts).endswith("checkpoint-10")   # numeric order, not "10" < "2"
     fake(12, state=None)                                     # cut off before trainer_state.json
     fake(14, state='{"global_step": 1')                       # trainer_state.json itself truncated
     fake(16, weights=b"")                                    # weights file empty
     fake(18, weights=None)                                   # no weights at all
     (ckpts / "checkpoint-tmp").mkdir()                       # not a step number
-    assert _resume_checkpoint(ckpts).endswith("checkpoint-10")
-    assert not any(_checkpoint_complete(ckpts / f"checkpoint-{s}") for s in (12, 14, 16, 18))
+    assert resume_checkpoint(ckpts).endswith("checkpoint-10")
+    assert not any(checkpoint_complete(ckpts / f"checkpoint-{s}") for s in (12, 14, 16, 18))

@@ -12,7 +12,9 @@ ENGINE = ["finetune_core", "finetune_core.config", "finetune_core.data", "finetu
           "finetune_core.strategies", "finetune_core.events", "finetune_core.train", "finetune_core.evaluation",
           "finetune_core.generate", "finetune_core.audit", "finetune_core.cli", "finetune_core.cards",
           "finetune_core.jobs", "finetune_core.plots", "finetune_core.export", "finetune_core.ratings",
-          "finetune_core.compare", "finetune_core.limits", "finetune_core.heads"]
+          "finetune_core.compare", "finetune_core.limits", "finetune_core.heads", "finetune_core.trainer",
+          "finetune_core.training_args", "finetune_core.checkpoints", "finetune_core.predictions",
+          "finetune_core.runtime", "finetune_core.tasks.classification", "finetune_core.tasks.instruction"]
 
 
 def imported_after(modules: list[str]) -> set[str]:

@@ -20,7 +20,9 @@ import yaml
 from conftest import REPO, class_rows, write_csv
 from finetune_core.config import config_from_dict
 from finetune_core.events import read_all_events
-from finetune_core.train import STOP_FILE, _resume_checkpoint, train
+from finetune_core.checkpoints import resume_checkpoint
+from finetune_core.rundir import STOP_FILE
+from finetune_core.train import train
 
 # 24 rows -> 19 train / 5 validation; batch 4 -> 5 steps per epoch
 TRAINING = {"num_train_epochs": 12, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
@@ -90,7 +92,7 @@ def test_stop_file_ends_the_run_with_outputs(stopped, uninterrupted):
     assert saved["stopped_by_user"] is True and "accuracy" in saved
     assert (out / "model" / "model.safetensors").is_file()
     # the checkpoint written at the stop is complete and is the one a resume picks
-    latest = _resume_checkpoint(out / "checkpoints")
+    latest = resume_checkpoint(out / "checkpoints")
     assert latest and latest.endswith(f"checkpoint-{metrics['global_step']}")
     events = read_all_events(out / "events.jsonl")
     assert events[-1]["type"] == "end"
@@ -104,7 +106,7 @@ def test_resume_deletes_broken_checkpoints_before_rotation(stopped, tmp_path, ti
 
     import transformers.trainer as hf_trainer
 
-    from finetune_core.train import _checkpoint_complete
+    from finetune_core.checkpoints import checkpoint_complete
 
     out = tmp_path / "run"
     shutil.copytree(stopped[0], out)
@@ -117,7 +119,7 @@ def test_resume_deletes_broken_checkpoints_before_rotation(stopped, tmp_path, ti
 
     def rotate(*args, **kwargs):
         real(*args, **kwargs)
-        kept.append({c.name: _checkpoint_complete(c) for c in (out / "checkpoints").glob("checkpoint-*")})
+        kept.append({c.name: checkpoint_complete(c) for c in (out / "checkpoints").glob("checkpoint-*")})
 
     monkeypatch.setattr(hf_trainer, "rotate_checkpoints", rotate)
     metrics = quiet_train(config(out, tiny_bert_dir, data, resume=True))

@@ -11,16 +11,17 @@ import torch
 def make_sampler(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from finetune_core.train import _as_dataset, _make_trainer_class
+    from finetune_core.tasks import as_dataset
+    from finetune_core.trainer import FinetuneTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
 
     def make(lengths, batch, tmp):
-        ds = _as_dataset({"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths],
+        ds = as_dataset({"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths],
                           "length": list(lengths)})
         args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=batch, use_cpu=True,
                                  report_to="none", train_sampling_strategy="group_by_length")
-        trainer = _make_trainer_class()(model=model, args=args, train_dataset=ds)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=ds)
         return trainer._get_train_sampler(ds)
 
     return make

@@ -197,7 +197,7 @@ def test_predictions_csv_escapes_formulas_in_texts_and_labels(tmp_path):
 
     import numpy as np
 
-    from finetune_core.train import safe_csv_cell, write_predictions
+    from finetune_core.predictions import safe_csv_cell, write_predictions
 
     names = ["=HYPERLINK(\"http://x\")", "-1", "ok"]
     texts = ["=cmd|' /C calc'!A0", "@SUM(A1)", "+1+cmd", "-2+3", "\t=1", "-5", "<script>x</script>"]

@@ -66,17 +66,17 @@ def test_classification_model_is_saved_before_final_evaluation(tmp_path, tiny_be
 
 
 def test_instruction_model_is_saved_before_the_base_model_is_measured(tmp_path, tiny_llama_dir, monkeypatch):
-    import finetune_core.train as T
+    from finetune_core.tasks import instruction
 
     out = tmp_path / "run"
     seen = {}
-    real = T._measure_base_model
+    real = instruction.measure_base_model
 
     def measure(*args, **kwargs):
         seen["model"] = (out / "model" / "model.safetensors").is_file()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_measure_base_model", measure)
+    monkeypatch.setattr(instruction, "measure_base_model", measure)
     metrics = quiet_train(run_config(out, tiny_llama_dir, write_jsonl(tmp_path / "t.jsonl", instruction_rows(12)),
                                      task="instruction"))
     assert seen == {"model": True}

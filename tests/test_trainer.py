@@ -14,12 +14,12 @@ from conftest import instruction_rows
 def _tiny_trainer(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from finetune_core.train import _make_trainer_class, _response_only_ok
+    from finetune_core.trainer import FinetuneTrainer, response_only_ok
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=True)
-    trainer = _make_trainer_class()(model=model, args=args)
-    trainer.response_only = _response_only_ok(model)
+    trainer = FinetuneTrainer(model=model, args=args)
+    trainer.response_only = response_only_ok(model)
     return model, trainer
 
 
@@ -78,18 +78,20 @@ def _frozen_setup(tmp_path, tiny_bert_dir, n_rows=8):
     from conftest import class_rows, write_csv
     from finetune_core.config import config_from_dict
     from finetune_core.models import load_tokenizer
+    from finetune_core.data import load_frames
+    from finetune_core.events import EventWriter
     from finetune_core.strategies import apply_strategy
-    from finetune_core.train import (_build_classifier, _load_frames, prepare_classification,
-                                     resolve_training_args)
+    from finetune_core.tasks import RunContext, classification
 
     csv = write_csv(tmp_path / "train.csv", class_rows(n_rows))
     cfg = config_from_dict({"model": tiny_bert_dir, "data": {"train": csv, "max_length": 64},
                             "strategy": {"name": "frozen"}, "output_dir": str(tmp_path / "run")})
     tok = load_tokenizer(tiny_bert_dir, "encoder")
-    train_df, val_df, cols = _load_frames(cfg)
-    p = prepare_classification(cfg, tok, train_df, val_df, cols)
-    model = apply_strategy(_build_classifier(cfg, tiny_bert_dir, "encoder", p, tok), cfg.strategy, cfg.task)
-    args, _ = resolve_training_args(cfg, "encoder", len(p.train_texts), tmp_path / "ckpt")
+    run = RunContext(cfg=cfg, out=tmp_path / "run", writer=EventWriter(tmp_path / "events.jsonl", enabled=False),
+                     main=False, model_path=tiny_bert_dir, model_kind="encoder", tokenizer=tok)
+    p = classification.prepare(run, load_frames(cfg))
+    model = apply_strategy(classification.load_model(run, p), cfg.strategy, cfg.task)
+    args, _ = classification.training_arguments(run, p, [])
     args.per_device_train_batch_size = 4
     return cfg, tok, p, model, args
 
@@ -99,16 +101,18 @@ def test_cached_features_batch_the_same_rows_as_the_uncached_path(tmp_path, tiny
     default) must put the same rows in the same batches, so caching is the only difference."""
     from transformers import DataCollatorWithPadding
 
-    from finetune_core.train import _as_dataset, _cached_datasets, _make_trainer_class
+    from finetune_core.tasks import as_dataset
+    from finetune_core.tasks.classification import cached_datasets
+    from finetune_core.trainer import FinetuneTrainer
 
     cfg, tok, p, model, args = _frozen_setup(tmp_path, tiny_bert_dir, n_rows=12)
     assert args.train_sampling_strategy == "group_by_length"
-    Trainer = _make_trainer_class()
-    train_ds, eval_ds, head = _cached_datasets(model, p, tok, args)
+    Trainer = FinetuneTrainer
+    train_ds, eval_ds, head = cached_datasets(model, p, tok, args)
     assert args.train_sampling_strategy == "group_by_length"
     cached = Trainer(model=head, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
-    uncached = Trainer(model=model, args=args, train_dataset=_as_dataset(p.train_tok),
-                       eval_dataset=_as_dataset(p.val_tok), data_collator=DataCollatorWithPadding(tok),
+    uncached = Trainer(model=model, args=args, train_dataset=as_dataset(p.train_tok),
+                       eval_dataset=as_dataset(p.val_tok), data_collator=DataCollatorWithPadding(tok),
                        processing_class=tok)
     orders = []
     for trainer in (cached, uncached):
@@ -124,7 +128,7 @@ def test_cached_features_batch_the_same_rows_as_the_uncached_path(tmp_path, tiny
 
 
 def test_cached_features_are_computed_on_the_training_device(tmp_path, tiny_bert_dir, monkeypatch):
-    from finetune_core.train import _cached_datasets
+    from finetune_core.tasks.classification import cached_datasets
 
     cfg, tok, p, model, args = _frozen_setup(tmp_path, tiny_bert_dir)
     moved_to, seen = [], []
@@ -137,9 +141,9 @@ def test_cached_features_are_computed_on_the_training_device(tmp_path, tiny_bert
         return original_features(**batch)
 
     monkeypatch.setattr(model, "features", features)
-    train_ds, _, _ = _cached_datasets(model, p, tok, args)
+    train_ds, _, _ = cached_datasets(model, p, tok, args)
     assert moved_to == [args.device] and seen and set(seen) == {args.device}
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert args.device.type == expected.type
     stored = train_ds[:]["features"]
-    assert stored.shape == (len(p.train_texts), 32) and stored.device.type == "cpu"   # on the host, as datasets are          # stored on the host, like any dataset
+    assert stored.shape == (len(p.train_texts), 32) and stored.device.type == "cpu"   # stored on the host, like any dataset

@@ -1,0 +1,205 @@
+"""The training loop's parts: FinetuneTrainer, its length-grouped sampler, and the events callback.
+
+    trainer = FinetuneTrainer(model=model, args=args, train_dataset=ds, callbacks=[EventsCallback(writer)])
+    trainer.response_only = response_only_ok(model)     # causal LM: project only response positions
+    trainer.train()
+
+torch and transformers load at the top: only a training process imports this module (train.py and
+the task pipelines). The app never does; tests/test_headless.py keeps it that way.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .events import EventWriter, rank0_decides
+from .malloc import release_free_memory
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """`group_by_length` that still groups on small datasets.
+
+    transformers sorts by length inside "megabatches" of min(50, n // (4 x batch)) batches: below
+    ~200 rows a megabatch is a single batch, so nothing is grouped and dynamic padding still pads
+    ~45% of every batch (48 Self-Instruct rows, batch 8). Here a megabatch is 50 batches whatever
+    the data size: rows are shuffled, sorted by length within each megabatch, cut into batches
+    (one optimizer step's rows each), and the batches are shuffled (a partial one stays last).
+    Same rows per epoch, same batch size, batches in random order; only which rows share a batch
+    changes. (transformers also moves the longest batch first; we do not: the first step runs at
+    learning rate 0 under warmup, and that would always be the batch with the most response tokens.)
+    """
+
+    def __init__(self, lengths, group: int, megabatch_mult: int = 50):
+        self.lengths = [int(x) for x in lengths]
+        self.group = max(1, int(group))
+        self.megabatch = self.group * megabatch_mult
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        n, g = len(self.lengths), self.group
+        perm = torch.randperm(n).tolist()      # global torch RNG, as transformers' own sampler uses
+        groups = []
+        for s in range(0, n, self.megabatch):
+            chunk = sorted(perm[s:s + self.megabatch], key=lambda i: -self.lengths[i])  # stable: ties random
+            groups += [chunk[j:j + g] for j in range(0, len(chunk), g)]
+        tail = [groups.pop()] if groups and len(groups[-1]) < g else []
+        groups = [groups[k] for k in torch.randperm(len(groups)).tolist()]
+        return iter([i for grp in groups + tail for i in grp])
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer whose causal-LM loss projects only response positions through the LM head.
+
+    The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have
+    label -100 and contribute nothing to the loss, so we skip computing their logits. The loss
+    value is identical to the model's own (same tokens, same normalisation).
+    """
+
+    response_only = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return LengthGroupedBatches(sampler.lengths, sampler.batch_size)
+        return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Evaluation stays in dataset order (transformers groups it by length too), so row i of the
+        # predictions is row i of the validation data: error analysis depends on it.
+        return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.response_only or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        body = getattr(base, base.base_model_prefix)
+        labels = inputs["labels"][:, 1:]
+        keep = labels != -100
+        # accelerate applies bf16/fp16 autocast by wrapping model.forward; calling the body and the
+        # head directly bypasses that wrapper, so enter the same autocast here (a no-op in float32).
+        with self.accelerator.autocast():
+            hidden = body(input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"]).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            loss = loss_sum / num_items_in_batch
+        else:
+            loss = loss_sum / keep.sum().clamp(min=1)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+def release_training_state(trainer: Trainer) -> None:
+    """Drop a finished trainer's optimizer and scheduler (Adam keeps two copies of every trainable weight)
+    and, on glibc, hand the freed heap back to the kernel: the heap keeps training's freed memory for reuse
+    (runtime.set_cpu_threads), and without this a model loaded after training would stack on top of it."""
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()       # the accelerator holds its own references to both
+    gc.collect()
+    release_free_memory()
+
+
+def response_only_ok(model) -> bool:
+    """The response-only loss needs a plain LM head and no DDP wrapper (DDP must see the full forward)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    return (getattr(cfg, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None
+            and hasattr(base, base.base_model_prefix))
+
+
+class EventsCallback(TrainerCallback):
+    """Turns Trainer callbacks into events (events.jsonl), with an ETA from the measured step rate, and
+    ends training at the next step end once `stop_file` exists."""
+
+    def __init__(self, writer: EventWriter, stop_file: str | Path | None = None):
+        self.writer = writer
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.t0 = None
+        self.first_step = 0
+        self.stopped_by_user = False
+        self.finishing = False
+
+    def _eta(self, state) -> float | None:
+        done = state.global_step - self.first_step
+        if not self.t0 or done <= 0 or not state.max_steps:
+            return None
+        rate = (time.time() - self.t0) / done
+        return max(0.0, rate * (state.max_steps - state.global_step))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.time()
+        self.first_step = state.global_step
+        self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
+                         epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
+
+    def _finishing(self, state, message: str) -> None:
+        # Tells the job manager the Trainer honoured the stop (or is done): from here on, saving and
+        # evaluating may take minutes, and a hard kill would lose the model.
+        if not self.finishing:
+            self.finishing = True
+            self.writer.emit("info", phase="finishing", step=state.global_step, max_steps=state.max_steps,
+                             message=message)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A stop request (file written by the app or by compare) ends training at this step; the
+        # Trainer then saves a checkpoint and train() saves and evaluates the model as it is. Rank 0
+        # alone looks at the file and every rank follows its decision (see rank0_decides).
+        requested = self.stop_file is not None and state.is_world_process_zero and self.stop_file.exists()
+        if rank0_decides(requested):
+            self.stopped_by_user = True
+            control.should_training_stop = True
+            control.should_save = True
+            self._finishing(state, f"Stop received: training ends at step {state.global_step} of "
+                                   f"{state.max_steps}; saving a checkpoint, then the model, then evaluating.")
+        else:
+            self._maybe_evaluating(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._maybe_evaluating(state, control)   # eval/save "epoch": the flow callback decides here
+
+    def _maybe_evaluating(self, state, control) -> None:
+        # The default flow callback (it runs before this one) has decided to evaluate and/or save now.
+        # Tell the job manager: a Stop pressed during a long evaluation or checkpoint write must not
+        # hard-kill the worker mid-save (it gets finish_timeout until the next save/eval/log event).
+        if self.finishing or not (control.should_evaluate or control.should_save):
+            return
+        what = " and ".join(w for w, on in (("evaluating", control.should_evaluate),
+                                             ("saving a checkpoint", control.should_save)) if on)
+        self.writer.emit("info", phase="evaluating", step=state.global_step, max_steps=state.max_steps,
+                         evaluate=bool(control.should_evaluate), save=bool(control.should_save),
+                         message=f"Step {state.global_step}: {what}.")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finishing(state, f"Training ended at step {state.global_step} of {state.max_steps}; "
+                               "saving and evaluating the model.")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        common = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                  "eta_seconds": self._eta(state)}
+        if any(k.startswith("eval_") for k in logs):
+            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in common}
+            self.writer.emit("eval", **common, **metrics)
+        elif "loss" in logs:
+            self.writer.emit("log", **common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                             grad_norm=logs.get("grad_norm"))
+
+    def on_save(self, args, state, control, **kwargs):
+        self.writer.emit("save", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                         message=f"checkpoint-{state.global_step}")
