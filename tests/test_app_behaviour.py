@@ -455,15 +455,52 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
 # 7. Chat: base and fine-tuned side by side
 
 
-@pytest.fixture
-def instruction_run(tmp_path, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory, tiny_llama_dir):
     """A finished instruction run (tiny Llama, a few steps) in an app's runs folder, owned by OWNER."""
     from conftest import owned_instruction_run
 
     run_id = "fedcba9876543210"
-    runs = owned_instruction_run(tmp_path, run_id, OWNER, tiny_llama_dir, "chatty", max_steps=3,
+    runs = owned_instruction_run(tmp_path_factory.mktemp("chat"), run_id, OWNER, tiny_llama_dir, "chatty", max_steps=3,
                                  learning_rate=1e-2, warmup_steps=0)
     return runs, run_id
+
+
+def test_sampled_answers_show_their_seed_and_the_seed_gives_them_again(instruction_run):
+    """Sampling: each message draws a new seed, shown under both answers; typed into "Fixed seed" it
+    gives the same answers again, and the note never goes back to the model as context."""
+    import re
+
+    from finetune_core.jobs import JobManager
+
+    runs, run_id = instruction_run
+    mgr = JobManager(runs, poll_interval=0.2, private_runs=True)
+    demo, ctx = app_for(mgr)
+
+    def send(seed, history=((), ())):
+        base, ft, exchange = list(chat_tab.chat(ctx, "Rewrite this note: refund approved.", run_id, 1.5, 1.0, 8,
+                                                True, list(history[0]), list(history[1]), OWNER, None, seed))[-1]
+        seeds = {re.search(r"`seed (\d+)`$", h[-1]["content"]).group(1) for h in (base, ft)}
+        assert len(seeds) == 1                                    # one seed per message, for both models
+        assert exchange["answer"] == chat_tab.without_seed(ft[-1]["content"]) and "seed" not in exchange["answer"]
+        return base, ft, int(seeds.pop())
+
+    try:
+        first, second = send(""), send(None)
+        assert first[2] != second[2]                               # random by default
+        assert [h[-1]["content"] for h in first[:2]] != [h[-1]["content"] for h in second[:2]]
+        again = send(str(first[2]))
+        assert again[2] == first[2] and [h[-1] for h in again[:2]] == [h[-1] for h in first[:2]]
+        assert send(first[2])[:2] == again[:2]                      # an API client may send the number itself
+        # the next turn's context holds the model's words, not the app's seed note
+        context = chat_tab.context_messages(first[1])
+        assert context[-1]["role"] == "assistant" and "seed" not in context[-1]["content"]
+        for bad in ("abc", "-1", "1.5", str(2**32)):
+            with pytest.raises(Exception, match="is not a whole number from 0 to 4294967295"):
+                list(chat_tab.chat(ctx, "hi", run_id, 0.7, 0.9, 8, True, [], [], OWNER, None, bad))
+    finally:
+        demo.close()
+        mgr.shutdown()
 
 
 def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction_run, tiny_llama_dir):
@@ -500,6 +537,7 @@ def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction
         outs = list(chat_tab.chat(ctx, "And shorter?", run_id, 0.7, 0.9, 8, False, base, ft, OWNER, None))
         base, ft, _ = outs[-1]
         assert [m["role"] for m in base] == [m["role"] for m in ft] == ["user", "assistant"] * 2
+        assert "seed" not in base[-1]["content"]                     # greedy: nothing random, no seed
         with pytest.raises(Exception, match="was not found"):
             list(chat_tab.chat(ctx, "hi", run_id, 0.7, 0.9, 8, False, [], [], OTHER, None))
     finally:
