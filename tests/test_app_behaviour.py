@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import textwrap
@@ -35,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from finetune_core.ui import after_train, chat_tab, evaluate_tab, export_tab, form, train_tab
+from finetune_core.ui import after_train, chat_tab, data_tab, evaluate_tab, export_tab, form, train_tab
 
 OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
 OTHER = "b" * 32
@@ -155,8 +156,6 @@ def next_matching(gen, predicate, timeout: float):
 
 
 def step_of(out) -> int:
-    import re
-
     m = re.search(r"step <b>(\d+)</b>", out[1])
     return int(m.group(1)) if m else 0
 
@@ -305,6 +304,60 @@ def test_placeholders_show_what_recommend_and_the_run_use_on_this_device(static_
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. the Data tab's audit and the validation data Start uses
+
+
+def test_without_a_validation_file_the_audit_checks_the_split_start_makes(static_app, tmp_path):
+    """The Train tab's val_size and the run's seed (an override) decide the split, as in train(); texts
+    repeated in the file land on both sides and the audit counts them, as audit.json does."""
+    import pandas as pd
+
+    from finetune_core.data import clean_classification, split_frame
+
+    _, _, ctx = static_app
+    rows = [{"text": f"{label} sentence {i}", "label": label} for label in ("a", "b", "c") for i in range(10)]
+    rows += rows[:12]                                       # 12 repeated texts
+    data = tmp_path / "repeats.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    values = dict(form.DEFAULTS, data_file=str(data), val_size=0.3, overrides="seed=7")
+    summary, warnings_html, *_, report = data_tab.audit(ctx, values, "", OWNER, None)
+
+    train_part, val_part = split_frame(clean_classification(pd.DataFrame(rows), "text", "label", "repeats.csv"),
+                                       0.3, 7, stratify="label")
+    shared = len(set(train_part["text"]) & set(val_part["text"]))
+    assert 0 < shared < 12
+    assert (report["validation_rows"], report["overlap_with_validation"]) == (len(val_part), shared)
+    assert (report["val_size"], report["seed"]) == (0.3, 7) and report["validation_file"] is None
+    assert f"{len(val_part)} rows held out of the training file as Start will (val_size 0.3, seed 7)" in summary
+    assert f"**{shared} texts also in the training data**" in summary
+    assert "Validation is split from the training file: remove the duplicate rows" in warnings_html
+
+
+def test_a_bad_validation_file_gets_the_training_files_messages(static_app, tmp_path):
+    _, _, ctx = static_app
+    other = tmp_path / "other.csv"
+    other.write_text("text,category\nhello,a\nbye,b\n", encoding="utf-8")
+    for upload, message in ((other, "Column 'label' (the label column) is not in other.csv"),
+                            (tmp_path / "gone.csv", "The uploaded validation file is no longer on the server")):
+        values = dict(form.DEFAULTS, validation_file=str(upload))
+        with pytest.raises(Exception, match=re.escape(message)):
+            data_tab.audit(ctx, values, "", OWNER, None)
+        with pytest.raises(Exception, match=re.escape(message)):
+            next(train_tab.train(ctx, values, OWNER, None))       # refused before a job starts
+    assert not ctx.manager.jobs(OWNER)
+
+
+def test_show_command_names_the_validation_file(static_app, tmp_path):
+    _, _, ctx = static_app
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("text,label\nhello,a\n", encoding="utf-8")
+    _, md, text, _ = train_tab.show_command(ctx, dict(form.DEFAULTS, validation_file=str(held_out)))
+    assert "validation: held_out.csv" in text and "Put the validation file `held_out.csv`" in md
+    _, md, text, _ = train_tab.show_command(ctx, dict(form.DEFAULTS))
+    assert "validation: null" in text and "validation file" not in md
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. Show command
 
 
@@ -399,14 +452,32 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
     model_dir = mgr.runs_dir / "_models" / "tiny-bert"
     shutil.copytree(tiny_bert_dir, model_dir)
     demo, ctx = app_for(mgr)
+    # a validation file (the Data tab's upload): 3 rows of each class, 2 of them copied from the training data
+    domains = (REPO / "examples" / "data" / "domains.csv").read_text(encoding="utf-8").splitlines()
+    validation = tmp_path / "upload" / "held_out.csv"
+    validation.parent.mkdir()
+    rows = [domains[1], domains[41]] + [f"A fresh {label} sentence number {i}.,{label}"
+                                        for label in ("finance", "legal", "medical", "technology") for i in range(3)]
+    validation.write_text("\n".join([domains[0]] + rows) + "\n", encoding="utf-8")
     try:
-        values = dict(FORM, model=str(model_dir), learning_rate=0.01,
+        values = dict(FORM, model=str(model_dir), learning_rate=0.01, validation_file=str(validation),
                       overrides="max_steps=4\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\n"
                                 "per_device_train_batch_size=8")
         outs = list(train_tab.train(ctx, values, OWNER, None))
         run_id, status, loss, _, _, result = outs[-1]
         assert result["status"] == "finished", (status, outs[-1][4][-2000:])
         assert "Finished" in status and trace_points(loss) >= 1      # the real worker's events drew the chart
+        run_dir = mgr.runs_dir / run_id
+        assert result["metrics"]["train_samples"] == 160             # every training row: none held out
+        assert json.loads((run_dir / "metrics.json").read_text())["val_samples"] == 14
+        # the Data tab's audit of the same form is the run's audit.json, overlap included
+        written = json.loads((run_dir / "audit.json").read_text())
+        summary, warnings_html, *_, report = data_tab.audit(ctx, values, str(model_dir), OWNER, None)
+        assert written["validation_source"] == "file" and written["overlap_with_validation"] == 2
+        written.pop("token_lengths")                                # the page's JSON leaves the histogram out
+        assert {k: report[k] for k in written} == written
+        assert "**Validation:** 14 rows from `held_out.csv`" in summary and "**2 texts also in the training data**" \
+            in summary and "appear in both the training and the validation data" in warnings_html
     finally:
         demo.close()
         mgr.shutdown()
@@ -469,8 +540,6 @@ def instruction_run(tmp_path_factory, tiny_llama_dir):
 def test_sampled_answers_show_their_seed_and_the_seed_gives_them_again(instruction_run):
     """Sampling: each message draws a new seed, shown under both answers; typed into "Fixed seed" it
     gives the same answers again, and the note never goes back to the model as context."""
-    import re
-
     from finetune_core.jobs import JobManager
 
     runs, run_id = instruction_run

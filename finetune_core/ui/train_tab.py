@@ -9,6 +9,7 @@ Handlers are module-level functions of (ctx, ...); `wire()` binds them to the co
 
 from __future__ import annotations
 
+import copy
 import functools
 import html
 import time
@@ -19,7 +20,7 @@ import gradio as gr
 
 from .. import plots
 from ..config import LoraSettings, StrategyConfig, dump_config, training_defaults
-from ..data import clean_classification, detect_columns, row_to_messages, split_frame
+from ..data import clean_classification, detect_columns, row_to_messages, split_frame, store_columns
 from ..errors import FinetuneError
 from ..events import read_events
 from ..jobs import ACTIVE, OwnerBusy
@@ -124,6 +125,13 @@ def recommended_training(values: dict, n_train: int, cuda: bool | None = None) -
     kind = quick_model_kind(values["model"], values["task"])
     return training_defaults(values["task"], kind, values["strategy"], n_train,
                              form.read(values, "strategy.frozen_layers"), cuda=cuda)
+
+
+def training_rows(values: dict, n_rows: int) -> int:
+    """The rows Start trains on: all of them beside a validation file, else what the split leaves."""
+    if values.get("validation_file"):
+        return int(n_rows)
+    return int(n_rows * (1 - float(values.get("val_size") or 0.2)))
 
 
 def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
@@ -345,16 +353,24 @@ def follow_busy(ctx: AppContext, busy, owner: str):
 
 def check_before_submit(ctx: AppContext, cfg, path: Path, owner: str) -> None:
     """Fail fast on what the worker would only find after loading a model: the engine's own column and
-    row checks (labels, classes, split, chat messages) run here in milliseconds, and a model the
-    session may not use (unknown bundled id, hub id offline, another session's folder) is refused."""
-    df = read_frame(path)
-    cols = detect_columns(df, cfg.task, cfg.data, name=path.name)
-    if cfg.task == "classification":
-        rows = clean_classification(df, cols["text"], cols["label"], path.name)
-        split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
-    else:
-        for i, row in enumerate(df.to_dict("records"), start=1):
-            row_to_messages(row, cols, i)
+    row checks (labels, classes, split, chat messages) run here in milliseconds, on the training file
+    and the validation file, and a model the session may not use (unknown bundled id, hub id offline,
+    another session's folder) is refused."""
+    validation = Path(cfg.data.validation) if cfg.data.validation else None
+    data_cfg = copy.deepcopy(cfg.data)       # the validation file must hold the training file's columns
+    for source in (path, validation):
+        if source is None:
+            continue
+        df = read_frame(source)
+        cols = detect_columns(df, cfg.task, data_cfg, name=source.name)
+        store_columns(data_cfg, cols)
+        if cfg.task == "classification":
+            rows = clean_classification(df, cols["text"], cols["label"], source.name)
+            if validation is None:
+                split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
+        else:
+            for i, row in enumerate(df.to_dict("records"), start=1):
+                row_to_messages(row, cols, i)
     if cfg.model not in BUNDLED:
         resolve_model(cfg.model, allowed_roots=ctx.model_roots(owner))   # private: own runs only
 
@@ -439,7 +455,7 @@ def recommend(ctx: AppContext, values: dict, info=None):
     """Fill the hyperparameter boxes with the values train() would pick, and say why."""
     values = dict(form.DEFAULTS, **values)
     n_rows = (info or {}).get("n_rows")
-    n_train = int(n_rows * (1 - float(values["val_size"] or 0.2))) if n_rows else 128
+    n_train = training_rows(values, n_rows) if n_rows else 128
     d = recommended_training(values, n_train)
     rec = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"],
            "patience": d["early_stopping_patience"]}
@@ -454,7 +470,7 @@ def context_changed(ctx: AppContext, values: dict, info=None, last_rec=None):
     """Refresh the 'auto' placeholders; values filled by Recommend follow the new context, edits stay."""
     values = dict(form.DEFAULTS, **values)
     n_rows = (info or {}).get("n_rows") or 160
-    d = recommended_training(values, int(n_rows * (1 - float(values["val_size"] or 0.2))))
+    d = recommended_training(values, training_rows(values, n_rows))
     auto = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"]}
     epochs, lr, batch = values["num_train_epochs"], values["learning_rate"], values["batch_size"]
     following = bool(last_rec) and [epochs, lr, batch] == [last_rec.get("epochs"), last_rec.get("lr"),
@@ -506,6 +522,9 @@ def show_command(ctx: AppContext, values: dict):
         portable = path.name
         note = f" Put your data file `{path.name}` in the folder you run the command from."
     cfg.data.train = portable
+    if cfg.data.validation:
+        cfg.data.validation = Path(cfg.data.validation).name
+        note += f" Put the validation file `{cfg.data.validation}` in the folder you run the command from."
     cfg.output_dir = f"runs/{cfg.task[:5]}-{cfg.strategy.name}"
     text = dump_config(cfg)
     out = ctx.temp_dir() / "run.yaml"
@@ -588,7 +607,8 @@ def build(ctx: AppContext, ui) -> None:
                                                             "and keep the best checkpoint: it guards against "
                                                             "overfitting. 0 = off.")
             ui.val_size = gr.Slider(0.05, 0.5, value=v["val_size"], step=0.05, label="Validation share",
-                                    info="Rows held out to measure the model; never trained on.")
+                                    info="Rows held out to measure the model; never trained on. Unused when the "
+                                         "Data tab has a validation file.")
             ui.overrides = gr.Textbox(v["overrides"], label="Advanced overrides (optional)", lines=2,
                                       placeholder="max_steps=20\nweight_decay=0.0\nseed=1",
                                       info="One key=value per line, like the CLI's --set. Plain keys are "
