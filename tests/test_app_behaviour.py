@@ -266,7 +266,7 @@ def test_recommend_fills_the_engine_defaults_for_model_kind_and_strategy(task, m
     assert (epochs, lr, batch, patience) == (d["num_train_epochs"], d["learning_rate"],
                                              d["per_device_train_batch_size"], d["early_stopping_patience"])
     assert rec == {"epochs": epochs, "lr": lr, "batch": batch, "patience": patience}
-    assert f"**{lr:g}**" in md and f"**{epochs} epochs** at batch {batch}" in md
+    assert f"**{train_tab.fmt_rate(lr)}**" in md and f"**{epochs} epochs** at batch {batch}" in md
     steps = -(-int(rows * 0.8) // batch)
     assert f"~{steps} steps per epoch" in md                  # sized to the rows of the data
     advice = {"frozen": "freeze the backbone", "full": "freeze the backbone", "lora": "**LoRA**"}[strategy]
@@ -284,6 +284,54 @@ def test_recommend_depends_on_strategy_and_data_size(static_app):
     assert len(set(lrs.values())) == 3 and lrs["full"] < lrs["lora"] < lrs["frozen"]
     assert "cheat sheet says **full fine-tuning**" in rec("full", {"n_rows": 2000})[4]
     assert "Load data in the Data tab" in rec("full", None)[4]
+
+
+RATE = r"(\d+(?:\.\d+)?e-\d+)"
+# Each rate the learning-rate info line quotes: the words after it, and the run it is the default of.
+QUOTED_RATES = [("on an encoder, ", "classification", "encoder", "full"),
+                ("for a causal-LM classifier", "classification", "causal", "full"),
+                ("for instruction tuning", "instruction", "causal", "full"),
+                ("on an encoder)", "classification", "encoder", "frozen"),
+                ("on a small encoder", "classification", "encoder", "lora"),
+                ("on a causal LM", "instruction", "causal", "lora")]
+RUN_KINDS = [(task, kind, strategy, frozen) for task, kind in (("classification", "encoder"),
+                                                               ("classification", "causal"), ("instruction", "causal"))
+             for strategy in ("full", "frozen", "lora") for frozen in (("all", 3) if strategy == "frozen" else ("all",))]
+
+
+def test_info_lines_and_advice_quote_the_defaults_the_run_uses(static_app):
+    """The learning rates and epochs in the Train tab's info lines and in Recommend's advice are
+    config.training_defaults' values for each model kind and strategy (issue 15: no copied numbers)."""
+    from finetune_core.config import training_defaults
+
+    _, demo, _ = static_app
+
+    def default(task, kind, strategy, frozen="all", key="learning_rate"):
+        return training_defaults(task, kind, strategy, 128, frozen, cuda=False)[key]
+
+    infos = {c.label: c.info for c in demo.blocks.values() if getattr(c, "label", None) in ("Learning rate", "Epochs")}
+    rate_info, epochs_info = infos["Learning rate"], infos["Epochs"]
+    for after, task, kind, strategy in QUOTED_RATES:
+        found = re.search(RATE + " " + re.escape(after), rate_info)
+        assert found and float(found.group(1)) == default(task, kind, strategy), (after, rate_info)
+    assert len(re.findall(RATE, rate_info)) == len(QUOTED_RATES)            # no other number in the line
+    full = [default(t, k, "full") for t, k in (("classification", "encoder"), ("classification", "causal"),
+                                                ("instruction", "causal"))]
+    head = default("classification", "encoder", "frozen")
+    loras = [default("classification", "encoder", "lora"), default("instruction", "causal", "lora")]
+    assert head > 10 * max(full) and all(max(full) < r < head for r in loras)   # "far larger", "in between"
+    for task in ("classification", "instruction"):
+        epochs = {default(t, k, s, f, key="num_train_epochs") for t, k, s, f in RUN_KINDS if t == task}
+        assert len(epochs) == 1 and f"{epochs.pop()} for {task}" in epochs_info, epochs_info
+
+    for task, kind, strategy, frozen in RUN_KINDS:
+        d = training_defaults(task, kind, strategy, 128, frozen, cuda=False)
+        md = train_tab.advice(kind, strategy, frozen, 160, 128, d)
+        said = re.search(r"Learning rate \*\*" + RATE + r"\*\*", md)
+        assert said and float(said.group(1)) == d["learning_rate"], md
+        assert f"**{d['num_train_epochs']} epochs**" in md
+        low, high = (float(x) for x in re.search(RATE + " to " + RATE, md).groups())
+        assert (low, high) == (min(full), max(full)), md
 
 
 @pytest.mark.parametrize("cuda", [False, True])

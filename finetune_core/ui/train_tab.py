@@ -127,6 +127,48 @@ def recommended_training(values: dict, n_train: int, cuda: bool | None = None) -
                              form.read(values, "strategy.frozen_layers"), cuda=cuda)
 
 
+def fmt_rate(rate: float) -> str:
+    """A learning rate as the README writes it: 5e-05 -> '5e-5', 0.005 -> '5e-3', 0.00025 -> '2.5e-4'."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def default_rate(task: str, kind: str, strategy: str, frozen="all") -> float:
+    """The learning rate a run of this kind gets when the box is empty (config.training_defaults)."""
+    return training_defaults(task, kind, strategy, 128, frozen, cuda=False)["learning_rate"]
+
+
+def default_epochs(task: str) -> int:
+    """The epochs a run of this task gets when the box is empty (config.training_defaults)."""
+    return training_defaults(task, "causal" if task == "instruction" else "encoder", "lora", 128,
+                             cuda=False)["num_train_epochs"]
+
+
+def full_rates() -> list[float]:
+    """Full fine-tuning's default learning rates (encoder / causal-LM classifier, instruction), low to high."""
+    return sorted({default_rate("classification", "encoder", "full"), default_rate("classification", "causal", "full"),
+                   default_rate("instruction", "causal", "full")})
+
+
+def learning_rate_info() -> str:
+    """The learning-rate box's info line: the rates Start fills in, from config.training_defaults."""
+    def rate(task, kind, strategy):
+        return fmt_rate(default_rate(task, kind, strategy))
+
+    c, i = "classification", "instruction"
+    return (f"Empty = recommended. Full fine-tuning keeps steps small so the model keeps what it knows: "
+            f"{rate(c, 'encoder', 'full')} on an encoder, {rate(c, 'causal', 'full')} for a causal-LM classifier, "
+            f"{rate(i, 'causal', 'full')} for instruction tuning. A new head alone takes far larger ones "
+            f"({rate(c, 'encoder', 'frozen')} on an encoder), LoRA in between ({rate(c, 'encoder', 'lora')} on a "
+            f"small encoder, {rate(i, 'causal', 'lora')} on a causal LM).")
+
+
+def epochs_info() -> str:
+    """The epochs box's info line: the epochs Start fills in, from config.training_defaults."""
+    return (f"Passes over the data. Empty = {default_epochs('classification')} for classification, "
+            f"{default_epochs('instruction')} for instruction tuning; early stopping usually ends sooner.")
+
+
 def training_rows(values: dict, n_rows: int) -> int:
     """The rows Start trains on: all of them beside a validation file, else what the split leaves."""
     if values.get("validation_file"):
@@ -154,12 +196,13 @@ def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
     else:
         lines.append("- Load data in the Data tab to get advice sized to your rows.")
     lr = d["learning_rate"]
+    low, *_, high = full_rates()
     if strategy == "full" or (strategy == "frozen" and frozen != "all"):
-        lines.append(f"- Learning rate **{lr:g}**: low on purpose, large steps erase what pretraining taught "
-                     "(2e-5 BERT, 1e-5 GPT, never above 5e-5 for full fine-tuning).")
+        lines.append(f"- Learning rate **{fmt_rate(lr)}**: low on purpose, large steps erase what pretraining "
+                     f"taught (full fine-tuning here uses {fmt_rate(low)} to {fmt_rate(high)}, by model and task).")
     else:
-        lines.append(f"- Learning rate **{lr:g}**: only new, small weights learn ({strategy}), so they need "
-                     "larger steps than full fine-tuning's 1e-5 to 5e-5.")
+        lines.append(f"- Learning rate **{fmt_rate(lr)}**: only new, small weights learn ({strategy}), so they need "
+                     f"larger steps than full fine-tuning's {fmt_rate(low)} to {fmt_rate(high)}.")
     lines.append(f"- **{d['num_train_epochs']} epochs** at batch {d['per_device_train_batch_size']} "
                  f"(~{max(1, -(-n_train // d['per_device_train_batch_size']))} steps per epoch); early stopping "
                  f"(patience {d['early_stopping_patience']}) ends training when the validation score stops "
@@ -591,12 +634,10 @@ def build(ctx: AppContext, ui) -> None:
             with gr.Row():
                 ui.num_train_epochs = gr.Number(v["num_train_epochs"], label="Epochs", minimum=0,
                                                 placeholder=f"auto: {defaults['num_train_epochs']}",
-                                                info="Passes over the data. Early stopping usually ends sooner.")
+                                                info=epochs_info())
                 ui.learning_rate = gr.Number(v["learning_rate"], label="Learning rate", minimum=0,
                                              placeholder=f"auto: {defaults['learning_rate']:g}",
-                                             info="Low keeps what the model knows: 2e-5 BERT, 1e-5 GPT, never "
-                                                  "above 5e-5 for full FT. A new head alone needs far more (1e-3 to 5e-3), "
-                                                  "LoRA in between (2e-4 on a causal LM, 1e-3 on a small encoder).")
+                                             info=learning_rate_info())
             with gr.Row():
                 ui.batch_size = gr.Number(v["batch_size"], label="Batch size", minimum=1, precision=0,
                                           placeholder=f"auto: {defaults['per_device_train_batch_size']}",
