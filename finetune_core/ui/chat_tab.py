@@ -373,7 +373,7 @@ def build(ctx: AppContext, ui) -> None:
         ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", label="Message", show_label=False,
                                  scale=5, max_lines=4, elem_id="chat-msg")
         ui.chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-        ui.chat_clear = gr.Button("Clear", scale=1)
+        ui.chat_clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
                                   scale=3, info="Your judgement is the metric that matters for style: ratings are "
