@@ -208,7 +208,7 @@ def test_switching_the_data_source_clears_or_reloads_the_preview(app):
         assert all(c.get("value", "") == "" for c in cols if isinstance(c, dict) and "choices" in c)
         cleared = page_call(url, "audit_for_source", session,
                             [None, None, "", "train", "classification", "", "", "alpaca", "", "", "", 256,
-                             "bundled:minilm-l6", None, source, {}])
+                             "bundled:minilm-l6", None, source, {}, None, 0.2, ""])
         assert cleared["success"], cleared
         audit_summary, warnings_html, _class_plot, _token_plot, table, _report = cleared["output"]["data"]
         assert audit_summary == "" and warnings_html == "" and table["data"] == []
