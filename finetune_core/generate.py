@@ -1,6 +1,6 @@
 """Inference: streaming chat generation, batched held-out generations, class probabilities.
 
-    model, tok, info = load_for_inference("runs/my-run/model")
+    model, tok, info = load_for_inference("runs/my-run/model")   # on the GPU when there is one
     for text in stream_generate(model, tok, [{"role": "user", "content": "Hi"}], info["template"]):
         print(text)              # the answer so far, growing token by token
     predict_proba(model, tok, "The jury found the defendant not guilty.")   # {'legal': 0.97, ...}
@@ -82,10 +82,27 @@ def _read_run_yaml(model_dir: Path) -> dict:
     return yaml.safe_load(run_yaml.read_text()) if run_yaml.exists() else {}
 
 
-def load_for_inference(model_ref: str):
-    """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id. Cached (3 models);
-    a folder whose weights changed since (a resumed run saved again, a new merge) is loaded anew."""
-    return _load_for_inference(model_ref, _weights_stamp(model_ref))
+def inference_placement(keep_float32: bool = False):
+    """(device, dtype) for every inference load: a CUDA GPU in bf16 where it has it natively, else
+    fp16 (config.half_precision_key, the rule training follows); a CPU in float32, never half
+    precision (bf16 matmuls are far slower there). keep_float32: float32 on any device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    if keep_float32:
+        return "cuda", torch.float32
+    from .config import half_precision_key
+
+    return "cuda", torch.bfloat16 if half_precision_key() == "bf16" else torch.float16
+
+
+def load_for_inference(model_ref: str, keep_float32: bool = False):
+    """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id, in eval mode on
+    inference_placement()'s device and dtype. keep_float32: float32 weights on the GPU too (a merge
+    that is saved). Cached (3 models); a folder whose weights changed since (a resumed run saved
+    again, a new merge) is loaded anew."""
+    return _load_for_inference(model_ref, _weights_stamp(model_ref), inference_placement(keep_float32))
 
 
 def _weights_stamp(model_ref: str) -> tuple:
@@ -96,16 +113,20 @@ def _weights_stamp(model_ref: str) -> tuple:
     return tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
 
 
-@lru_cache(maxsize=3)
-def _load_for_inference(model_ref: str, stamp: tuple):
-    import torch
+def _on(model, device: str):
+    """The model on `device`. On the CPU it is already there: no copy."""
+    return model if device == "cpu" else model.to(device)
 
+
+@lru_cache(maxsize=3)
+def _load_for_inference(model_ref: str, stamp: tuple, placement: tuple):
     from .models import load_tokenizer, model_kind, resolve_model
 
+    device, dtype = placement
     path = Path(model_ref)
     run = _read_run_yaml(path) if path.is_dir() else {}
     if path.is_dir() and (path / "adapter_config.json").exists():
-        model, task = load_lora(path, run)
+        model, task = load_lora(path, run, placement)
         tokenizer = load_tokenizer(str(path))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -118,14 +139,15 @@ def _load_for_inference(model_ref: str, stamp: tuple):
         task = run.get("task") or ("classification" if "SequenceClassification" in archs or
                                    config.model_type == "finetune_lab_mean_pooling" else "instruction")
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=dtype)
         else:
             if model_kind(resolved) != "causal":
                 from .errors import ModelError
 
                 raise ModelError(f"'{model_ref}' is an encoder: it cannot chat.",
                                  "Pick an instruction run or a causal LM such as bundled:smollm2-135m.")
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        model = _on(model, device)
         tokenizer = load_tokenizer(resolved)
     model.eval()
     template = (run.get("data") or {}).get("template", "auto")
@@ -134,11 +156,13 @@ def _load_for_inference(model_ref: str, stamp: tuple):
     return model, tokenizer, {"task": task, "template": template, "run": run}
 
 
-def load_lora(path: Path, run: dict | None = None):
-    """A saved LoRA run as a plain model (adapter merged): (model, task).
+def load_lora(path: Path, run: dict | None = None, placement: tuple | None = None):
+    """A saved LoRA run as a plain model (adapter merged): (model, task), on placement's (device,
+    dtype), inference_placement() by default.
 
     For classification the base is loaded with the run's saved config (label names, number of
-    labels), then the adapter and the trained head are applied.
+    labels), then the adapter and the trained head are applied. The merge runs in float32 (the
+    adapter's small deltas survive it whole), then the model takes the inference dtype.
     """
     import json as _json
 
@@ -146,6 +170,7 @@ def load_lora(path: Path, run: dict | None = None):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    device, dtype = placement or inference_placement()
     adapter = _json.loads((path / "adapter_config.json").read_text())
     base_path = adapter["base_model_name_or_path"]
     if adapter.get("task_type") == "SEQ_CLS":
@@ -155,8 +180,8 @@ def load_lora(path: Path, run: dict | None = None):
     else:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
         task = "instruction"
-    model = PeftModel.from_pretrained(base, str(path))
-    return model.merge_and_unload(), task   # plain weights: faster inference, same outputs
+    model = PeftModel.from_pretrained(_on(base, device), str(path)).merge_and_unload()
+    return model.to(dtype), task   # plain weights: faster inference, same outputs; float32 -> float32 copies nothing
 
 
 def _generation_kwargs(tokenizer, temperature: float, top_p: float, max_new_tokens: int, do_sample: bool) -> dict:
@@ -170,9 +195,10 @@ def _generation_kwargs(tokenizer, temperature: float, top_p: float, max_new_toke
 
 
 def stream_generate(model, tokenizer, messages: list[dict], template: str = "chat", temperature: float = 0.7,
-                    top_p: float = 0.9, max_new_tokens: int = 128, do_sample: bool = True, seed: int | None = 0):
+                    top_p: float = 0.9, max_new_tokens: int = 128, do_sample: bool = True, seed: int | None = None):
     """Yield the growing answer text as tokens arrive (TextIteratorStreamer; generate() runs on the
-    inference thread, see on_inference_thread)."""
+    inference thread, see on_inference_thread). seed: sampling starts from torch.manual_seed(seed), so
+    the same seed, messages and settings give the same answer; None draws on from torch's current state."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -280,6 +306,7 @@ def predict_proba(model, tokenizer, text: str, max_length: int = 256) -> dict[st
     import torch
 
     enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+    enc = {k: v.to(model.device) for k, v in enc.items()}      # on the CPU: the same tensors, no copy
     with torch.no_grad():
         logits = model(**enc).logits[0].float()
     probs = torch.softmax(logits, -1).tolist()

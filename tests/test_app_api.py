@@ -20,7 +20,13 @@ TRAIN_PARAMETERS = {
     "response_column": "", "max_length": 256, "model": "bundled:minilm-l6", "strategy": "lora", "head_only": True,
     "frozen_layers": 3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_targets": "auto",
     "num_train_epochs": None, "learning_rate": None, "batch_size": None, "early_stopping_patience": 2,
-    "val_size": 0.2, "overrides": ""}
+    "val_size": 0.2, "overrides": "", "validation_file": None}
+# New parameters go last, so scripts that pass the earlier ones by position keep working.
+AUDIT_PARAMETERS = {
+    **{name: TRAIN_PARAMETERS[name] for name in list(TRAIN_PARAMETERS)[:12]}, "model": "bundled:minilm-l6",
+    "validation_file": None, "val_size": 0.2, "overrides": ""}
+CHAT_PARAMETERS = {"message": None, "model": "bundled:smollm2-135m", "temperature": 0.7, "top_p": 0.9,
+                   "max_new_tokens": 128, "do_sample": True, "base_history": [], "finetuned_history": [], "seed": ""}
 
 
 def free_port() -> int:
@@ -48,9 +54,10 @@ def test_only_the_stable_endpoints_are_public(app):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) == PUBLIC
     assert not api["unnamed_endpoints"]
-    # users' scripts call /train by these names, in this order, relying on these defaults
-    train = {p["parameter_name"]: p.get("parameter_default") for p in api["named_endpoints"]["/train"]["parameters"]}
-    assert train == TRAIN_PARAMETERS and list(train) == list(TRAIN_PARAMETERS)
+    # users' scripts call /train, /audit and /chat by these names, in this order, relying on these defaults
+    for name, pinned in (("/train", TRAIN_PARAMETERS), ("/audit", AUDIT_PARAMETERS), ("/chat", CHAT_PARAMETERS)):
+        params = {p["parameter_name"]: p.get("parameter_default") for p in api["named_endpoints"][name]["parameters"]}
+        assert params == pinned and list(params) == list(pinned), name
 
 
 def test_bad_input_is_a_readable_error_and_the_app_keeps_serving(app, tmp_path):
@@ -201,7 +208,7 @@ def test_switching_the_data_source_clears_or_reloads_the_preview(app):
         assert all(c.get("value", "") == "" for c in cols if isinstance(c, dict) and "choices" in c)
         cleared = page_call(url, "audit_for_source", session,
                             [None, None, "", "train", "classification", "", "", "alpaca", "", "", "", 256,
-                             "bundled:minilm-l6", None, source, {}])
+                             "bundled:minilm-l6", None, source, {}, None, 0.2, ""])
         assert cleared["success"], cleared
         audit_summary, warnings_html, _class_plot, _token_plot, table, _report = cleared["output"]["data"]
         assert audit_summary == "" and warnings_html == "" and table["data"] == []

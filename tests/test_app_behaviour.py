@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import textwrap
@@ -35,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from finetune_core.ui import after_train, chat_tab, evaluate_tab, export_tab, form, train_tab
+from finetune_core.ui import after_train, chat_tab, data_tab, evaluate_tab, export_tab, form, train_tab
 
 OWNER = "a" * 32          # a browser session id as gr.BrowserState stores it
 OTHER = "b" * 32
@@ -155,8 +156,6 @@ def next_matching(gen, predicate, timeout: float):
 
 
 def step_of(out) -> int:
-    import re
-
     m = re.search(r"step <b>(\d+)</b>", out[1])
     return int(m.group(1)) if m else 0
 
@@ -267,7 +266,7 @@ def test_recommend_fills_the_engine_defaults_for_model_kind_and_strategy(task, m
     assert (epochs, lr, batch, patience) == (d["num_train_epochs"], d["learning_rate"],
                                              d["per_device_train_batch_size"], d["early_stopping_patience"])
     assert rec == {"epochs": epochs, "lr": lr, "batch": batch, "patience": patience}
-    assert f"**{lr:g}**" in md and f"**{epochs} epochs** at batch {batch}" in md
+    assert f"**{train_tab.fmt_rate(lr)}**" in md and f"**{epochs} epochs** at batch {batch}" in md
     steps = -(-int(rows * 0.8) // batch)
     assert f"~{steps} steps per epoch" in md                  # sized to the rows of the data
     advice = {"frozen": "freeze the backbone", "full": "freeze the backbone", "lora": "**LoRA**"}[strategy]
@@ -287,6 +286,54 @@ def test_recommend_depends_on_strategy_and_data_size(static_app):
     assert "Load data in the Data tab" in rec("full", None)[4]
 
 
+RATE = r"(\d+(?:\.\d+)?e-\d+)"
+# Each rate the learning-rate info line quotes: the words after it, and the run it is the default of.
+QUOTED_RATES = [("on an encoder, ", "classification", "encoder", "full"),
+                ("for a causal-LM classifier", "classification", "causal", "full"),
+                ("for instruction tuning", "instruction", "causal", "full"),
+                ("on an encoder)", "classification", "encoder", "frozen"),
+                ("on a small encoder", "classification", "encoder", "lora"),
+                ("on a causal LM", "instruction", "causal", "lora")]
+RUN_KINDS = [(task, kind, strategy, frozen) for task, kind in (("classification", "encoder"),
+                                                               ("classification", "causal"), ("instruction", "causal"))
+             for strategy in ("full", "frozen", "lora") for frozen in (("all", 3) if strategy == "frozen" else ("all",))]
+
+
+def test_info_lines_and_advice_quote_the_defaults_the_run_uses(static_app):
+    """The learning rates and epochs in the Train tab's info lines and in Recommend's advice are
+    config.training_defaults' values for each model kind and strategy (issue 15: no copied numbers)."""
+    from finetune_core.config import training_defaults
+
+    _, demo, _ = static_app
+
+    def default(task, kind, strategy, frozen="all", key="learning_rate"):
+        return training_defaults(task, kind, strategy, 128, frozen, cuda=False)[key]
+
+    infos = {c.label: c.info for c in demo.blocks.values() if getattr(c, "label", None) in ("Learning rate", "Epochs")}
+    rate_info, epochs_info = infos["Learning rate"], infos["Epochs"]
+    for after, task, kind, strategy in QUOTED_RATES:
+        found = re.search(RATE + " " + re.escape(after), rate_info)
+        assert found and float(found.group(1)) == default(task, kind, strategy), (after, rate_info)
+    assert len(re.findall(RATE, rate_info)) == len(QUOTED_RATES)            # no other number in the line
+    full = [default(t, k, "full") for t, k in (("classification", "encoder"), ("classification", "causal"),
+                                                ("instruction", "causal"))]
+    head = default("classification", "encoder", "frozen")
+    loras = [default("classification", "encoder", "lora"), default("instruction", "causal", "lora")]
+    assert head > 10 * max(full) and all(max(full) < r < head for r in loras)   # "far larger", "in between"
+    for task in ("classification", "instruction"):
+        epochs = {default(t, k, s, f, key="num_train_epochs") for t, k, s, f in RUN_KINDS if t == task}
+        assert len(epochs) == 1 and f"{epochs.pop()} for {task}" in epochs_info, epochs_info
+
+    for task, kind, strategy, frozen in RUN_KINDS:
+        d = training_defaults(task, kind, strategy, 128, frozen, cuda=False)
+        md = train_tab.advice(kind, strategy, frozen, 160, 128, d)
+        said = re.search(r"Learning rate \*\*" + RATE + r"\*\*", md)
+        assert said and float(said.group(1)) == d["learning_rate"], md
+        assert f"**{d['num_train_epochs']} epochs**" in md
+        low, high = (float(x) for x in re.search(RATE + " to " + RATE, md).groups())
+        assert (low, high) == (min(full), max(full)), md
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_placeholders_show_what_recommend_and_the_run_use_on_this_device(static_app, monkeypatch, cuda):
     """On a GPU an instruction batch is 8, on a CPU 4: the 'auto' placeholders say what Recommend says."""
@@ -302,6 +349,60 @@ def test_placeholders_show_what_recommend_and_the_run_use_on_this_device(static_
     shown = train_tab.context_changed(ctx, values, info, {})
     assert [upd(u, "placeholder") for u in shown[:3]] == [f"auto: {epochs:g}", f"auto: {lr:g}", f"auto: {batch:g}"]
     assert all(upd(u, "value") is None for u in shown[:3])      # empty boxes: the recommended value
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. the Data tab's audit and the validation data Start uses
+
+
+def test_without_a_validation_file_the_audit_checks_the_split_start_makes(static_app, tmp_path):
+    """The Train tab's val_size and the run's seed (an override) decide the split, as in train(); texts
+    repeated in the file land on both sides and the audit counts them, as audit.json does."""
+    import pandas as pd
+
+    from finetune_core.data import clean_classification, split_frame
+
+    _, _, ctx = static_app
+    rows = [{"text": f"{label} sentence {i}", "label": label} for label in ("a", "b", "c") for i in range(10)]
+    rows += rows[:12]                                       # 12 repeated texts
+    data = tmp_path / "repeats.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    values = dict(form.DEFAULTS, data_file=str(data), val_size=0.3, overrides="seed=7")
+    summary, warnings_html, *_, report = data_tab.audit(ctx, values, "", OWNER, None)
+
+    train_part, val_part = split_frame(clean_classification(pd.DataFrame(rows), "text", "label", "repeats.csv"),
+                                       0.3, 7, stratify="label")
+    shared = len(set(train_part["text"]) & set(val_part["text"]))
+    assert 0 < shared < 12
+    assert (report["validation_rows"], report["overlap_with_validation"]) == (len(val_part), shared)
+    assert (report["val_size"], report["seed"]) == (0.3, 7) and report["validation_file"] is None
+    assert f"{len(val_part)} rows held out of the training file as Start will (val_size 0.3, seed 7)" in summary
+    assert f"**{shared} texts also in the training data**" in summary
+    assert "Validation is split from the training file: remove the duplicate rows" in warnings_html
+
+
+def test_a_bad_validation_file_gets_the_training_files_messages(static_app, tmp_path):
+    _, _, ctx = static_app
+    other = tmp_path / "other.csv"
+    other.write_text("text,category\nhello,a\nbye,b\n", encoding="utf-8")
+    for upload, message in ((other, "Column 'label' (the label column) is not in other.csv"),
+                            (tmp_path / "gone.csv", "The uploaded validation file is no longer on the server")):
+        values = dict(form.DEFAULTS, validation_file=str(upload))
+        with pytest.raises(Exception, match=re.escape(message)):
+            data_tab.audit(ctx, values, "", OWNER, None)
+        with pytest.raises(Exception, match=re.escape(message)):
+            next(train_tab.train(ctx, values, OWNER, None))       # refused before a job starts
+    assert not ctx.manager.jobs(OWNER)
+
+
+def test_show_command_names_the_validation_file(static_app, tmp_path):
+    _, _, ctx = static_app
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("text,label\nhello,a\n", encoding="utf-8")
+    _, md, text, _ = train_tab.show_command(ctx, dict(form.DEFAULTS, validation_file=str(held_out)))
+    assert "validation: held_out.csv" in text and "Put the validation file `held_out.csv`" in md
+    _, md, text, _ = train_tab.show_command(ctx, dict(form.DEFAULTS))
+    assert "validation: null" in text and "validation file" not in md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,14 +500,32 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
     model_dir = mgr.runs_dir / "_models" / "tiny-bert"
     shutil.copytree(tiny_bert_dir, model_dir)
     demo, ctx = app_for(mgr)
+    # a validation file (the Data tab's upload): 3 rows of each class, 2 of them copied from the training data
+    domains = (REPO / "examples" / "data" / "domains.csv").read_text(encoding="utf-8").splitlines()
+    validation = tmp_path / "upload" / "held_out.csv"
+    validation.parent.mkdir()
+    rows = [domains[1], domains[41]] + [f"A fresh {label} sentence number {i}.,{label}"
+                                        for label in ("finance", "legal", "medical", "technology") for i in range(3)]
+    validation.write_text("\n".join([domains[0]] + rows) + "\n", encoding="utf-8")
     try:
-        values = dict(FORM, model=str(model_dir), learning_rate=0.01,
+        values = dict(FORM, model=str(model_dir), learning_rate=0.01, validation_file=str(validation),
                       overrides="max_steps=4\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\n"
                                 "per_device_train_batch_size=8")
         outs = list(train_tab.train(ctx, values, OWNER, None))
         run_id, status, loss, _, _, result = outs[-1]
         assert result["status"] == "finished", (status, outs[-1][4][-2000:])
         assert "Finished" in status and trace_points(loss) >= 1      # the real worker's events drew the chart
+        run_dir = mgr.runs_dir / run_id
+        assert result["metrics"]["train_samples"] == 160             # every training row: none held out
+        assert json.loads((run_dir / "metrics.json").read_text())["val_samples"] == 14
+        # the Data tab's audit of the same form is the run's audit.json, overlap included
+        written = json.loads((run_dir / "audit.json").read_text())
+        summary, warnings_html, *_, report = data_tab.audit(ctx, values, str(model_dir), OWNER, None)
+        assert written["validation_source"] == "file" and written["overlap_with_validation"] == 2
+        written.pop("token_lengths")                                # the page's JSON leaves the histogram out
+        assert {k: report[k] for k in written} == written
+        assert "**Validation:** 14 rows from `held_out.csv`" in summary and "**2 texts also in the training data**" \
+            in summary and "appear in both the training and the validation data" in warnings_html
     finally:
         demo.close()
         mgr.shutdown()
@@ -455,15 +574,50 @@ def test_a_finished_run_after_an_app_restart_is_listed_evaluated_predicted_and_e
 # 7. Chat: base and fine-tuned side by side
 
 
-@pytest.fixture
-def instruction_run(tmp_path, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def instruction_run(tmp_path_factory, tiny_llama_dir):
     """A finished instruction run (tiny Llama, a few steps) in an app's runs folder, owned by OWNER."""
     from conftest import owned_instruction_run
 
     run_id = "fedcba9876543210"
-    runs = owned_instruction_run(tmp_path, run_id, OWNER, tiny_llama_dir, "chatty", max_steps=3,
+    runs = owned_instruction_run(tmp_path_factory.mktemp("chat"), run_id, OWNER, tiny_llama_dir, "chatty", max_steps=3,
                                  learning_rate=1e-2, warmup_steps=0)
     return runs, run_id
+
+
+def test_sampled_answers_show_their_seed_and_the_seed_gives_them_again(instruction_run):
+    """Sampling: each message draws a new seed, shown under both answers; typed into "Fixed seed" it
+    gives the same answers again, and the note never goes back to the model as context."""
+    from finetune_core.jobs import JobManager
+
+    runs, run_id = instruction_run
+    mgr = JobManager(runs, poll_interval=0.2, private_runs=True)
+    demo, ctx = app_for(mgr)
+
+    def send(seed, history=((), ())):
+        base, ft, exchange = list(chat_tab.chat(ctx, "Rewrite this note: refund approved.", run_id, 1.5, 1.0, 8,
+                                                True, list(history[0]), list(history[1]), OWNER, None, seed))[-1]
+        seeds = {re.search(r"`seed (\d+)`$", h[-1]["content"]).group(1) for h in (base, ft)}
+        assert len(seeds) == 1                                    # one seed per message, for both models
+        assert exchange["answer"] == chat_tab.without_seed(ft[-1]["content"]) and "seed" not in exchange["answer"]
+        return base, ft, int(seeds.pop())
+
+    try:
+        first, second = send(""), send(None)
+        assert first[2] != second[2]                               # random by default
+        assert [h[-1]["content"] for h in first[:2]] != [h[-1]["content"] for h in second[:2]]
+        again = send(str(first[2]))
+        assert again[2] == first[2] and [h[-1] for h in again[:2]] == [h[-1] for h in first[:2]]
+        assert send(first[2])[:2] == again[:2]                      # an API client may send the number itself
+        # the next turn's context holds the model's words, not the app's seed note
+        context = chat_tab.context_messages(first[1])
+        assert context[-1]["role"] == "assistant" and "seed" not in context[-1]["content"]
+        for bad in ("abc", "-1", "1.5", str(2**32)):
+            with pytest.raises(Exception, match="is not a whole number from 0 to 4294967295"):
+                list(chat_tab.chat(ctx, "hi", run_id, 0.7, 0.9, 8, True, [], [], OWNER, None, bad))
+    finally:
+        demo.close()
+        mgr.shutdown()
 
 
 def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction_run, tiny_llama_dir):
@@ -500,6 +654,7 @@ def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction
         outs = list(chat_tab.chat(ctx, "And shorter?", run_id, 0.7, 0.9, 8, False, base, ft, OWNER, None))
         base, ft, _ = outs[-1]
         assert [m["role"] for m in base] == [m["role"] for m in ft] == ["user", "assistant"] * 2
+        assert "seed" not in base[-1]["content"]                     # greedy: nothing random, no seed
         with pytest.raises(Exception, match="was not found"):
             list(chat_tab.chat(ctx, "hi", run_id, 0.7, 0.9, 8, False, [], [], OTHER, None))
     finally:

@@ -9,8 +9,9 @@ their text intact; formula cells and <script> texts come back as raw strings in 
 escaped in every HTML output.
 
 Where the app answers differently from the CLI on purpose, APP_EXPECT holds the app's fragments and
-why (the app has no config-file or validation-file input, model folders must lie under the runs
-folder, the upload limit applies at upload time, ...). CLI_ONLY lists the cases with no app
+why (the app has no config-file input, model folders must lie under the runs folder, the upload limit
+applies at upload time, ...). A case's validation file (`data.validation=...`) is the Data tab's
+validation upload. CLI_ONLY lists the cases with no app
 equivalent. `app_outcome(name)` gives one line per case for the README's reliability table.
 
 One app for the whole module; the train cases run concurrently in one fixture (3 workers at a time).
@@ -50,8 +51,6 @@ APP_EXPECT = {
                           "an upload that expired (deleted on the server) before the click"),
     "hub dataset id": (["'stanfordnlp/imdb' has not been downloaded before", "Upload a file"],
                        "the Hub source of the Data tab, offline"),
-    "unseen validation labels": (["The override 'data.validation' is not allowed in the app", "Data tab"],
-                                 "the app has no validation-file input; the override is blocked"),
     "file over the upload limit (FINETUNE_MAX_UPLOAD_MB)": (
         ["exceeds the maximum file size of 50000000 bytes"],
         "refused at upload by the app's upload limit (default 50 MB; the CLI case sets 10 MB)"),
@@ -72,7 +71,8 @@ APP_EXPECT = {
 
 # Cases whose refusal only shows in the training worker (after a model load): they run in parallel.
 WORKER_REFUSALS = {"every prompt longer than max_length", "model folder without weights", "model weights corrupt",
-                   "model folder without a tokenizer", "encoder for instruction tuning", "half precision on CPU"}
+                   "model folder without a tokenizer", "encoder for instruction tuning", "half precision on CPU",
+                   "unseen validation labels"}
 
 # Handled train cases whose training behaviour is the CLI's (tested there): audited here, not trained again.
 AUDIT_ONLY = {"a class with a single example", "some prompts longer than max_length"}
@@ -194,7 +194,8 @@ def file_data(server_path: str) -> dict:
     return {"path": server_path, "orig_name": Path(server_path).name, "meta": {"_type": "gradio.FileData"}}
 
 
-AUDIT_DEFAULTS = ["", "", "train", "classification", "", "", "alpaca", "", "", "", 256, ""]   # after data_file
+# after data_file: the other data fields, model, validation_file, val_size, overrides
+AUDIT_DEFAULTS = ["", "", "train", "classification", "", "", "alpaca", "", "", "", 256, "", None, 0.2, ""]
 
 
 def load_preview(url: str, path: str, task: str = "classification") -> dict:
@@ -230,15 +231,17 @@ def form_for(case: B.BadInput, tmp: Path) -> dict:
         key, _, value = B._fill(item, tmp).partition("=")
         if key == "data.text_column":
             kw["text_column"] = value
+        elif key == "data.validation":
+            kw["validation_file"] = handle_file(value)
     return kw
 
 
 def train_form(app, case: B.BadInput, tmp: Path) -> dict:
     kw = form_for(case, tmp)
-    kw.pop("text_column", None)                  # every override goes through the overrides box
+    kw.pop("text_column", None)                  # every other override goes through the overrides box
     model = {"tiny-bert": str(app["models"] / "tiny-bert"),
              "tiny-llama": str(app["models"] / "tiny-llama")}.get(case.model, B._fill(case.model, tmp))
-    overrides = list(FAST_OVERRIDES) + [B._fill(s, tmp) for s in case.sets]
+    overrides = list(FAST_OVERRIDES) + [B._fill(s, tmp) for s in case.sets if not s.startswith("data.validation=")]
     if case.config_text is not None:
         overrides = B._fill(case.config_text, tmp).splitlines()
     kw.update(model=model, strategy="lora", max_length=64, overrides="\n".join(overrides))

@@ -9,7 +9,7 @@ import typing
 import gradio as gr
 import pytest
 
-from finetune_core.errors import ConfigError
+from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.ui import form
 from finetune_core.ui.common import bind
 
@@ -44,9 +44,6 @@ def test_instruction_columns_follow_the_format(fmt, expected):
     columns = ("text_column", "label_column", "instruction_column", "input_column", "output_column",
                "prompt_column", "completion_column", "messages_column")
     assert {c: getattr(cfg.data, c) for c in columns if getattr(cfg.data, c)} == expected
-    assert form.data_config(dict(form.DEFAULTS, task="instruction", instruction_format=fmt, prompt_column="p",
-                                 input_column="i", response_column="r")) == cfg.data.__class__(
-        **{**expected, "max_length": 256})
 
 
 def test_empty_or_zero_hyperparameters_mean_the_recommended_value():
@@ -56,6 +53,18 @@ def test_empty_or_zero_hyperparameters_mean_the_recommended_value():
     assert "early_stopping_patience" not in config(early_stopping_patience=None).training
     with pytest.raises(ConfigError, match="early_stopping_patience must be 0 \\(off\\) or more"):
         config(early_stopping_patience=-1)
+
+
+def test_the_validation_upload_becomes_data_validation(tmp_path):
+    upload = tmp_path / "valid.csv"
+    upload.write_text("text,label\nhi,a\n")
+    assert config(validation_file=str(upload)).data.validation == str(upload)
+    assert config(validation_file=None).data.validation is None           # none: Start splits val_size off
+    assert config(validation_file="").data.validation is None
+    with pytest.raises(FinetuneError, match="validation file is no longer on the server"):
+        config(validation_file=str(tmp_path / "expired.csv"))
+    with pytest.raises(ConfigError, match="not allowed in the app"):     # a server path typed as an override
+        config(overrides=f"data.validation={upload}")
 
 
 def test_head_only_decides_the_frozen_blocks():
@@ -90,13 +99,20 @@ def test_the_table_is_the_train_endpoints_signature():
     assert ctx == "CTX" and owner == "me" and request is None
     assert values == dict(form.DEFAULTS, data_file=None)
 
-    def audit(ctx, values, model=""):
+    def audit(ctx, values, model="", request: gr.Request = None):
         return values, model
 
     part = form.bind_form("CTX", audit, form.DATA_FIELDS)
-    assert list(inspect.signature(part).parameters) == [*form.DATA_FIELDS, "model"]
+    assert list(inspect.signature(part).parameters) == [*form.DATA_FIELDS, "model", "request"]
     assert part(task="instruction", model="m") == ({**{n: form.DEFAULTS[n] for n in form.DATA_FIELDS},
                                                     "task": "instruction"}, "m")
+    # `later` fields follow fn's own parameters, in the order given, and reach fn in the form
+    later = form.bind_form("CTX", audit, form.DATA_FIELDS, later=form.AUDIT_LATER_FIELDS)
+    assert list(inspect.signature(later).parameters) == [*form.DATA_FIELDS, "model", "request",
+                                                         *form.AUDIT_LATER_FIELDS]
+    assert form.AUDIT_LATER_FIELDS[0] == "validation_file" and form.NAMES[-1] == "validation_file"
+    values, model = later(*[form.DEFAULTS[n] for n in form.DATA_FIELDS], "m", None, "v.csv", 0.3)
+    assert model == "m" and (values["validation_file"], values["val_size"], values["overrides"]) == ("v.csv", 0.3, "")
 
 
 def test_bind_drops_the_context_and_keeps_what_gradio_reads():

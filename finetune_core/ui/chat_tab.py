@@ -2,11 +2,16 @@
 
 Handlers are module-level functions of (ctx, ...); `wire()` binds them to the components. Every model
 computation goes through generate.on_inference_thread (one torch thread for the whole app).
+
+Sampled answers carry their seed ("seed 482913" under the answer): typed into "Fixed seed", with the
+same message, settings and chat so far, it gives the same answers again.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +30,9 @@ BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smoll
 FT_PLACEHOLDER = ("**No fine-tuned model picked.** Choose an instruction run in 'Model to test' above: its answers "
                   "appear here, next to the base model's.")
 INFERENCE_LIMIT = int(os.environ.get("FINETUNE_INFERENCE_CONCURRENCY", "1"))
+RANDOM_SEEDS = 1_000_000          # drawn seeds have at most six digits: easy to read out to a room
+MAX_SEED = 2**32 - 1
+SEED_NOTE = re.compile(r"\n\n`seed \d+`$")
 
 
 def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, str | None, Path | None]:
@@ -61,8 +69,36 @@ def context_messages(history: list) -> list[dict]:
         text = _text(m.get("content"))
         if m["role"] == "assistant" and text.startswith(NOT_CONTEXT):
             continue
-        out.append({"role": m["role"], "content": text})
+        out.append({"role": m["role"], "content": without_seed(text) if m["role"] == "assistant" else text})
     return out
+
+
+def sampling_seed(fixed, do_sample) -> int | None:
+    """The seed of one message's answers (both models sample from it): None when they are greedy
+    (nothing is random), the fixed seed when one is typed, else a new random seed."""
+    if not do_sample:
+        return None
+    text = "" if fixed is None else str(fixed).strip()
+    if not text:
+        return secrets.randbelow(RANDOM_SEEDS)
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer() or not 0 <= number <= MAX_SEED:
+        raise FinetuneError(f"The seed {text!r} is not a whole number from 0 to {MAX_SEED}.",
+                            "Type the seed shown under an answer, or leave the box empty for a random seed.")
+    return int(number)
+
+
+def with_seed(answer: str, seed: int | None) -> str:
+    """The answer as the chat shows it: with its seed underneath when it was sampled."""
+    return answer if seed is None else f"{answer}\n\n`seed {seed}`"
+
+
+def without_seed(answer: str) -> str:
+    """The model's own words: the seed note is the app's, never context for the next turn."""
+    return SEED_NOTE.sub("", answer)
 
 
 def _text(content) -> str:
@@ -142,20 +178,23 @@ def refresh(ctx: AppContext, chat_current, cls_current, owner_state, request: gr
 @user_errors
 def chat(ctx: AppContext, message="", model="bundled:smollm2-135m", temperature=0.7, top_p=0.9,
          max_new_tokens=128, do_sample=True, base_history=None, finetuned_history=None, owner_state=None,
-         request: gr.Request = None):
+         request: gr.Request = None, seed=""):
     """Send one message to the base and the fine-tuned model; streams both answers.
 
+    seed: empty = a new random seed; a whole number gives the same sampled answers again. Each
+    sampled answer ends with its seed ("seed 1234"); greedy answers (do_sample off) have none.
     Returns (base_history, finetuned_history) in messages format: [{"role", "content"}, ...].
     """
     owner = owner_of(owner_state, request)
     message = (message or "").strip()
     if not message:
         raise FinetuneError("The message is empty.", "Type something to ask the models.")
+    seed = sampling_seed(seed, do_sample)
     base_ref, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
     base_history = [m for m in (base_history or []) if isinstance(m, dict)]
     finetuned_history = [m for m in (finetuned_history or []) if isinstance(m, dict)]
     settings = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                    do_sample=bool(do_sample))
+                    do_sample=bool(do_sample), seed=seed)
     histories = [base_history, finetuned_history]
     refs = [base_ref, ft_dir]
     # Without a run the fine-tuned side stays empty and shows its placeholder note: a note written
@@ -180,11 +219,12 @@ def chat(ctx: AppContext, message="", model="bundled:smollm2-135m", temperature=
         if info["task"] != "instruction":
             history.pop()
             raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
-        history[-1]["content"] = ""
+        text = ""
+        history[-1]["content"] = with_seed(text, seed)
         for text in stream_generate(mdl, tok, msgs, info["template"], **settings):
-            history[-1]["content"] = text
+            history[-1]["content"] = with_seed(text, seed)
             yield base_history, finetuned_history, gr.skip()
-        answers["base" if i == 0 else "finetuned"] = history[-1]["content"]
+        answers["base" if i == 0 else "finetuned"] = text
     exchange = {"run_dir": str(run_dir) if run_dir else None, "prompt": message,
                 "answer": answers.get("finetuned", "")}
     yield base_history, finetuned_history, exchange
@@ -316,8 +356,14 @@ def build(ctx: AppContext, ui) -> None:
                                  info="Sample only from the most likely words covering this probability mass.")
             ui.max_new_tokens = gr.Slider(8, 512, value=128, step=8, label="Max new tokens",
                                           info="Upper bound on the answer length.")
+        with gr.Row():
             ui.do_sample = gr.Checkbox(True, label="Sampling",
                                        info="Off = greedy: always the most likely word (repeatable).")
+            ui.chat_seed = gr.Textbox("", label="Fixed seed", placeholder="random", max_lines=1,
+                                      elem_id="chat-seed",
+                                      info="Empty: a new random seed per message, shown under each answer. Type "
+                                           "one (e.g. from an answer) and the same message gives the same answers "
+                                           "again: the whole room sees the same text.")
     with gr.Row():
         ui.base_bot = gr.Chatbot(label="Base model", height=360, buttons=["copy"], elem_id="base-bot")
         ui.ft_bot = gr.Chatbot(label="Fine-tuned model", height=360, buttons=["copy"], elem_id="ft-bot",
@@ -327,7 +373,7 @@ def build(ctx: AppContext, ui) -> None:
         ui.chat_msg = gr.Textbox(placeholder="Type a message and press Enter", label="Message", show_label=False,
                                  scale=5, max_lines=4, elem_id="chat-msg")
         ui.chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-        ui.chat_clear = gr.Button("Clear", scale=1)
+        ui.chat_clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
                                   scale=3, info="Your judgement is the metric that matters for style: ratings are "
@@ -362,7 +408,7 @@ def wire(ctx: AppContext, ui) -> None:
     ui.chat_refresh.click(refresher, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
     ui.chat_tab.select(refresher, refresh_inputs, [ui.chat_model, ui.cls_run], api_visibility="private")
     chat_inputs = [ui.chat_msg, ui.chat_model, ui.temperature, ui.top_p, ui.max_new_tokens, ui.do_sample,
-                   ui.base_bot, ui.ft_bot, ui.owner_state]
+                   ui.base_bot, ui.ft_bot, ui.owner_state, ui.chat_seed]
     chat_outputs = [ui.base_bot, ui.ft_bot, ui.last_exchange]
     chatter = bind(ctx, chat)
     for trigger, api in ((ui.chat_send.click, True), (ui.chat_msg.submit, False)):

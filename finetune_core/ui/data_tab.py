@@ -1,7 +1,9 @@
-"""Data tab: upload / built-in example / Hub dataset, task, column mapping, preview, audit.
+"""Data tab: upload / built-in example / Hub dataset, task, column mapping, validation file, preview, audit.
 
-The task, column and max_length controls built here belong to the Train form (finetune_core/ui/form.py):
-their values and defaults come from its table, and the audit reads the columns the way training will.
+The task, column, max_length and validation controls built here belong to the Train form
+(finetune_core/ui/form.py): their values and defaults come from its table. The audit is the one Start
+writes to audit.json, of the data Start would read: the same columns, and the validation file or the
+split Start makes (the Train tab's val_size, the run's seed), with the train/validation overlap.
 Handlers are module-level functions of (ctx, ...); `wire()` binds them to the components.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import plots
-from ..audit import audit_file
+from ..audit import _load_audit_tokenizer, audit_dataframe
 from ..data import detect_columns
 from ..errors import FinetuneError
 from ..models import resolve_model
@@ -28,7 +30,7 @@ FORMAT_CHOICES = [("Alpaca: instruction / input / output", "alpaca"), ("Prompt /
 SOURCES = [("Built-in example", "example"), ("Upload a file", "upload"), ("Hugging Face dataset", "hub")]
 NICE_NAMES = {"n_rows": "rows", "n_classes": "classes", "imbalance_ratio": "imbalance ratio (largest / smallest)",
               "duplicates": "duplicate rows", "n_duplicates": "duplicate rows", "empty_text": "empty texts",
-              "missing_labels": "missing labels"}
+              "missing_labels": "missing labels", "overlap_with_validation": "overlap with validation (leakage)"}
 WAITING = {"upload": "Upload a file above to see its preview and audit.",
            "hub": "Type a Hub dataset id above and press 'Load dataset from the Hub'."}
 
@@ -101,7 +103,7 @@ def audit_tables(report: dict) -> list[list]:
     rows = []
     for key, value in report.items():
         if key in ("warnings", "notes", "token_lengths", "class_distribution", "class_share", "columns", "suggestion",
-                   "file", "ok", "column_mapping"):
+                   "file", "validation_file", "ok", "column_mapping"):
             continue
         if isinstance(value, dict):
             for sub, v in value.items():
@@ -118,6 +120,20 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}".rstrip("0").rstrip(".") if abs(v) < 1e6 else f"{v:.3g}"
     return "" if v is None else str(v)
+
+
+def validation_line(report: dict) -> str:
+    """Which validation data Start will use, and how much of it the training data repeats."""
+    rows, overlap = report["validation_rows"], report.get("overlap_with_validation") or 0
+    if report.get("validation_file"):
+        where = f"{rows} rows from `{Path(report['validation_file']).name}`"
+    else:
+        where = (f"{rows} rows held out of the training file as Start will (val_size {report.get('val_size')}, "
+                 f"seed {report.get('seed')})")
+    what = "texts" if report.get("task") == "classification" else "examples"
+    leak = f"⚠️ **{overlap} {what} also in the training data** (leakage)" if overlap else \
+        f"no {what} shared with the training data"
+    return f"**Validation:** {where} · {leak}"
 
 
 def render_audit(report: dict, max_length: int):
@@ -139,6 +155,8 @@ def render_audit(report: dict, max_length: int):
             parts.append("tokens per row: " + ", ".join(bits) + f" (max_length {max_length})")
     warnings = [str(w) for w in report.get("warnings") or []]
     summary = " · ".join(parts) + (f" · **{len(warnings)} warning(s)** below" if warnings else " · no warnings")
+    if report.get("validation_rows") is not None:
+        summary += "\n\n" + validation_line(report)
     if report.get("suggestion"):
         summary += f"\n\n💡 {report['suggestion']}"
     for note in report.get("notes") or []:
@@ -227,11 +245,38 @@ def load_for_source(ctx: AppContext, source, data_file, example, hub_dataset, hu
     return [WAITING.get(source, ""), None, gr.update(), *cleared, {}]
 
 
+def audit_as_start(cfg, model=None) -> dict:
+    """The report Start writes to audit.json, for the data `cfg` names: read, mapped and prepared by
+    train.py itself (the same errors for a bad training or validation file, the same split), then
+    train._audit_run: the training file's checklist and its overlap with the validation data.
+
+    model: whose tokenizer counts tokens (None: the task's bundled model, as audit_file)."""
+    from .. import train as engine     # imports torch: loaded by the first audit, not to draw the page
+
+    train_df, val_df, cols = engine._load_frames(cfg)
+    notes: list[str] = []
+    tokenizer, model_id = _load_audit_tokenizer(cfg.task, model, notes)
+    if tokenizer is None:              # no tokenizer to prepare with: the file's checklist alone
+        report = audit_dataframe(train_df, cfg.task, cols, max_length=cfg.data.max_length, val_df=val_df,
+                                 template=cfg.data.template)
+    else:
+        prepare = engine.prepare_classification if cfg.task == "classification" else engine.prepare_instruction
+        prepared = prepare(cfg, tokenizer, train_df, val_df, cols)
+        report = engine._audit_run(cfg, tokenizer, train_df, val_df, cols, prepared)
+    report.update(notes=notes + report["notes"], file=str(cfg.data.train), validation_file=cfg.data.validation,
+                  tokenizer=model_id)
+    if val_df is None and "validation_rows" in report:
+        report.update(val_size=cfg.data.val_size, seed=cfg.seed)
+    return report
+
+
 @user_errors
 def audit(ctx: AppContext, values: dict, model="", owner_state=None, request: gr.Request = None):
-    """Audit a data file before training. Returns (summary, warnings_html, class_plot, token_plot, table, report)."""
+    """Audit the data before training: the data file, and the validation file or the split Start would make.
+
+    Returns (summary, warnings_html, class_plot, token_plot, table, report)."""
     path = resolve_data(ctx, **form.source(values))
-    dcfg = form.data_config(values)
+    cfg = form.form_to_config(values, path)
     model = (model or "").strip() or None
     if model and not model.startswith("bundled:"):
         try:
@@ -239,9 +284,7 @@ def audit(ctx: AppContext, values: dict, model="", owner_state=None, request: gr
         except FinetuneError as exc:
             gr.Warning(f"Counting tokens with the bundled tokenizer instead: {exc.message}")
             model = None
-    report = audit_file(str(path), form.read(values, "task"), data_cfg=dcfg, model=model,
-                        max_length=dcfg.max_length)
-    return render_audit(report, dcfg.max_length)
+    return render_audit(audit_as_start(cfg, model), cfg.data.max_length)
 
 
 def audit_for_source(ctx: AppContext, values: dict, model="", owner_state=None, source=None, info=None):
@@ -259,7 +302,8 @@ def build(ctx: AppContext, ui) -> None:
     v = form.DEFAULTS
     gr.Markdown("Pick a **built-in example** or upload your own file (CSV, TSV, JSON, JSONL or Parquet). "
                 "The audit checks the data *before* you spend time training: class balance, length against "
-                "`max_length`, duplicates and leaks between train and validation.")
+                "`max_length`, duplicates, and leaks between training and validation (your validation file, "
+                "or the split Start will make).")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
             ui.source = gr.Radio(source_choices(), value="example", label="Data source",
@@ -277,6 +321,12 @@ def build(ctx: AppContext, ui) -> None:
                                                     if is_offline() else ""))
                 ui.hub_split = gr.Textbox(label="Split", value=v["hub_split"], scale=1, info="e.g. train[:2000]")
             ui.hub_load = gr.Button("Load dataset from the Hub", visible=False, size="sm")
+            with gr.Accordion("Validation data (optional)", open=False):
+                ui.validation_file = gr.File(v["validation_file"], label="Validation file", file_types=FILE_TYPES,
+                                             type="filepath", elem_id="validation-file", height=90)
+                gr.Markdown("Rows the model never trains on, used to measure it, with the same columns as the "
+                            "training data. Without a file, Start holds out the Train tab's *Validation share* "
+                            "of the training rows; the audit checks either for overlap with training.")
             ui.task = gr.Radio(TASK_CHOICES, value=v["task"], label="Task",
                                info="Classification: each text gets one label (spam/ham, topic...). Instruction "
                                     "tuning: teach a chat model to answer in your style.")
@@ -335,8 +385,15 @@ def column_outputs(ui) -> list:
             ui.response_column]
 
 
-def audit_inputs(ui) -> list:
-    return form.components(ui, form.DATA_FIELDS) + [ui.model, ui.owner_state]
+def audit_inputs(ui, *extra) -> list:
+    """The inputs of an audit handler bound with audit_binding: the data fields, model, owner, `extra`
+    (the handler's own parameters), then the fields that decide the validation data."""
+    return (form.components(ui, form.DATA_FIELDS) + [ui.model, ui.owner_state, *extra]
+            + form.components(ui, form.AUDIT_LATER_FIELDS))
+
+
+def audit_binding(ctx: AppContext, fn):
+    return form.bind_form(ctx, fn, form.DATA_FIELDS, later=form.AUDIT_LATER_FIELDS)
 
 
 def audit_outputs(ui) -> list:
@@ -344,17 +401,21 @@ def audit_outputs(ui) -> list:
 
 
 def wire(ctx: AppContext, ui) -> None:
-    loader, auditor = bind(ctx, load_data), form.bind_form(ctx, audit, form.DATA_FIELDS)
+    loader, auditor = bind(ctx, load_data), audit_binding(ctx, audit)
     ui.audit_btn.click(auditor, audit_inputs(ui), audit_outputs(ui), api_name="audit", api_visibility="public")
     ui.source.input(switch_source, [ui.source, ui.example],
                     [ui.example, ui.data_file, ui.hub_row, ui.hub_load, ui.hub_dataset],
                     api_visibility="private", queue=False).then(
         bind(ctx, load_for_source), [ui.source] + source_inputs(ui), load_outputs(ui), api_visibility="private").then(
-        form.bind_form(ctx, audit_for_source, form.DATA_FIELDS), audit_inputs(ui) + [ui.source, ui.data_info],
+        audit_binding(ctx, audit_for_source), audit_inputs(ui, ui.source, ui.data_info),
         audit_outputs(ui), api_visibility="private")
     for trigger in (ui.example.input, ui.data_file.upload, ui.hub_load.click, ui.hub_dataset.submit):
         trigger(loader, source_inputs(ui), load_outputs(ui), api_visibility="private").success(
             auditor, audit_inputs(ui), audit_outputs(ui), api_name="audit_after_load", api_visibility="private")
+    # a new validation file, or none (back to the split): the overlap is measured again
+    for trigger in (ui.validation_file.upload, ui.validation_file.clear):
+        trigger(audit_binding(ctx, audit_for_source), audit_inputs(ui, ui.source, ui.data_info), audit_outputs(ui),
+                api_visibility="private")
     ui.task.input(change_task, [ui.task, ui.data_info], [*column_outputs(ui), ui.data_info],
                   api_visibility="private")
     ui.instruction_format.input(change_format, ui.instruction_format, [ui.input_column, ui.response_column],
@@ -367,4 +428,4 @@ def wire(ctx: AppContext, ui) -> None:
 def first_paint(ctx: AppContext, ui) -> None:
     """On page load, once the session id is restored: the default example's preview, then its audit."""
     ui.session_load.then(bind(ctx, load_data), source_inputs(ui), load_outputs(ui), api_visibility="private").success(
-        form.bind_form(ctx, audit, form.DATA_FIELDS), audit_inputs(ui), audit_outputs(ui), api_visibility="private")
+        audit_binding(ctx, audit), audit_inputs(ui), audit_outputs(ui), api_visibility="private")

@@ -5,10 +5,10 @@
     cfg = form.form_to_config(values, train_file="examples/data/domains.csv")   # a validated RunConfig
     form.read(values, "strategy.frozen_layers")                                 # 'all': one key only
 
-The form spans the Data tab (data source, task, columns, max_length) and the Train tab (model,
-strategy, hyperparameters, overrides). Its fields, in this order, are the `train` endpoint's
-parameters for gradio_client (names and defaults), the inputs of Start, Show command, Recommend and
-the parameter count, and the initial values of the controls.
+The form spans the Data tab (data source, task, columns, max_length, validation file) and the Train
+tab (model, strategy, hyperparameters, overrides). Its fields, in this order, are the `train`
+endpoint's parameters for gradio_client (names and defaults), the inputs of Start, Show command,
+Recommend and the parameter count, and the initial values of the controls.
 
 Adding a control: create the component as `ui.<name>` with `value=form.DEFAULTS["<name>"]` in its
 tab's build(), and add one Field row to its tab's part below (DATA_FORM or TRAIN_FORM: name, config
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import DataConfig, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from ..errors import ConfigError
+from ..config import RunConfig, apply_overrides, config_from_dict, config_to_dict
+from ..errors import ConfigError, DataError
 from .common import as_handler
 
 RECOMMENDED = object()      # a cast's answer for "empty": the key stays out, train() fills the recommended value
@@ -68,6 +68,18 @@ def max_length(value, form: dict) -> int:
 
 def val_size(value, form: dict) -> float:
     return float(value or 0.2)
+
+
+def validation_upload(value, form: dict):
+    """The optional validation upload: its path on the server; empty = Start splits val_size off the
+    training data (the key stays out)."""
+    if not value:
+        return RECOMMENDED
+    path = Path(value if isinstance(value, str) else getattr(value, "name", value))
+    if not path.is_file():
+        raise DataError("The uploaded validation file is no longer on the server.",
+                        "Upload it again, or clear it to split validation off the training data.")
+    return str(path)
 
 
 def frozen_blocks(value, form: dict) -> str | int:
@@ -145,7 +157,7 @@ class Field:
         return self.path
 
 
-# The Data tab's controls: they are also the `audit` endpoint's parameters.
+# The Data tab's controls: they are also the `audit` endpoint's first parameters.
 DATA_FORM = (
     # the data source: resolved to data.train by data_source.resolve_data (upload, else Hub, else example)
     Field("data_file", None, None),
@@ -180,10 +192,18 @@ TRAIN_FORM = (
     Field("val_size", "data.val_size", 0.2, val_size),
     Field("overrides", None, ""),                        # key=value lines, applied last (parse_overrides)
 )
-FIELDS = DATA_FORM + TRAIN_FORM                          # in this order: the `train` endpoint's parameters
+# The Data tab's validation upload. Last in the table (the `train` endpoint's last parameter) and, in
+# `audit`, after `model`: a caller passing the other parameters by position is unaffected.
+VALIDATION_FORM = (
+    Field("validation_file", "data.validation", None, validation_upload),
+)
+FIELDS = DATA_FORM + TRAIN_FORM + VALIDATION_FORM        # in this order: the `train` endpoint's parameters
 NAMES = tuple(f.name for f in FIELDS)
 DEFAULTS = {f.name: f.default for f in FIELDS}
 DATA_FIELDS = tuple(f.name for f in DATA_FORM)
+# The `audit` endpoint's parameters: DATA_FIELDS, `model`, then these, which decide the validation data
+# Start uses (the file, else the split of val_size with the run's seed, an override `seed=...`).
+AUDIT_LATER_FIELDS = ("validation_file", "val_size", "overrides")
 SOURCE = ("data_file", "example", "hub_dataset", "hub_split")      # resolve_data's arguments
 SETTINGS = tuple(name for name in NAMES if name not in SOURCE)    # what Recommend and the count read
 
@@ -269,12 +289,6 @@ def form_to_config(form: dict, train_file: str | Path | None = None) -> RunConfi
     return config_from_dict(apply_overrides(cfg, parse_overrides(form.get("overrides"))))
 
 
-def data_config(form: dict) -> DataConfig:
-    """The data section of the form alone (the audit reads the file the way training will)."""
-    values = config_values(form, DATA_FIELDS)
-    return DataConfig(**{path.split(".", 1)[1]: v for path, v in values.items() if path.startswith("data.")})
-
-
 # ---------------------------------------------------------------------------------------------
 # handlers of the whole form
 
@@ -282,22 +296,25 @@ def data_config(form: dict) -> DataConfig:
 PARAMETERS = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default) for f in FIELDS]
 
 
-def bind_form(ctx, fn, names=NAMES):
-    """`fn(ctx, form, *rest)` as the gradio handler of the form's components then `rest`.
+def bind_form(ctx, fn, names=NAMES, later=()):
+    """`fn(ctx, form, *rest)` as the gradio handler of the form's components, then `rest`, then `later`.
 
     Its parameters are the fields' names and defaults in the table's order (what gradio_client shows
     for the `train` endpoint), then fn's own after `form` (which need defaults: they follow the
-    fields'). The handler collects the fields into the `form` dict it passes on.
+    fields'), then the `later` fields (an endpoint's parameters added after fn's own, as `audit`'s
+    AUDIT_LATER_FIELDS). The handler collects all the fields into the `form` dict it passes on.
     """
     rest = list(inspect.signature(fn).parameters.values())[2:]
     fields = [p for p in PARAMETERS if p.name in names]
-    signature = inspect.Signature(fields + rest)
+    after = [next(p for p in PARAMETERS if p.name == name) for name in later]
+    signature = inspect.Signature(fields + rest + after)
+    collected = [p.name for p in fields + after]
 
     def call(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         given = dict(bound.arguments)
-        values = {name: given.pop(name) for name in names}
+        values = {name: given.pop(name) for name in collected}
         return fn(ctx, values, **given)
 
     return as_handler(fn, signature, call)

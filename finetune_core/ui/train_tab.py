@@ -9,6 +9,7 @@ Handlers are module-level functions of (ctx, ...); `wire()` binds them to the co
 
 from __future__ import annotations
 
+import copy
 import functools
 import html
 import time
@@ -19,7 +20,7 @@ import gradio as gr
 
 from .. import plots
 from ..config import LoraSettings, StrategyConfig, dump_config, training_defaults
-from ..data import clean_classification, detect_columns, row_to_messages, split_frame
+from ..data import clean_classification, detect_columns, row_to_messages, split_frame, store_columns
 from ..errors import FinetuneError
 from ..events import read_events
 from ..jobs import ACTIVE, OwnerBusy
@@ -126,6 +127,55 @@ def recommended_training(values: dict, n_train: int, cuda: bool | None = None) -
                              form.read(values, "strategy.frozen_layers"), cuda=cuda)
 
 
+def fmt_rate(rate: float) -> str:
+    """A learning rate as the README writes it: 5e-05 -> '5e-5', 0.005 -> '5e-3', 0.00025 -> '2.5e-4'."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def default_rate(task: str, kind: str, strategy: str, frozen="all") -> float:
+    """The learning rate a run of this kind gets when the box is empty (config.training_defaults)."""
+    return training_defaults(task, kind, strategy, 128, frozen, cuda=False)["learning_rate"]
+
+
+def default_epochs(task: str) -> int:
+    """The epochs a run of this task gets when the box is empty (config.training_defaults)."""
+    return training_defaults(task, "causal" if task == "instruction" else "encoder", "lora", 128,
+                             cuda=False)["num_train_epochs"]
+
+
+def full_rates() -> list[float]:
+    """Full fine-tuning's default learning rates (encoder / causal-LM classifier, instruction), low to high."""
+    return sorted({default_rate("classification", "encoder", "full"), default_rate("classification", "causal", "full"),
+                   default_rate("instruction", "causal", "full")})
+
+
+def learning_rate_info() -> str:
+    """The learning-rate box's info line: the rates Start fills in, from config.training_defaults."""
+    def rate(task, kind, strategy):
+        return fmt_rate(default_rate(task, kind, strategy))
+
+    c, i = "classification", "instruction"
+    return (f"Empty = recommended. Full fine-tuning keeps steps small so the model keeps what it knows: "
+            f"{rate(c, 'encoder', 'full')} on an encoder, {rate(c, 'causal', 'full')} for a causal-LM classifier, "
+            f"{rate(i, 'causal', 'full')} for instruction tuning. A new head alone takes far larger ones "
+            f"({rate(c, 'encoder', 'frozen')} on an encoder), LoRA in between ({rate(c, 'encoder', 'lora')} on a "
+            f"small encoder, {rate(i, 'causal', 'lora')} on a causal LM).")
+
+
+def epochs_info() -> str:
+    """The epochs box's info line: the epochs Start fills in, from config.training_defaults."""
+    return (f"Passes over the data. Empty = {default_epochs('classification')} for classification, "
+            f"{default_epochs('instruction')} for instruction tuning; early stopping usually ends sooner.")
+
+
+def training_rows(values: dict, n_rows: int) -> int:
+    """The rows Start trains on: all of them beside a validation file, else what the split leaves."""
+    if values.get("validation_file"):
+        return int(n_rows)
+    return int(n_rows * (1 - float(values.get("val_size") or 0.2)))
+
+
 def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
     lines = []
     if n_rows:
@@ -146,12 +196,13 @@ def advice(kind, strategy, frozen, n_rows, n_train, d) -> str:
     else:
         lines.append("- Load data in the Data tab to get advice sized to your rows.")
     lr = d["learning_rate"]
+    low, *_, high = full_rates()
     if strategy == "full" or (strategy == "frozen" and frozen != "all"):
-        lines.append(f"- Learning rate **{lr:g}**: low on purpose, large steps erase what pretraining taught "
-                     "(2e-5 BERT, 1e-5 GPT, never above 5e-5 for full fine-tuning).")
+        lines.append(f"- Learning rate **{fmt_rate(lr)}**: low on purpose, large steps erase what pretraining "
+                     f"taught (full fine-tuning here uses {fmt_rate(low)} to {fmt_rate(high)}, by model and task).")
     else:
-        lines.append(f"- Learning rate **{lr:g}**: only new, small weights learn ({strategy}), so they need "
-                     "larger steps than full fine-tuning's 1e-5 to 5e-5.")
+        lines.append(f"- Learning rate **{fmt_rate(lr)}**: only new, small weights learn ({strategy}), so they need "
+                     f"larger steps than full fine-tuning's {fmt_rate(low)} to {fmt_rate(high)}.")
     lines.append(f"- **{d['num_train_epochs']} epochs** at batch {d['per_device_train_batch_size']} "
                  f"(~{max(1, -(-n_train // d['per_device_train_batch_size']))} steps per epoch); early stopping "
                  f"(patience {d['early_stopping_patience']}) ends training when the validation score stops "
@@ -345,16 +396,24 @@ def follow_busy(ctx: AppContext, busy, owner: str):
 
 def check_before_submit(ctx: AppContext, cfg, path: Path, owner: str) -> None:
     """Fail fast on what the worker would only find after loading a model: the engine's own column and
-    row checks (labels, classes, split, chat messages) run here in milliseconds, and a model the
-    session may not use (unknown bundled id, hub id offline, another session's folder) is refused."""
-    df = read_frame(path)
-    cols = detect_columns(df, cfg.task, cfg.data, name=path.name)
-    if cfg.task == "classification":
-        rows = clean_classification(df, cols["text"], cols["label"], path.name)
-        split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
-    else:
-        for i, row in enumerate(df.to_dict("records"), start=1):
-            row_to_messages(row, cols, i)
+    row checks (labels, classes, split, chat messages) run here in milliseconds, on the training file
+    and the validation file, and a model the session may not use (unknown bundled id, hub id offline,
+    another session's folder) is refused."""
+    validation = Path(cfg.data.validation) if cfg.data.validation else None
+    data_cfg = copy.deepcopy(cfg.data)       # the validation file must hold the training file's columns
+    for source in (path, validation):
+        if source is None:
+            continue
+        df = read_frame(source)
+        cols = detect_columns(df, cfg.task, data_cfg, name=source.name)
+        store_columns(data_cfg, cols)
+        if cfg.task == "classification":
+            rows = clean_classification(df, cols["text"], cols["label"], source.name)
+            if validation is None:
+                split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
+        else:
+            for i, row in enumerate(df.to_dict("records"), start=1):
+                row_to_messages(row, cols, i)
     if cfg.model not in BUNDLED:
         resolve_model(cfg.model, allowed_roots=ctx.model_roots(owner))   # private: own runs only
 
@@ -439,7 +498,7 @@ def recommend(ctx: AppContext, values: dict, info=None):
     """Fill the hyperparameter boxes with the values train() would pick, and say why."""
     values = dict(form.DEFAULTS, **values)
     n_rows = (info or {}).get("n_rows")
-    n_train = int(n_rows * (1 - float(values["val_size"] or 0.2))) if n_rows else 128
+    n_train = training_rows(values, n_rows) if n_rows else 128
     d = recommended_training(values, n_train)
     rec = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"],
            "patience": d["early_stopping_patience"]}
@@ -454,7 +513,7 @@ def context_changed(ctx: AppContext, values: dict, info=None, last_rec=None):
     """Refresh the 'auto' placeholders; values filled by Recommend follow the new context, edits stay."""
     values = dict(form.DEFAULTS, **values)
     n_rows = (info or {}).get("n_rows") or 160
-    d = recommended_training(values, int(n_rows * (1 - float(values["val_size"] or 0.2))))
+    d = recommended_training(values, training_rows(values, n_rows))
     auto = {"epochs": d["num_train_epochs"], "lr": d["learning_rate"], "batch": d["per_device_train_batch_size"]}
     epochs, lr, batch = values["num_train_epochs"], values["learning_rate"], values["batch_size"]
     following = bool(last_rec) and [epochs, lr, batch] == [last_rec.get("epochs"), last_rec.get("lr"),
@@ -506,6 +565,9 @@ def show_command(ctx: AppContext, values: dict):
         portable = path.name
         note = f" Put your data file `{path.name}` in the folder you run the command from."
     cfg.data.train = portable
+    if cfg.data.validation:
+        cfg.data.validation = Path(cfg.data.validation).name
+        note += f" Put the validation file `{cfg.data.validation}` in the folder you run the command from."
     cfg.output_dir = f"runs/{cfg.task[:5]}-{cfg.strategy.name}"
     text = dump_config(cfg)
     out = ctx.temp_dir() / "run.yaml"
@@ -572,12 +634,10 @@ def build(ctx: AppContext, ui) -> None:
             with gr.Row():
                 ui.num_train_epochs = gr.Number(v["num_train_epochs"], label="Epochs", minimum=0,
                                                 placeholder=f"auto: {defaults['num_train_epochs']}",
-                                                info="Passes over the data. Early stopping usually ends sooner.")
+                                                info=epochs_info())
                 ui.learning_rate = gr.Number(v["learning_rate"], label="Learning rate", minimum=0,
                                              placeholder=f"auto: {defaults['learning_rate']:g}",
-                                             info="Low keeps what the model knows: 2e-5 BERT, 1e-5 GPT, never "
-                                                  "above 5e-5 for full FT. A new head alone needs far more (1e-3 to 5e-3), "
-                                                  "LoRA in between (2e-4 on a causal LM, 1e-3 on a small encoder).")
+                                             info=learning_rate_info())
             with gr.Row():
                 ui.batch_size = gr.Number(v["batch_size"], label="Batch size", minimum=1, precision=0,
                                           placeholder=f"auto: {defaults['per_device_train_batch_size']}",
@@ -588,7 +648,8 @@ def build(ctx: AppContext, ui) -> None:
                                                             "and keep the best checkpoint: it guards against "
                                                             "overfitting. 0 = off.")
             ui.val_size = gr.Slider(0.05, 0.5, value=v["val_size"], step=0.05, label="Validation share",
-                                    info="Rows held out to measure the model; never trained on.")
+                                    info="Rows held out to measure the model; never trained on. Unused when the "
+                                         "Data tab has a validation file.")
             ui.overrides = gr.Textbox(v["overrides"], label="Advanced overrides (optional)", lines=2,
                                       placeholder="max_steps=20\nweight_decay=0.0\nseed=1",
                                       info="One key=value per line, like the CLI's --set. Plain keys are "

@@ -262,6 +262,23 @@ def test_click_through_all_tabs(page, app_server):
     assert len(seen) >= 2, f"the answer arrived in one piece, not streamed: {seen}"
     assert len(answer.split()) <= 20, f"max new tokens 16 was not applied: {answer!r}"
     screenshot(page, "chat", top=page.get_by_role("tablist"), bottom=page.locator("#chat-send"))
+
+    # sampling: the answer shows its seed, and that seed typed into "Fixed seed" gives the same answer again
+    chat.get_by_text("Generation settings (shared by both models)").click()
+    chat.get_by_label("Sampling").check()
+    sampled = []
+    for seed in ("", None):
+        page.locator("#chat-clear").click()
+        if seed is None:
+            page.locator("#chat-seed textarea, #chat-seed input").first.fill(re.search(r"seed (\d+)$", sampled[0])[1])
+        message.fill("Say hi in five words.")
+        chat.get_by_role("button", name="Send").click()
+        expect(base_answer).to_have_text(re.compile(r"seed \d+\s*$"), timeout=CHAT_TIMEOUT_MS)
+        expect(message).to_have_value("", timeout=CHAT_TIMEOUT_MS)
+        wait_idle(page, chat)
+        sampled.append(base_answer.inner_text().strip())
+    no_error_toast(page, app_server, "sampled chat")
+    assert sampled[1] == sampled[0], sampled
     screenshot(page, "chat-classifier", top=chat.get_by_role("heading", name="Try the classifier"), offset=16)
     timings["chat"] = time.time() - t0
 
