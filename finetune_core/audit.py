@@ -445,7 +445,7 @@ def audit_run(cfg, tokenizer, frames: D.Frames, train_part: pd.DataFrame, val_pa
 # files
 
 
-def _load_audit_tokenizer(task: str, model, notes: list[str]):
+def load_audit_tokenizer(task: str, model, notes: list[str]):
     """(tokenizer or None, model id used or None). model=None: the task's bundled default; False: none."""
     if model is False:
         return None, None
@@ -480,7 +480,7 @@ def audit_file(path: str | Path, task: str, data_cfg=None, model=None, max_lengt
         val_df = D.read_table(validation)
         D.detect_columns(val_df, task, data_cfg, name=Path(validation).name)
     notes: list[str] = []
-    tokenizer, model_id = _load_audit_tokenizer(task, model, notes)
+    tokenizer, model_id = load_audit_tokenizer(task, model, notes)
     report = audit_dataframe(df, task, cols, tokenizer=tokenizer, max_length=max_length, val_df=val_df,
                              template=template)
     report["notes"] = notes + report["notes"]

@@ -95,6 +95,17 @@ def task_module(task: str):
     raise ConfigError(f"Unknown task '{task}'.", f"Use one of: {', '.join(TASKS)}.")
 
 
+def audit_as_run(cfg: RunConfig, tokenizer) -> dict:
+    """The report a run of `cfg` writes to audit.json, without training: the files are read, mapped,
+    split and prepared exactly as train() does (so a bad file gets the same error), then audited by
+    the task. The Data tab shows this, so what it says is what Start will train on."""
+    frames = D.load_frames(cfg)
+    run = RunContext(cfg=cfg, out=Path(cfg.output_dir), writer=EventWriter(rundir.EVENTS_FILE, enabled=False),
+                     main=False, model_path="", model_kind="", tokenizer=tokenizer)
+    task = task_module(cfg.task)
+    return task.audit(run, frames, task.prepare(run, frames))
+
+
 def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
     t_start = time.time()
     set_seed(cfg.seed)

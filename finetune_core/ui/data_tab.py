@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 
 from .. import plots
-from ..audit import _load_audit_tokenizer, audit_dataframe
-from ..data import detect_columns
+from ..audit import audit_dataframe, load_audit_tokenizer
+from ..data import detect_columns, load_frames
 from ..errors import FinetuneError
 from ..models import resolve_model
 from . import form
@@ -246,26 +246,24 @@ def load_for_source(ctx: AppContext, source, data_file, example, hub_dataset, hu
 
 
 def audit_as_start(cfg, model=None) -> dict:
-    """The report Start writes to audit.json, for the data `cfg` names: read, mapped and prepared by
-    train.py itself (the same errors for a bad training or validation file, the same split), then
-    train._audit_run: the training file's checklist and its overlap with the validation data.
+    """The report Start writes to audit.json, for the data `cfg` names (train.audit_as_run: the same
+    reading, split and errors as the run), with the training file's checklist and its overlap with
+    the validation data.
 
     model: whose tokenizer counts tokens (None: the task's bundled model, as audit_file)."""
     from .. import train as engine     # imports torch: loaded by the first audit, not to draw the page
 
-    train_df, val_df, cols = engine._load_frames(cfg)
     notes: list[str] = []
-    tokenizer, model_id = _load_audit_tokenizer(cfg.task, model, notes)
+    tokenizer, model_id = load_audit_tokenizer(cfg.task, model, notes)
     if tokenizer is None:              # no tokenizer to prepare with: the file's checklist alone
-        report = audit_dataframe(train_df, cfg.task, cols, max_length=cfg.data.max_length, val_df=val_df,
-                                 template=cfg.data.template)
+        frames = load_frames(cfg)
+        report = audit_dataframe(frames.train, cfg.task, frames.columns, max_length=cfg.data.max_length,
+                                 val_df=frames.validation, template=cfg.data.template)
     else:
-        prepare = engine.prepare_classification if cfg.task == "classification" else engine.prepare_instruction
-        prepared = prepare(cfg, tokenizer, train_df, val_df, cols)
-        report = engine._audit_run(cfg, tokenizer, train_df, val_df, cols, prepared)
+        report = engine.audit_as_run(cfg, tokenizer)
     report.update(notes=notes + report["notes"], file=str(cfg.data.train), validation_file=cfg.data.validation,
                   tokenizer=model_id)
-    if val_df is None and "validation_rows" in report:
+    if not cfg.data.validation and "validation_rows" in report:
         report.update(val_size=cfg.data.val_size, seed=cfg.seed)
     return report
 
