@@ -9,13 +9,18 @@
 from __future__ import annotations
 
 import json
+import queue
 import threading
+from concurrent.futures import Future
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from . import rundir
 from .data import render_prompt
+from .errors import ModelError
+from .models import load_tokenizer, model_kind, resolve_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,9 +49,6 @@ def on_inference_thread(fn, *args, **kwargs):
 def submit_inference(fn, *args, **kwargs):
     """Like on_inference_thread, but returns a concurrent.futures.Future at once."""
     global _inference_jobs
-    import queue
-    from concurrent.futures import Future
-
     done: Future = Future()
     if threading.current_thread().name == _INFERENCE_NAME:
         _run_into(done, fn, args, kwargs)
@@ -75,13 +77,6 @@ def _serve(jobs) -> None:
         _run_into(*jobs.get())
 
 
-def _read_run_yaml(model_dir: Path) -> dict:
-    import yaml
-
-    run_yaml = model_dir.parent / "run.yaml"
-    return yaml.safe_load(run_yaml.read_text()) if run_yaml.exists() else {}
-
-
 def load_for_inference(model_ref: str):
     """(model, tokenizer, info) for a run's model/ folder, a bundled id or a hub id. Cached (3 models);
     a folder whose weights changed since (a resumed run saved again, a new merge) is loaded anew."""
@@ -98,12 +93,10 @@ def _weights_stamp(model_ref: str) -> tuple:
 
 @lru_cache(maxsize=3)
 def _load_for_inference(model_ref: str, stamp: tuple):
-    import torch
-
-    from .models import load_tokenizer, model_kind, resolve_model
+    import torch     # deferred, like every torch / transformers import here: the app starts without them
 
     path = Path(model_ref)
-    run = _read_run_yaml(path) if path.is_dir() else {}
+    run = rundir.read_config(path.parent) if path.is_dir() else {}   # a run's model/: its run.yaml
     if path.is_dir() and (path / "adapter_config.json").exists():
         model, task = load_lora(path, run)
         tokenizer = load_tokenizer(str(path))
@@ -121,8 +114,6 @@ def _load_for_inference(model_ref: str, stamp: tuple):
             model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=torch.float32)
         else:
             if model_kind(resolved) != "causal":
-                from .errors import ModelError
-
                 raise ModelError(f"'{model_ref}' is an encoder: it cannot chat.",
                                  "Pick an instruction run or a causal LM such as bundled:smollm2-135m.")
             model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
@@ -140,13 +131,11 @@ def load_lora(path: Path, run: dict | None = None):
     For classification the base is loaded with the run's saved config (label names, number of
     labels), then the adapter and the trained head are applied.
     """
-    import json as _json
-
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    adapter = _json.loads((path / "adapter_config.json").read_text())
+    adapter = json.loads((path / "adapter_config.json").read_text())
     base_path = adapter["base_model_name_or_path"]
     if adapter.get("task_type") == "SEQ_CLS":
         config = AutoConfig.from_pretrained(path)
@@ -263,13 +252,13 @@ def write_generations(out: Path, model, tokenizer, p, metrics: dict, before: lis
     after = generate_batch(model, tokenizer, prompts, p.template)
     after_scores = rouge_l(after, refs)
     before_scores = rouge_l(before, refs) if before else [None] * len(prompts)
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        for i, prompt in enumerate(prompts):
-            row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i],
-                   "rougeL_after": after_scores[i]}
-            if before:
-                row.update(before=before[i], rougeL_before=before_scores[i])
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for i, prompt in enumerate(prompts):
+        row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i], "rougeL_after": after_scores[i]}
+        if before:
+            row.update(before=before[i], rougeL_before=before_scores[i])
+        lines.append(json.dumps(row) + "\n")
+    rundir.atomic_write_text(rundir.generations_path(out), "".join(lines))
     metrics["rougeL"] = float(np.mean(after_scores)) if after_scores else None
     if before:
         metrics["rougeL_before"] = float(np.mean(before_scores))

@@ -20,7 +20,8 @@ import yaml
 from conftest import REPO, class_rows, write_csv
 from finetune_core.config import config_from_dict
 from finetune_core.events import read_all_events
-from finetune_core.train import STOP_FILE, _resume_checkpoint, train
+from finetune_core.rundir import STOP_FILE
+from finetune_core.train import _resume_checkpoint, train
 
 # 24 rows -> 19 train / 5 validation; batch 4 -> 5 steps per epoch
 TRAINING = {"num_train_epochs": 12, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
