@@ -14,7 +14,7 @@ The worker runs exactly the CLI's code path (same `train()`), writes everything 
 (finetune_core.rundir) and keeps a log of its stdout/stderr in `worker.log`. Job state that must
 survive an app restart (owner, status, worker pid) lives in `job.json` next to the outputs, so a
 restarted app lists past runs, re-queues jobs that never started and reconnects to workers that are
-still running. `start_worker` is the one way a worker process starts.
+still running. `start_worker` is the one way a worker process starts (`compare` uses it too).
 
 No gradio and no torch here: this module is imported by the app at start-up.
 """
