@@ -73,7 +73,7 @@ def export_files(model_dir: str | Path, include_merged: bool = False) -> list[tu
         if not path.is_file() or path.is_symlink():
             continue
         rel = path.relative_to(model_dir)
-        if rel.parts[0] == "merged" and not include_merged:
+        if rel.parts[0] == rundir.MERGED_DIR and not include_merged:
             continue
         if len(rel.parts) > (2 if include_merged else 1):
             continue
@@ -99,7 +99,7 @@ def zip_model(run_dir: str | Path, dest: str | Path | None = None, include_merge
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
     if merged:
-        model_dir = model_dir / "merged"
+        model_dir = rundir.merged_dir(run_dir)
         if not model_dir.is_dir():
             raise ExportError("There is no merged model yet.", "Click 'Merge LoRA adapter' first, then build the zip.")
     files = export_files(model_dir, include_merged=include_merged and not merged)
@@ -124,7 +124,7 @@ def merge_lora(run_dir: str | Path) -> Path:
     from .generate import load_for_inference   # deferred: torch, transformers
 
     model, tokenizer, info = load_for_inference(str(model_dir))   # AutoPeft ... .merge_and_unload()
-    target = model_dir / "merged"
+    target = rundir.merged_dir(run_dir)
     tmp = model_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -193,7 +193,7 @@ def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, pri
                           "Paste a token with write access (huggingface.co/settings/tokens)"
                           + ("." if shared else " or set HF_TOKEN."))
     model_dir = _model_dir(run_dir)
-    folder = model_dir / "merged" if merged else model_dir
+    folder = rundir.merged_dir(run_dir) if merged else model_dir
     if merged and not folder.is_dir():
         raise ExportError("There is no merged model yet.", "Click 'Merge LoRA adapter' first.")
     files = [name for _, name in export_files(folder)]

@@ -36,6 +36,7 @@ JOB_FILE = "job.json"                 # the app's job state (owner hash, status,
 LOG_FILE = "worker.log"               # the worker's stdout and stderr
 STOP_FILE = "STOP"                    # its presence asks train() to stop at the next step end
 MODEL_DIR = "model"                   # the trained model: weights, tokenizer, card
+MERGED_DIR = "merged"                 # model/merged/: a LoRA adapter folded into the base (export)
 CHECKPOINTS_DIR = "checkpoints"       # Trainer checkpoints; removed when a run finishes
 EXPORT_DIR = "export"                 # what Export writes (zips, GGUF, Modelfile)
 DATA_DIR = "data"                     # the app's copies of the data files a job trains on
@@ -90,6 +91,10 @@ def stop_path(run_dir: str | Path) -> Path:
 
 def model_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / MODEL_DIR
+
+
+def merged_dir(run_dir: str | Path) -> Path:
+    return model_dir(run_dir) / MERGED_DIR
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

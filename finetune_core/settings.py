@@ -126,6 +126,20 @@ def demo_mode() -> bool:
     return bool(_flag("FINETUNE_DEMO_MODE"))
 
 
+def apply_space_defaults(environ=None) -> bool:
+    """On a Hugging Face Space (SPACE_ID is set) turn demo mode on unless FINETUNE_DEMO_MODE is set.
+
+    A Space pushed as is must not start open: no limits, runs shared between visitors, the owner's
+    HF_TOKEN within everyone's reach. FINETUNE_DEMO_MODE=0 opts out. docker/entrypoint.sh does the
+    same; this covers `python app.py` started some other way. Returns whether demo mode was turned on.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("SPACE_ID", "").strip() and not environ.get("FINETUNE_DEMO_MODE", "").strip():
+        environ["FINETUNE_DEMO_MODE"] = "1"
+        return True
+    return False
+
+
 def upload_limit_mb() -> float | None:
     return _positive("FINETUNE_MAX_UPLOAD_MB", float)
 

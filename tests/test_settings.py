@@ -66,3 +66,12 @@ def test_a_limit_that_is_not_a_positive_number_is_refused(monkeypatch):
         settings.row_limit()
     monkeypatch.setenv("FINETUNE_MAX_ROWS", "1e3")
     assert settings.row_limit() == 1000
+
+
+def test_a_space_starts_in_demo_mode_unless_told_otherwise():
+    env = {"SPACE_ID": "me/app"}
+    assert settings.apply_space_defaults(env) and env["FINETUNE_DEMO_MODE"] == "1"
+    env = {"SPACE_ID": "me/app", "FINETUNE_DEMO_MODE": "0"}
+    assert not settings.apply_space_defaults(env) and env["FINETUNE_DEMO_MODE"] == "0"
+    env = {}
+    assert not settings.apply_space_defaults(env) and "FINETUNE_DEMO_MODE" not in env

@@ -236,7 +236,8 @@ def test_kill_clock_spares_a_mid_run_evaluation_and_checkpoint(tmp_path):
 
 
 def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir):
-    """A real run writes the 'evaluating' phase event at each epoch end, before its eval and save."""
+    """A real run writes a checkpoint phase event at each epoch end, before its eval and save (train.py's
+    old name for that phase is "evaluating", the new one "checkpoint")."""
     from conftest import class_rows, write_csv
     from finetune_core.config import config_from_dict
     from finetune_core.events import read_all_events
@@ -250,7 +251,7 @@ def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir)
     train(cfg)
     events = read_all_events(tmp_path / "run" / "events.jsonl")
     kinds = [(e["type"], e.get("phase")) for e in events if e["type"] in ("info", "eval", "save")]
-    evaluating = [i for i, k in enumerate(kinds) if k == ("info", "evaluating")]
+    evaluating = [i for i, k in enumerate(kinds) if k in (("info", "evaluating"), ("info", "checkpoint"))]
     assert len(evaluating) == 2
     for i in evaluating:      # each is followed by its evaluation and its checkpoint
         assert kinds[i + 1][0] == "eval" and kinds[i + 2][0] == "save"
