@@ -17,18 +17,26 @@ import json
 import os
 import sys
 import traceback
+import warnings
+
+from .compare import compare
+from .config import DataConfig, apply_overrides, config_from_dict, load_config
+from .errors import FinetuneError
+from .events import format_event, is_main_process
+from .export import merge_lora, zip_model
+from .models import list_models, prepare_smollm2
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
+    # A terminal user reads our progress lines; the libraries' advice on their own APIs is for us
+    # (the test suite shows those warnings).
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging   # deferred: `models --json` needs no transformers
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -37,27 +45,16 @@ def _quiet_libraries() -> None:
 
 
 def print_event(event: dict) -> None:
-    t = event.get("type")
-    if t == "log":
-        eta = event.get("eta_seconds")
-        print(f"  step {event.get('step')}/{event.get('max_steps')}  epoch {event.get('epoch', 0):.2f}  "
-              f"loss {event.get('loss', float('nan')):.4f}  lr {event.get('learning_rate') or 0:.2e}"
-              + (f"  eta {eta:.0f}s" if eta is not None else ""), flush=True)
-    elif t == "eval":
-        shown = {k: v for k, v in event.items() if k.startswith("eval_") and isinstance(v, float)
-                 and not k.endswith(("runtime", "per_second"))}
-        print("  eval " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in shown.items()), flush=True)
-    elif t in ("start", "end", "info") and event.get("message"):   # errors go to stderr once, from main()
-        print(f"[{t}] {event['message']}", flush=True)
-    elif t == "start":
-        print(f"[start] {event.get('max_steps')} steps", flush=True)
+    """One line per event on stdout (events.format_event); an error is printed once, by main()."""
+    if event.get("type") == "error":
+        return
+    line = format_event(event)
+    if line:
+        print(line, flush=True)
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
-
-    from .events import is_main_process
+    from .train import train      # deferred: loads torch and transformers
 
     cfg = load_config(args.config, args.set)
     metrics = train(cfg, echo=print_event)
@@ -79,8 +76,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import audit_file, format_audit
-    from .config import DataConfig, apply_overrides, config_from_dict
+    from .audit import audit_file, format_audit     # deferred: pandas
 
     values = apply_overrides({"task": args.task, "data": {"train": args.file}}, args.set)
     cfg = config_from_dict(values)
@@ -95,8 +91,6 @@ def cmd_audit(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models, prepare_smollm2
-
     if args.prepare:
         path = prepare_smollm2()
         print(f"bundled:smollm2-135m ready (float32, de-quantized from 4-bit GGUF) at {path}")
@@ -113,8 +107,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
-
     result = compare(args.config, [s.strip() for s in args.strategies.split(",") if s.strip()], args.set,
                      echo=print_event)
     print(result["markdown"])
@@ -122,8 +114,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import merge_lora, zip_model
-
     if args.merge:
         print(f"merged model written to {merge_lora(args.run_dir)}")
     if args.zip or not args.merge:
@@ -176,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from .errors import FinetuneError
-
     try:
         return args.func(args)
     except FinetuneError as exc:

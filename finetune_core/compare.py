@@ -18,26 +18,30 @@ strategy, is said in the notes of comparison.md:
 
 Writing a file named `STOP` into `<output_dir>/` stops the running strategy (it is evaluated as it is)
 and skips the ones not started yet.
+
+The pieces are reusable by a caller that runs the strategies some other way (the app's job queue):
+`plan_runs` gives one validated config per strategy, `strategy_row` turns a finished run's
+metrics.json into its table row, `render_markdown` writes the table and its reading.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from .config import (STRATEGIES, _closest, apply_overrides, config_from_dict, config_to_dict, default_learning_rate,
-                     load_config, parse_override, yaml_load)
+from . import rundir
+from .config import (STRATEGIES, RunConfig, _closest, apply_overrides, config_from_dict, config_to_dict,
+                     default_learning_rate, load_config, parse_override, yaml_load)
 from .errors import ConfigError, FinetuneError
+from .events import make_event, read_events
+from .jobs import start_worker
+from .models import resolve_model
+from .procs import end_worker
 
-STOP_FILE = "STOP"
 KEEP_TRAINABLE_BLOCKS = 2        # frozen on an instruction task: the last 2 blocks learn
 NAMES = {"full": "Full fine-tuning", "frozen": "Frozen backbone", "lora": "LoRA"}
 POLL_SECONDS = 0.5
@@ -50,8 +54,6 @@ FORGETTING_NA = "n/a (classification)"   # compare rows and comparison.md for cl
 
 def _raw_values(config) -> dict:
     """The config as a plain dict, before overrides (a YAML path, a dict or a RunConfig)."""
-    from .config import RunConfig
-
     if isinstance(config, RunConfig):
         return config_to_dict(config)
     if isinstance(config, dict):
@@ -86,9 +88,7 @@ def parse_strategies(strategies) -> list[str]:
 
 
 def _num_blocks(model_id: str) -> int:
-    from transformers import AutoConfig
-
-    from .models import resolve_model
+    from transformers import AutoConfig     # deferred: `import finetune_core.compare` stays light
 
     cfg = AutoConfig.from_pretrained(resolve_model(model_id))
     cfg = getattr(cfg, "text_config", None) or cfg
@@ -161,14 +161,14 @@ def plan_runs(config, strategies, overrides: list[str] | None = None) -> tuple[d
 
 def _emit(echo, message: str, **fields) -> None:
     if echo:
-        echo({"type": "info", "time": time.time(), "message": message, **fields})
+        echo(make_event("info", message=message, **fields))
 
 
 def _last_error(log_path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    except OSError:
+    """The worker's own error message (its last "Error:" line), else the log's last line."""
+    if not log_path.exists():
         return "the training process failed before writing a log"
+    lines = [ln.strip() for ln in rundir.tail_lines(log_path, 200) if not ln.startswith("$ ")]
     for ln in reversed(lines):
         if ln.startswith("Error:"):
             return ln[len("Error:"):].strip()
@@ -177,57 +177,47 @@ def _last_error(log_path: Path) -> str:
 
 def _run_one(plan: dict, echo, stop_path: Path) -> tuple[dict | None, float, str | None, bool]:
     """Train one strategy in a child process: (metrics or None, wall seconds, error, stopped)."""
-    from .events import read_events
-
     run_dir = Path(plan["values"]["output_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "STOP"):
-        (run_dir / stale).unlink(missing_ok=True)
-    cfg_path = run_dir / "compare_input.yaml"
-    cfg_path.write_text(yaml.safe_dump(plan["values"], sort_keys=False), encoding="utf-8")
-    events_path = run_dir / "events.jsonl"
+    rundir.metrics_path(run_dir).unlink(missing_ok=True)
+    rundir.clear_stop(run_dir)
+    cfg_path = run_dir / rundir.COMPARE_INPUT_FILE
+    rundir.atomic_write_text(cfg_path, yaml.safe_dump(plan["values"], sort_keys=False))
+    events_path = rundir.events_path(run_dir)
     offset = events_path.stat().st_size if events_path.exists() else 0
-
-    env = dict(os.environ)
-    pkg_parent = str(Path(__file__).resolve().parent.parent)    # works without `pip install -e .`
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log_path = run_dir / "compare.log"
+    log_path = run_dir / rundir.COMPARE_LOG_FILE
     stopped = False
     t0 = time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune_core", "train", str(cfg_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            while True:
-                code = proc.poll()
-                events, offset = read_events(events_path, offset)
-                if echo:
-                    for ev in events:
-                        echo(ev)
-                if code is not None:
-                    break
-                if not stopped and stop_path.exists():
-                    stopped = True
-                    (run_dir / STOP_FILE).write_text("stop requested by compare\n", encoding="utf-8")
-                time.sleep(POLL_SECONDS)
-        finally:
-            if proc.poll() is None:        # compare itself was interrupted: do not leave a trainer behind
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    # plain python, never FINETUNE_LAUNCHER: each strategy's peak memory is its own process's
+    proc = start_worker(cfg_path, log_path, use_launcher=False, truncate_log=True)
+    try:
+        while True:
+            code = proc.poll()
+            events, offset = read_events(events_path, offset)
+            if echo:
+                for ev in events:
+                    echo(ev)
+            if code is not None:
+                break
+            if not stopped and stop_path.exists():
+                stopped = True
+                rundir.request_stop(run_dir, "stop requested by compare")
+            time.sleep(POLL_SECONDS)
+    finally:
+        end_worker(proc, grace=30.0)       # compare itself was interrupted: do not leave a trainer behind
     wall = time.time() - t0
     if proc.returncode != 0:
         return None, wall, _last_error(log_path), stopped
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    metrics = rundir.read_metrics(run_dir)
+    if not metrics:
         return None, wall, "the run finished but wrote no metrics.json", stopped
     return metrics, wall, None, stopped or bool(metrics.get("stopped_by_user"))
 
 
-def _row(plan: dict, task: str, metrics: dict | None, wall: float, error: str | None, stopped: bool) -> dict:
+def strategy_row(plan: dict, task: str, metrics: dict | None, wall: float, error: str | None,
+                 stopped: bool) -> dict:
+    """The comparison table's row for one strategy's run (`plan` from plan_runs; metrics None when
+    the run failed)."""
     s = plan["strategy"]
     values = plan["values"]
     row = {"strategy": s, "name": NAMES[s], "status": "failed" if error else ("stopped" if stopped else "ok"),
@@ -280,18 +270,19 @@ def compare(config, strategies=None, overrides: list[str] | None = None, echo=No
     base, plans, notes = plan_runs(config, strategies, overrides)
     out_dir = Path(base["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    stop_path = out_dir / STOP_FILE
-    stop_path.unlink(missing_ok=True)
+    stop_path = rundir.stop_path(out_dir)
+    rundir.clear_stop(out_dir)
     task = base["task"]
     rows = []
     for i, plan in enumerate(plans, 1):
         if stop_path.exists():
-            rows.append(_row(plan, task, None, 0.0, "skipped: stop requested", True) | {"status": "skipped"})
+            skipped = strategy_row(plan, task, None, 0.0, "skipped: stop requested", True)
+            rows.append(skipped | {"status": "skipped"})
             continue
         _emit(echo, f"[compare {i}/{len(plans)}] {NAMES[plan['strategy']]} -> {plan['values']['output_dir']}/",
               strategy=plan["strategy"], index=i, total=len(plans))
         metrics, wall, error, stopped = _run_one(plan, echo, stop_path)
-        row = _row(plan, task, metrics, wall, error, stopped)
+        row = strategy_row(plan, task, metrics, wall, error, stopped)
         rows.append(row)
         if error:
             _emit(echo, f"[compare] {plan['strategy']} failed: {error}", strategy=plan["strategy"])
@@ -306,29 +297,12 @@ def compare(config, strategies=None, overrides: list[str] | None = None, echo=No
                "data": {k: base["data"].get(k) for k in ("train", "validation", "val_size")},
                "overrides": list(overrides or []), "strategies": [p["strategy"] for p in plans],
                "notes": notes, "rows": rows, "created": time.time()}
-    json_path = out_dir / "comparison.json"
-    md_path = out_dir / "comparison.md"
-    _atomic_write(json_path, json.dumps(summary, indent=2, default=_json_default))
-    _atomic_write(md_path, markdown)
+    json_path = out_dir / rundir.COMPARISON_JSON
+    md_path = out_dir / rundir.COMPARISON_MD
+    rundir.write_json(json_path, summary)
+    rundir.atomic_write_text(md_path, markdown)
     return {"rows": rows, "markdown": markdown, "path": str(json_path), "markdown_path": str(md_path),
             "output_dir": str(out_dir), "notes": notes}
-
-
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(o)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

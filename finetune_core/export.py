@@ -23,6 +23,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from . import rundir, settings
+from .cards import usage_snippet
 from .errors import FinetuneError
 
 EXPORT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "adapter_config.json",
@@ -40,20 +42,11 @@ class ExportError(FinetuneError):
 
 def _model_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    model = run_dir / "model"
+    model = rundir.model_dir(run_dir)
     if not model.is_dir():
         raise ExportError(f"The run '{run_dir.name}' has no saved model (no model/ folder).",
                           "Wait for the run to finish, or pick a finished run.")
     return model
-
-
-def _run_info(run_dir: Path) -> dict:
-    import yaml
-
-    for name in ("run.yaml", "run_request.yaml"):
-        if (run_dir / name).exists():
-            return yaml.safe_load((run_dir / name).read_text(encoding="utf-8")) or {}
-    return {}
 
 
 def _is_secret_name(name: str) -> bool:
@@ -80,7 +73,7 @@ def export_files(model_dir: str | Path, include_merged: bool = False) -> list[tu
         if not path.is_file() or path.is_symlink():
             continue
         rel = path.relative_to(model_dir)
-        if rel.parts[0] == "merged" and not include_merged:
+        if rel.parts[0] == rundir.MERGED_DIR and not include_merged:
             continue
         if len(rel.parts) > (2 if include_merged else 1):
             continue
@@ -106,18 +99,17 @@ def zip_model(run_dir: str | Path, dest: str | Path | None = None, include_merge
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
     if merged:
-        model_dir = model_dir / "merged"
+        model_dir = rundir.merged_dir(run_dir)
         if not model_dir.is_dir():
             raise ExportError("There is no merged model yet.", "Click 'Merge LoRA adapter' first, then build the zip.")
     files = export_files(model_dir, include_merged=include_merged and not merged)
     folder = folder or f"{run_dir.name}-{'merged' if merged else 'model'}"
-    dest = Path(dest) if dest else run_dir / "export" / f"{folder}.zip"
+    dest = Path(dest) if dest else rundir.export_dir(run_dir) / f"{folder}.zip"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for path, name in files:
-            zf.write(path, f"{folder}/{name}")
-    os.replace(tmp, dest)
+    with rundir.replacing(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for path, name in files:
+                zf.write(path, f"{folder}/{name}")
     return dest
 
 
@@ -126,13 +118,13 @@ def merge_lora(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
     if not (model_dir / "adapter_config.json").exists():
-        strategy = (_run_info(run_dir).get("strategy") or {}).get("name", "full")
+        strategy = (rundir.read_config(run_dir).get("strategy") or {}).get("name", "full")
         raise ExportError(f"This run used the '{strategy}' strategy: its model is already a full model, there "
                           "is no LoRA adapter to merge.", "Download the zip instead.")
-    from .generate import load_for_inference
+    from .generate import load_for_inference   # deferred: torch, transformers
 
     model, tokenizer, info = load_for_inference(str(model_dir))   # AutoPeft ... .merge_and_unload()
-    target = model_dir / "merged"
+    target = rundir.merged_dir(run_dir)
     tmp = model_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -153,8 +145,7 @@ def _offline() -> bool:
 
 def push_namespace() -> str | None:
     """FINETUNE_PUSH_NAMESPACE: the only Hub user/org the server's HF_TOKEN may push to on a shared app."""
-    ns = os.environ.get("FINETUNE_PUSH_NAMESPACE", "").strip().strip("/")
-    return ns or None
+    return settings.push_namespace()
 
 
 def server_token_refusal(repo_id: str, shared: bool) -> ExportError | None:
@@ -202,11 +193,11 @@ def push_to_hub(run_dir: str | Path, repo_id: str, token: str | None = None, pri
                           "Paste a token with write access (huggingface.co/settings/tokens)"
                           + ("." if shared else " or set HF_TOKEN."))
     model_dir = _model_dir(run_dir)
-    folder = model_dir / "merged" if merged else model_dir
+    folder = rundir.merged_dir(run_dir) if merged else model_dir
     if merged and not folder.is_dir():
         raise ExportError("There is no merged model yet.", "Click 'Merge LoRA adapter' first.")
     files = [name for _, name in export_files(folder)]
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi   # deferred: only a push needs it
 
     api = HfApi(token=token)
     try:
@@ -225,17 +216,15 @@ def usage_snippet_for_run(run_dir: str | Path, model_dir: str | None = None, mer
 
     merged=True: the code for the merged LoRA model, a plain transformers model (no peft).
     """
-    from .cards import usage_snippet
-
     run_dir = Path(run_dir)
-    info = _run_info(run_dir)
+    info = rundir.read_config(run_dir)
     task = info.get("task", "classification")
     strategy = (info.get("strategy") or {}).get("name", "full")
     frozen_all = (info.get("strategy") or {}).get("frozen_layers", "all") == "all"
     if merged:
         return usage_snippet(task, "full", model_dir or f"{run_dir.name}-merged", False)
     mean_pooling = False
-    config = run_dir / "model" / "config.json"
+    config = rundir.model_dir(run_dir) / "config.json"
     if config.exists():
         try:
             mean_pooling = json.loads(config.read_text()).get("model_type") == "finetune_lab_mean_pooling"

@@ -9,13 +9,18 @@
 from __future__ import annotations
 
 import json
+import queue
 import threading
+from concurrent.futures import Future
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from . import rundir
 from .data import render_prompt
+from .errors import ModelError
+from .models import load_tokenizer, model_kind, resolve_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,9 +49,6 @@ def on_inference_thread(fn, *args, **kwargs):
 def submit_inference(fn, *args, **kwargs):
     """Like on_inference_thread, but returns a concurrent.futures.Future at once."""
     global _inference_jobs
-    import queue
-    from concurrent.futures import Future
-
     done: Future = Future()
     if threading.current_thread().name == _INFERENCE_NAME:
         _run_into(done, fn, args, kwargs)
@@ -73,13 +75,6 @@ def _run_into(done, fn, args, kwargs) -> None:
 def _serve(jobs) -> None:
     while True:
         _run_into(*jobs.get())
-
-
-def _read_run_yaml(model_dir: Path) -> dict:
-    import yaml
-
-    run_yaml = model_dir.parent / "run.yaml"
-    return yaml.safe_load(run_yaml.read_text()) if run_yaml.exists() else {}
 
 
 def inference_placement(keep_float32: bool = False):
@@ -120,11 +115,11 @@ def _on(model, device: str):
 
 @lru_cache(maxsize=3)
 def _load_for_inference(model_ref: str, stamp: tuple, placement: tuple):
-    from .models import load_tokenizer, model_kind, resolve_model
+    import torch     # deferred, like every torch / transformers import here: the app starts without them
 
     device, dtype = placement
     path = Path(model_ref)
-    run = _read_run_yaml(path) if path.is_dir() else {}
+    run = rundir.read_config(path.parent) if path.is_dir() else {}   # a run's model/: its run.yaml
     if path.is_dir() and (path / "adapter_config.json").exists():
         model, task = load_lora(path, run, placement)
         tokenizer = load_tokenizer(str(path))
@@ -142,8 +137,6 @@ def _load_for_inference(model_ref: str, stamp: tuple, placement: tuple):
             model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=dtype)
         else:
             if model_kind(resolved) != "causal":
-                from .errors import ModelError
-
                 raise ModelError(f"'{model_ref}' is an encoder: it cannot chat.",
                                  "Pick an instruction run or a causal LM such as bundled:smollm2-135m.")
             model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
@@ -164,14 +157,12 @@ def load_lora(path: Path, run: dict | None = None, placement: tuple | None = Non
     labels), then the adapter and the trained head are applied. The merge runs in float32 (the
     adapter's small deltas survive it whole), then the model takes the inference dtype.
     """
-    import json as _json
-
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device, dtype = placement or inference_placement()
-    adapter = _json.loads((path / "adapter_config.json").read_text())
+    adapter = json.loads((path / "adapter_config.json").read_text())
     base_path = adapter["base_model_name_or_path"]
     if adapter.get("task_type") == "SEQ_CLS":
         config = AutoConfig.from_pretrained(path)
@@ -289,13 +280,13 @@ def write_generations(out: Path, model, tokenizer, p, metrics: dict, before: lis
     after = generate_batch(model, tokenizer, prompts, p.template)
     after_scores = rouge_l(after, refs)
     before_scores = rouge_l(before, refs) if before else [None] * len(prompts)
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        for i, prompt in enumerate(prompts):
-            row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i],
-                   "rougeL_after": after_scores[i]}
-            if before:
-                row.update(before=before[i], rougeL_before=before_scores[i])
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for i, prompt in enumerate(prompts):
+        row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i], "rougeL_after": after_scores[i]}
+        if before:
+            row.update(before=before[i], rougeL_before=before_scores[i])
+        lines.append(json.dumps(row) + "\n")
+    rundir.atomic_write_text(rundir.generations_path(out), "".join(lines))
     metrics["rougeL"] = float(np.mean(after_scores)) if after_scores else None
     if before:
         metrics["rougeL_before"] = float(np.mean(before_scores))

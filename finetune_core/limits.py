@@ -1,24 +1,26 @@
-"""Limits for public deployments (a Hugging Face Space, a classroom server), set by environment.
+"""Limits for public deployments (a Hugging Face Space, a classroom server): the values in force.
 
-Every function reads the environment on each call, so a test or a launcher can change a variable
-without re-importing anything. Unset (or empty) means the default below; `FINETUNE_DEMO_MODE=1`
-turns every default into the safe value in the "demo" column. An explicit variable always wins.
+Every function reads its setting (finetune_core.settings, the table of every FINETUNE_* variable) on
+each call, so a test or a launcher can change a variable without re-importing anything. Unset (or
+empty) means the default below; `FINETUNE_DEMO_MODE=1` turns every default into the safe value in
+the "demo" column. An explicit variable always wins; one that is not a positive number raises
+settings.SettingError naming it.
 
-| variable                       | default   | demo  | meaning / where it is enforced                          |
+| variable                       | default   | demo  | where it is enforced                                    |
 |--------------------------------|-----------|-------|---------------------------------------------------------|
-| FINETUNE_MAX_UPLOAD_MB         | 50        | 10    | largest data file. The app refuses bigger uploads; the  |
-|                                |           |       | engine (`data.read_table`, hence CLI and `train()`)     |
-|                                |           |       | refuses them only when the variable or demo mode is set |
+| FINETUNE_MAX_UPLOAD_MB         | 50        | 10    | the app refuses bigger uploads; the engine              |
+|                                |           |       | (`data.read_table`, hence CLI and `train()`) refuses    |
+|                                |           |       | them only when the variable or demo mode is set         |
 |                                |           |       | (`engine_max_bytes()`), so a local CLI user is not      |
 |                                |           |       | limited.                                                |
-| FINETUNE_MAX_ROWS              | none      | 5000  | most data rows per file: `data.read_table` raises       |
-|                                |           |       | DataError naming the limit and this variable.           |
+| FINETUNE_MAX_ROWS              | none      | 5000  | `data.read_table` raises DataError naming the limit.    |
 | FINETUNE_MAX_STEPS             | none      | 300   | `train()` lowers the run's optimizer steps to this and  |
 |                                |           |       | says so in an `info` event.                             |
 | FINETUNE_MAX_MINUTES           | none      | 15    | wall-clock minutes per job, from the start of `train()`:|
-|                                |           |       | a callback stops the Trainer at the next step end; the  |
-|                                |           |       | model is evaluated and saved as it is, an `info` event  |
-|                                |           |       | says why and metrics.json has `stopped_by_time_limit`.  |
+|                                |           |       | `time_limit_callback` stops the Trainer at the next     |
+|                                |           |       | step end; the model is evaluated and saved as it is, an |
+|                                |           |       | `info` event says why and metrics.json has              |
+|                                |           |       | `stopped_by_time_limit`.                                |
 | FINETUNE_MAX_CONCURRENT_JOBS   | 1         | 1     | training jobs running at once (the app's job queue).    |
 | FINETUNE_AUTH                  | none      | none  | "user:password": the app asks for this login.           |
 
@@ -28,54 +30,33 @@ it is joined to (no path parts, no `..`, no hidden or device names).
 
 from __future__ import annotations
 
-import os
 import re
+import time
 import unicodedata
 
-from .errors import ConfigError
+from . import settings
+from .events import rank0_decides
 
 DEFAULT_UPLOAD_MB = 50.0
 DEFAULT_CONCURRENT_JOBS = 1
-DEMO = {"FINETUNE_MAX_UPLOAD_MB": 10.0, "FINETUNE_MAX_ROWS": 5000, "FINETUNE_MAX_STEPS": 300,
-        "FINETUNE_MAX_MINUTES": 15.0, "FINETUNE_MAX_CONCURRENT_JOBS": 1}
-
-
-class LimitConfigError(ConfigError):
-    """A limit variable holds something that is not a positive number (the CLI exits 2)."""
+DEMO = {"max_upload_mb": 10.0, "max_rows": 5000, "max_steps": 300, "max_minutes": 15.0, "max_concurrent_jobs": 1}
 
 
 def demo_mode() -> bool:
-    return os.environ.get("FINETUNE_DEMO_MODE", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.demo_mode()
 
 
-def _number(name: str, cast):
-    """The variable's value as `cast`, None when unset or empty. 0 or negative is refused."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = cast(float(raw)) if cast is int else cast(raw)
-    except ValueError as exc:
-        raise LimitConfigError(f"The environment variable {name}={raw!r} is not a number.",
-                               f"Set {name} to a positive number, or unset it for no limit.") from exc
-    if value <= 0:
-        raise LimitConfigError(f"The environment variable {name}={raw!r} must be positive.",
-                               f"Set {name} to a positive number, or unset it for no limit.")
-    return value
-
-
-def _limit(name: str, cast, default):
-    value = _number(name, cast)
-    if value is not None:
-        return value
+def _limit(explicit, demo_value, default):
+    if explicit is not None:
+        return explicit
     if demo_mode():
-        return cast(DEMO[name])
+        return demo_value
     return default
 
 
 def max_upload_mb() -> float:
     """Largest accepted data file in MB (the app's upload limit)."""
-    return _limit("FINETUNE_MAX_UPLOAD_MB", float, DEFAULT_UPLOAD_MB)
+    return _limit(settings.upload_limit_mb(), DEMO["max_upload_mb"], DEFAULT_UPLOAD_MB)
 
 
 def max_upload_bytes() -> int:
@@ -84,37 +65,30 @@ def max_upload_bytes() -> int:
 
 def engine_max_bytes() -> int | None:
     """The size limit the engine enforces: only when FINETUNE_MAX_UPLOAD_MB or demo mode is set."""
-    if os.environ.get("FINETUNE_MAX_UPLOAD_MB", "").strip() or demo_mode():
+    if settings.upload_limit_mb() is not None or demo_mode():
         return max_upload_bytes()
     return None
 
 
 def max_rows() -> int | None:
-    return _limit("FINETUNE_MAX_ROWS", int, None)
+    return _limit(settings.row_limit(), DEMO["max_rows"], None)
 
 
 def max_steps() -> int | None:
-    return _limit("FINETUNE_MAX_STEPS", int, None)
+    return _limit(settings.step_limit(), DEMO["max_steps"], None)
 
 
 def max_minutes() -> float | None:
-    return _limit("FINETUNE_MAX_MINUTES", float, None)
+    return _limit(settings.minute_limit(), DEMO["max_minutes"], None)
 
 
 def max_concurrent_jobs() -> int:
-    return _limit("FINETUNE_MAX_CONCURRENT_JOBS", int, DEFAULT_CONCURRENT_JOBS)
+    return _limit(settings.concurrent_jobs_limit(), DEMO["max_concurrent_jobs"], DEFAULT_CONCURRENT_JOBS)
 
 
 def auth() -> tuple[str, str] | None:
     """(user, password) from FINETUNE_AUTH="user:password", or None when no login is required."""
-    raw = os.environ.get("FINETUNE_AUTH", "")
-    if not raw.strip():
-        return None
-    user, sep, password = raw.partition(":")
-    if not sep or not user.strip() or not password:
-        raise LimitConfigError("The environment variable FINETUNE_AUTH is not of the form user:password.",
-                               "Set it as FINETUNE_AUTH=name:password, or unset it for no login.")
-    return user.strip(), password
+    return settings.auth()
 
 
 def summary() -> dict:
@@ -132,11 +106,7 @@ def time_limit_callback(deadline: float, writer=None, minutes: float | None = No
     torchrun / accelerate rank 0's clock decides for every rank (each rank started its clock at a
     slightly different time; ranks stopping at different steps would hang in the all-reduce).
     """
-    import time
-
-    from transformers import TrainerCallback
-
-    from .events import rank0_decides
+    from transformers import TrainerCallback   # deferred: the app imports limits at start-up
 
     class TimeLimitCallback(TrainerCallback):
         def __init__(self):
@@ -149,10 +119,10 @@ def time_limit_callback(deadline: float, writer=None, minutes: float | None = No
                 self.triggered = True
                 control.should_training_stop = True
                 if writer is not None:
-                    writer.emit("info", step=state.global_step, max_steps=state.max_steps,
-                                message=f"Stopped at step {state.global_step} of {state.max_steps}: this "
-                                        f"deployment limits a job to {minutes:g} minutes (FINETUNE_MAX_MINUTES). "
-                                        "The model is evaluated and saved as it is now.")
+                    writer.info(f"Stopped at step {state.global_step} of {state.max_steps}: this deployment "
+                                f"limits a job to {minutes:g} minutes (FINETUNE_MAX_MINUTES). The model is "
+                                "evaluated and saved as it is now.",
+                                step=state.global_step, max_steps=state.max_steps)
 
     return TimeLimitCallback()
 

@@ -23,6 +23,8 @@ import platform
 import sys
 from pathlib import Path
 
+from . import settings
+
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -52,7 +54,7 @@ def _thp_available() -> bool:
 def with_hugepages(env) -> dict:
     """`env` plus the glibc tunable for huge-page heaps, where glibc and the kernel support it and the
     user has not said FINETUNE_HUGEPAGES=0; otherwise `env` unchanged (the same object)."""
-    if sys.platform != "linux" or env.get("FINETUNE_HUGEPAGES") == "0":
+    if sys.platform != "linux" or not settings.hugepages(env):
         return env
     current = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current or not _glibc_supports_hugetlb() or not _thp_available():
@@ -83,13 +85,13 @@ def release_free_memory() -> None:
 def restart_with_hugepages() -> None:
     """Re-execute this process (same pid, same interpreter flags and arguments) with `with_hugepages`,
     once, if that changes anything. Call it first thing in a `__main__`, before heavy imports."""
-    if os.environ.get("FINETUNE_RESTARTED"):
+    if os.environ.get(settings.RESTARTED_MARK):
         return
     env = with_hugepages(os.environ)
     argv = list(getattr(sys, "orig_argv", []))
     if env is os.environ or not sys.executable or not argv:
         return
-    env["FINETUNE_RESTARTED"] = "1"
+    env[settings.RESTARTED_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     try:

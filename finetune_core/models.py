@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import settings
 from .errors import ModelError
 
 BUNDLED = {
@@ -52,13 +53,9 @@ ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "elec
                  "xlm-roberta", "camembert", "mpnet", "modernbert"}
 
 
-def finetune_home() -> Path:
-    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune_lab")
-
-
 def model_cache_dir() -> Path:
-    """Where converted bundled models live (the Docker image bakes them in at build time)."""
-    return Path(os.environ.get("FINETUNE_MODEL_CACHE") or finetune_home() / "models")
+    """Where converted bundled models live (FINETUNE_MODEL_CACHE; the Docker image bakes them in)."""
+    return settings.model_cache()
 
 
 def _package_dir(package: str) -> Path | None:

@@ -1,6 +1,6 @@
 """Plotly figures built from a run's outputs (events.jsonl, metrics.json, audit.json). No gradio here.
 
-    events = read_all_events("runs/x/events.jsonl")
+    events = read_all_events("runs/x/events.jsonl")   # finetune_core.events
     training_curves(events)                 # train loss + eval loss per step
     confusion_matrix_figure(metrics, normalize=True)
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .events import eval_scores, latest_attempt, progress
 
 HEIGHT = 320
 COLORS = {"train": "#4C78A8", "eval": "#F58518", "metric": "#54A24B", "base": "#9D9D9D", "finetuned": "#E45756",
@@ -45,42 +48,22 @@ def _num(v) -> float | None:
 # training progress (from events.jsonl)
 
 
-def latest_attempt(events: list[dict]) -> list[dict]:
-    from .jobs import latest_attempt as _latest
-
-    return _latest(events)
-
-
 def progress_from_events(events: list[dict]) -> dict:
-    """step, max_steps, epoch, eta_seconds, last loss / eval values of the latest attempt."""
-    out = {"step": 0, "max_steps": None, "epoch": 0.0, "eta_seconds": None, "loss": None, "eval_loss": None,
-           "phase": "starting", "message": None, "trainable": None}
-    for e in latest_attempt(events):
-        t = e.get("type")
-        for key in ("step", "max_steps", "epoch", "eta_seconds"):
-            if e.get(key) is not None:
-                out[key] = e[key]
-        if t == "start":
-            out["phase"] = "training"
-        elif t == "log" and e.get("loss") is not None:
-            out["loss"] = e["loss"]
-        elif t == "eval" and e.get("eval_loss") is not None:
-            out["eval_loss"] = e["eval_loss"]
-        elif t == "info":
-            out["message"] = e.get("message")
-            if e.get("trainable_params") is not None:
-                out["trainable"] = e.get("message")
-        elif t == "end":
-            out["phase"] = "done"
-            out["eta_seconds"] = 0
-        elif t == "error":
-            out["phase"] = "error"
-            out["message"] = e.get("message")
-    return out
+    """The latest attempt's progress as the dict ui/train_tab.py reads (phase "starting", "training",
+    "done" or "error"). Only until that tab reads events.Progress itself: new code uses events.progress."""
+    p = progress(events)
+    if p.terminal is not None:
+        phase = "done" if p.terminal.get("type") == "end" else "error"
+    else:
+        phase = "starting" if p.phase == "loading" else "training"
+    return {"step": p.step, "max_steps": p.max_steps, "epoch": p.epoch, "eta_seconds": p.eta_seconds,
+            "loss": p.loss, "eval_loss": p.eval_loss, "phase": phase, "message": p.message,
+            "trainable": p.trainable}
 
 
 def curve_points(events: list[dict]) -> dict:
-    """{'train': [(step, loss)], 'eval': [(step, eval_loss)], 'metrics': {name: [(step, value)]}}."""
+    """{'train': [(step, loss)], 'eval': [(step, eval_loss)], 'metrics': {name: [(step, value)]}} of the
+    latest attempt."""
     train, evals, metrics = [], [], {}
     for e in latest_attempt(events):
         step = e.get("step")
@@ -91,10 +74,9 @@ def curve_points(events: list[dict]) -> dict:
         elif e.get("type") == "eval":
             if _num(e.get("eval_loss")) is not None:
                 evals.append((step, e["eval_loss"]))
-            for k, v in e.items():
-                if k.startswith("eval_") and k not in ("eval_loss",) and _num(v) is not None and \
-                        not k.endswith(("runtime", "per_second", "preparation_time")):
-                    metrics.setdefault(k[5:], []).append((step, v))
+            for name, v in eval_scores(e).items():
+                if name != "loss":
+                    metrics.setdefault(name, []).append((step, v))
     return {"train": train, "eval": evals, "metrics": metrics}
 
 
@@ -240,8 +222,6 @@ def classification_summary_rows(metrics: dict) -> list[list]:
 
 def instruction_before_after_figure(metrics: dict) -> go.Figure:
     """Validation loss, perplexity and general-text perplexity (forgetting probe), before vs after."""
-    from plotly.subplots import make_subplots
-
     pairs = [("validation loss", "eval_loss_before", "eval_loss"),
              ("validation perplexity", "perplexity_before", "perplexity"),
              ("general-text perplexity", "general_perplexity_before", "general_perplexity")]
@@ -270,8 +250,6 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
     done = [r for r in rows if _num(r.get("main_metric")) is not None]
     if not done:
         return empty_figure("Finished runs appear here.", "Runs compared")
-    from plotly.subplots import make_subplots
-
     tasks = [t for t in ("classification", "instruction") if any(r.get("task") == t for r in done)]
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[
         "weighted F1 (higher is better)" if t == "classification" else "eval loss (lower is better)" for t in tasks])

@@ -24,15 +24,11 @@ import uuid
 from pathlib import Path
 
 from .errors import FinetuneError
+from .rundir import ratings_path
 
-RATINGS_FILE = "ratings.jsonl"
 MODELS = ("base", "finetuned")
 MIN_SCORE, MAX_SCORE = 1, 5
 MAX_TEXT_CHARS = 20_000          # one rating line stays small; longer answers are cut, and marked
-
-
-def ratings_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / RATINGS_FILE
 
 
 def _score(score) -> int:

@@ -267,11 +267,11 @@ def test_predictions_confidence_and_error_analysis_match(tiny_run):
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     names = m["labels"]
     prob_cols = [f"p_{n}" for n in names]
-    assert np.allclose(preds[prob_cols].sum(1), 1.0, atol=1e-4)
+    assert np.allclose(preds[prob_cols].sum(axis=1), 1.0, atol=1e-4)
     # confidence = softmax probability of the predicted label, which is the largest one
     picked = [row[f"p_{row['predicted_label']}"] for _, row in preds.iterrows()]
     assert np.allclose(preds["confidence"], picked, atol=1e-5)
-    assert np.allclose(preds["confidence"], preds[prob_cols].max(1), atol=1e-5)
+    assert np.allclose(preds["confidence"], preds[prob_cols].max(axis=1), atol=1e-5)
 
     ea = m["error_analysis"]
     wrong = preds[~preds["correct"]]

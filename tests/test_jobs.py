@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from finetune_core.jobs import JobError, JobManager, owner_key, run_status_from_disk
+from finetune_core.jobs import JobError, JobManager, owner_key
+from finetune_core.rundir import run_status_from_disk
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = str(REPO / "examples" / "data" / "domains.csv")
@@ -337,7 +338,7 @@ def test_resume_button_path_continues_a_stopped_run_to_the_same_step(manager):
 def test_run_list_rereads_only_changed_runs(tmp_path, monkeypatch):
     """list_runs runs on every tab select: unchanged run folders are not parsed again, a changed
     events.jsonl, metrics.json or job.json is."""
-    import finetune_core.jobs as jobs
+    import finetune_core.rundir as rundir
 
     runs = tmp_path / "runs"
     for i in range(3):
@@ -348,10 +349,10 @@ def test_run_list_rereads_only_changed_runs(tmp_path, monkeypatch):
         (run / "metrics.json").write_text(json.dumps({"task": "classification", "f1_weighted": 0.5}))
     mgr = JobManager(runs, poll_interval=60)
     reads = []
-    real_events, real_json = jobs.read_events, jobs._read_json
-    monkeypatch.setattr(jobs, "read_events", lambda path, offset=0: reads.append(Path(path).parent.name)
+    real_events, real_json = rundir.read_events, rundir.read_json
+    monkeypatch.setattr(rundir, "read_events", lambda path, offset=0: reads.append(Path(path).parent.name)
                         or real_events(path, offset))
-    monkeypatch.setattr(jobs, "_read_json", lambda path: reads.append(Path(path).parent.name) or real_json(path))
+    monkeypatch.setattr(rundir, "read_json", lambda path: reads.append(Path(path).parent.name) or real_json(path))
     try:
         first = {r["run_id"]: r for r in mgr.list_runs()}
         assert first["run-1"]["status"] == "interrupted" and first["run-1"]["f1_weighted"] == 0.5
@@ -375,3 +376,26 @@ def test_run_list_rereads_only_changed_runs(tmp_path, monkeypatch):
         assert set(reads) == {"run-2"}
     finally:
         mgr.shutdown()
+
+
+def test_a_job_group_stops_as_one(fake_manager):
+    """Runs submitted as one group (the app's strategy comparison): one stop_group ends the running
+    one gracefully and takes the queued ones out of the queue; only their owner may stop them."""
+    mgr = fake_manager
+    jobs = [mgr.submit(fake_config(), owner="alice", group="cmp-1") for _ in range(3)]
+    other = mgr.submit(fake_config(), owner="alice")                 # not in the group: keeps its place
+    assert wait_for(lambda: events_of(jobs[0]), 5)
+    assert [j.run_id for j in mgr.jobs(group="cmp-1")] == [j.run_id for j in jobs]
+    assert json.loads((jobs[1].run_dir / "job.json").read_text())["group"] == "cmp-1"
+    assert "group" not in json.loads((other.run_dir / "job.json").read_text())
+    with pytest.raises(JobError, match="Only the browser session"):
+        mgr.stop_group("cmp-1", owner="bob")
+    with pytest.raises(JobError, match="No job group"):
+        mgr.stop_group("nope", owner="alice")
+    assert "1 running and 2 queued" in mgr.stop_group("cmp-1", owner="alice")
+    assert mgr.wait(jobs[0].run_id, timeout=10) == "stopped"
+    assert [mgr.get(j.run_id).status for j in jobs[1:]] == ["cancelled", "cancelled"]
+    assert wait_for(lambda: mgr.get(other.run_id).status == "running", 5)
+    assert "already ended" in mgr.stop_group("cmp-1", owner="alice")
+    mgr.stop(other.run_id, owner="alice")
+    assert mgr.wait(other.run_id, timeout=10) == "stopped"

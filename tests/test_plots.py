@@ -42,7 +42,7 @@ def names(fig: go.Figure) -> list[str]:
 def test_training_curves_from_events(tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in events()))
-    from finetune_core.jobs import read_events
+    from finetune_core.events import progress, read_events
 
     evs, _ = read_events(path, 0)
     fig = plots.training_curves(evs)
@@ -51,8 +51,11 @@ def test_training_curves_from_events(tmp_path):
     assert list(fig.data[1].x) == [4, 8]
     metric = plots.eval_metric_curve(evs)
     assert names(metric) == ["accuracy", "f1_weighted"]
-    progress = plots.progress_from_events(evs)
-    assert (progress["step"], progress["max_steps"], progress["phase"]) == (8, 8, "done")
+    p = progress(evs)
+    assert (p.step, p.max_steps, p.phase, p.attempt) == (8, 8, "done", 2)
+    shown = plots.progress_from_events(evs)                  # the Train tab's view of the same
+    assert (shown["step"], shown["max_steps"], shown["phase"], shown["eta_seconds"]) == (8, 8, "done", 0)
+    assert plots.progress_from_events(evs[:-1])["phase"] == "training"
 
 
 def test_empty_inputs_give_a_note_not_an_error():

@@ -26,6 +26,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from conftest import REPO, class_rows, write_csv  # noqa: E402
 from finetune_core import limits  # noqa: E402
+from finetune_core.settings import SettingError  # noqa: E402
 
 USER, PASSWORD = "alice", "s3cret-pw"
 LAUNCH_ENV = {"FINETUNE_DEMO_MODE": "1", "FINETUNE_AUTH": f"{USER}:{PASSWORD}", "FINETUNE_MAX_UPLOAD_MB": "1",
@@ -160,7 +161,7 @@ def test_a_malformed_auth_variable_stops_the_launch(app, monkeypatch):
     from finetune_core.ui import launch
 
     monkeypatch.setenv("FINETUNE_AUTH", "no-colon-here")
-    with pytest.raises(limits.LimitConfigError, match="FINETUNE_AUTH is not of the form user:password"):
+    with pytest.raises(SettingError, match="FINETUNE_AUTH is not of the form user:password"):
         launch(app["demo"], prevent_thread_lock=True)
 
 

@@ -203,7 +203,8 @@ def test_predictions_csv_escapes_formulas_in_texts_and_labels(tmp_path):
     texts = ["=cmd|' /C calc'!A0", "@SUM(A1)", "+1+cmd", "-2+3", "\t=1", "-5", "<script>x</script>"]
     probs = np.full((len(texts), 3), 1 / 3)
     write_predictions(tmp_path / "p.csv", texts, [0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 0], probs, names)
-    rows = list(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
+    with open(tmp_path / "p.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     for row in rows:
         for key in ("text", "true_label", "predicted_label"):
             cell = row[key]

@@ -87,7 +87,7 @@ def test_instruction_model_is_saved_before_the_base_model_is_measured(tmp_path, 
 def test_stop_during_start_up_ends_at_the_first_step_with_a_model(tmp_path, tiny_bert_dir):
     """A STOP written after the process started (a Stop clicked while the model loads) is no stale
     request: training ends at its first step, and the run is a stopped one with a saved model."""
-    from finetune_core.jobs import run_status_from_disk
+    from finetune_core.rundir import run_status_from_disk
 
     out = tmp_path / "run"
     out.mkdir()
@@ -157,7 +157,7 @@ def test_stop_with_slow_post_training_is_not_killed_and_keeps_the_model(tmp_path
     assert (job.run_dir / "model" / "model.safetensors").is_file()
     metrics = json.loads((job.run_dir / "metrics.json").read_text())
     assert metrics["stopped_by_user"] and metrics["global_step"] < 100000
-    assert any(e.get("phase") == "finishing" for e in events_of(job))
+    assert any(e.get("phase") in ("finishing", "saving") for e in events_of(job))   # train.py's old / new name
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_kill_clock_covers_only_training(tmp_path):
         assert not mgr._kill_due(job, 1100.0 + 59) and mgr._kill_due(job, 1100.0 + 61)
         assert job.phase == "training"
         add(type="info", time=1130.0, phase="finishing", message="Stop received")
-        assert not mgr._kill_due(job, 1130.0 + 599) and job.phase == "finishing"
+        assert not mgr._kill_due(job, 1130.0 + 599) and job.phase == "saving"     # legacy "finishing"
         assert mgr._kill_due(job, 1130.0 + 601)
     finally:
         mgr.shutdown()
@@ -226,9 +226,9 @@ def test_kill_clock_spares_a_mid_run_evaluation_and_checkpoint(tmp_path):
         add(type="info", time=1090.0, phase="evaluating", step=10, evaluate=True, save=True, message="Step 10")
         add(type="log", time=1090.5, step=10, loss=1.0)          # the step's own loss point comes first
         add(type="eval", time=1150.0, step=10, eval_loss=0.9)    # evaluation done, the checkpoint is next
-        assert not mgr._kill_due(job, 1100.0 + 300) and job.phase == "evaluating"
+        assert not mgr._kill_due(job, 1100.0 + 300) and job.phase == "checkpoint"   # legacy "evaluating"
         add(type="save", time=1400.0, step=10)
-        assert job.phase == "evaluating"   # (not read yet)
+        assert job.phase == "checkpoint"   # (not read yet)
         assert not mgr._kill_due(job, 1400.0 + 59) and job.phase == "training"
         assert mgr._kill_due(job, 1400.0 + 61)
     finally:
@@ -236,7 +236,8 @@ def test_kill_clock_spares_a_mid_run_evaluation_and_checkpoint(tmp_path):
 
 
 def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir):
-    """A real run writes the 'evaluating' phase event at each epoch end, before its eval and save."""
+    """A real run writes a checkpoint phase event at each epoch end, before its eval and save (train.py's
+    old name for that phase is "evaluating", the new one "checkpoint")."""
     from conftest import class_rows, write_csv
     from finetune_core.config import config_from_dict
     from finetune_core.events import read_all_events
@@ -250,7 +251,7 @@ def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir)
     train(cfg)
     events = read_all_events(tmp_path / "run" / "events.jsonl")
     kinds = [(e["type"], e.get("phase")) for e in events if e["type"] in ("info", "eval", "save")]
-    evaluating = [i for i, k in enumerate(kinds) if k == ("info", "evaluating")]
+    evaluating = [i for i, k in enumerate(kinds) if k in (("info", "evaluating"), ("info", "checkpoint"))]
     assert len(evaluating) == 2
     for i in evaluating:      # each is followed by its evaluation and its checkpoint
         assert kinds[i + 1][0] == "eval" and kinds[i + 2][0] == "save"
