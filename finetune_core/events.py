@@ -300,6 +300,8 @@ class Progress:
     message: str | None = None             # the last info or error message
     trainable: str | None = None           # the trainable-parameter line
     terminal: dict | None = None           # the attempt's end or error event
+    phase_done: int | None = None          # countable work of the current phase (held-out prompts
+    phase_total: int | None = None         # answered, batches measured): `done` / `total` fields
     events: int = 0                        # events of this attempt seen
     _attempt_field: int | None = field(default=None, repr=False)
     _checkpoint_step: int = field(default=0, repr=False)
@@ -366,6 +368,8 @@ class Progress:
         elif t == "error":
             self.message = e.get("message")
             self.terminal = e
+        if e.get("total") is not None:
+            self.phase_done, self.phase_total = e.get("done") or 0, e["total"]
 
     def _take_phase(self, e: dict, when: float) -> None:
         t = e.get("type")
@@ -391,6 +395,8 @@ class Progress:
         if not (after_training(new) and after_training(self.phase)):
             self.clock_since = when
         self.phase, self.phase_since = new, when
+        if e.get("total") is None:
+            self.phase_done = self.phase_total = None
 
 
 def progress(events) -> Progress:

@@ -115,7 +115,6 @@ def _on(model, device: str):
 
 @lru_cache(maxsize=3)
 def _load_for_inference(model_ref: str, stamp: tuple, placement: tuple):
-    import torch     # deferred, like every torch / transformers import here: the app starts without them
 
     device, dtype = placement
     path = Path(model_ref)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -50,7 +49,6 @@ __all__ = ["ACTIVE", "TERMINAL", "Job", "JobError", "JobManager", "OwnerBusy", "
 
 ACTIVE = ("queued", "running", "stopping")
 TERMINAL = ("finished", "stopped", "failed", "cancelled", "interrupted")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)   # `-m finetune_core` works without an install
 
 
@@ -447,7 +445,7 @@ class JobManager:
 
     def run_dir(self, run_id: str) -> Path:
         """The folder of a run id, refusing anything that could leave the runs folder."""
-        if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        if not rundir.is_run_id(run_id):
             raise JobError(f"'{run_id}' is not a valid run id.", "Pick a run from the list.")
         return self.runs_dir / run_id
 
@@ -457,7 +455,7 @@ class JobManager:
         okey = owner_key(owner)
         seen = set()
         for run_dir in self.runs_dir.iterdir() if self.runs_dir.is_dir() else []:
-            if not run_dir.is_dir() or not _RUN_ID.match(run_dir.name):
+            if not run_dir.is_dir() or not rundir.RUN_ID_PATTERN.match(run_dir.name):
                 continue
             seen.add(str(run_dir))
             job = self.get(run_dir.name)

@@ -15,7 +15,7 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .events import eval_scores, latest_attempt, progress
+from .events import eval_scores, latest_attempt
 
 HEIGHT = 320
 COLORS = {"train": "#4C78A8", "eval": "#F58518", "metric": "#54A24B", "base": "#9D9D9D", "finetuned": "#E45756",
@@ -46,19 +46,6 @@ def _num(v) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # training progress (from events.jsonl)
-
-
-def progress_from_events(events: list[dict]) -> dict:
-    """The latest attempt's progress as the dict ui/train_tab.py reads (phase "starting", "training",
-    "done" or "error"). Only until that tab reads events.Progress itself: new code uses events.progress."""
-    p = progress(events)
-    if p.terminal is not None:
-        phase = "done" if p.terminal.get("type") == "end" else "error"
-    else:
-        phase = "starting" if p.phase == "loading" else "training"
-    return {"step": p.step, "max_steps": p.max_steps, "epoch": p.epoch, "eta_seconds": p.eta_seconds,
-            "loss": p.loss, "eval_loss": p.eval_loss, "phase": phase, "message": p.message,
-            "trainable": p.trainable}
 
 
 def curve_points(events: list[dict]) -> dict:

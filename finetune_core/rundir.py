@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -23,6 +24,15 @@ import yaml
 
 from .events import progress, read_events
 from .procs import pid_alive
+
+# A run folder's name as the app creates it (jobs.new_run_id) or accepts it: no path separators, no
+# leading dot, so a name can never reach outside the runs folder.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def is_run_id(name) -> bool:
+    return isinstance(name, str) and bool(RUN_ID_PATTERN.match(name)) and ".." not in name
+
 
 # The files of a run folder (DESIGN.md "Outputs of a run").
 CONFIG_FILE = "run.yaml"              # the resolved config train() ran with (no secrets)

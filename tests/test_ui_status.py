@@ -23,3 +23,29 @@ def test_time_limit_and_plain_finish():
 def test_stopped_by_user_is_not_called_early_stopping():
     html = status_html(ST | {"status": "stopped"}, Progress(), BASE | {"stopped_early": True, "stopped_by_user": True})
     assert "Stopped by you" in html and "Finished early" not in html
+
+
+def _fed(events) -> Progress:
+    prog = Progress()
+    for e in events:
+        prog.state.apply(e)
+    prog.events.extend(events)
+    return prog
+
+
+def test_each_phase_after_training_is_named_with_its_own_progress():
+    running = ST | {"status": "running"}
+    loop = [{"type": "info", "phase": "loading", "attempt": 1, "time": 1.0, "message": "Loading model x ..."},
+            {"type": "start", "attempt": 1, "time": 2.0, "step": 0, "max_steps": 10},
+            {"type": "log", "attempt": 1, "time": 3.0, "step": 5, "max_steps": 10, "loss": 1.0, "eta_seconds": 4}]
+    training = status_html(running, _fed(loop))
+    assert "🏃 Training" in training and "width:50.0%" in training and "ETA" in training
+    after = loop + [{"type": "info", "phase": "saving", "attempt": 1, "time": 4.0, "message": "saving"},
+                    {"type": "info", "phase": "generating", "attempt": 1, "time": 5.0, "done": 3, "total": 12,
+                     "message": "Answering the held-out prompts"}]
+    generating = status_html(running, _fed(after))
+    assert "Answering the held-out prompts (3/12)" in generating and "width:25.0%" in generating
+    assert "ETA" not in generating                        # the training ETA means nothing after training
+    baseline = status_html(running, _fed(after + [{"type": "info", "phase": "baseline", "attempt": 1,
+                                                   "time": 6.0, "message": "Measuring the base model"}]))
+    assert "Measuring the base model for comparison" in baseline and "width:100.0%" in baseline

@@ -25,13 +25,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ..jobs import JobManager, finetune_home  # noqa: E402
+from .. import settings  # noqa: E402
+from ..jobs import JobManager  # noqa: E402
 from ..limits import auth  # noqa: E402
 
 # Gradio keeps uploads and the files it serves (zips, predictions.csv) in its temp folder: put it
 # inside FINETUNE_HOME, the app's workspace, rather than the machine's /tmp (unless set already).
 # Set before gradio is imported, which reads it.
-os.environ.setdefault("GRADIO_TEMP_DIR", str(finetune_home() / "tmp" / "gradio"))
+os.environ.setdefault("GRADIO_TEMP_DIR", str(settings.home() / "tmp" / "gradio"))
 CACHE_MAX_AGE_S = 6 * 3600      # gradio's delete_cache below, and the sweep at launch
 
 import gradio as gr  # noqa: E402
@@ -73,10 +74,7 @@ def apply_space_defaults(environ=os.environ) -> bool:
     HF_TOKEN within everyone's reach. FINETUNE_DEMO_MODE=0 opts out. docker/entrypoint.sh does the
     same; this covers `python app.py` started some other way. Returns whether demo mode was turned on.
     """
-    if environ.get("SPACE_ID", "").strip() and not environ.get("FINETUNE_DEMO_MODE", "").strip():
-        environ["FINETUNE_DEMO_MODE"] = "1"
-        return True
-    return False
+    return settings.apply_space_defaults(environ)
 
 
 def init_session(stored):
@@ -150,17 +148,17 @@ def launch(demo: gr.Blocks, **kwargs):
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         max_file_size=int(max_mb * 1_000_000),   # bytes: gradio reads "50mb" as 50 MiB, the engine as 50e6
         theme=gr.themes.Soft(), css=CSS, show_error=True,
-        max_threads=int(os.environ.get("FINETUNE_MAX_THREADS", "80")),
+        max_threads=settings.max_threads(),
     )
     login = auth()                      # FINETUNE_AUTH="user:password"
     if login:
         options["auth"] = [login]
     options.update(kwargs)
     sweep_gradio_temp()
-    demo.queue(default_concurrency_limit=int(os.environ.get("FINETUNE_DEFAULT_CONCURRENCY", "4")))
+    demo.queue(default_concurrency_limit=settings.default_concurrency())
 
     def warm():
-        time.sleep(float(os.environ.get("FINETUNE_WARMUP_DELAY", "2")))   # let the server answer first
+        time.sleep(settings.warmup_delay())   # let the server answer first
         warm_ml_imports()
 
     threading.Thread(target=warm, name="warm-ml-imports", daemon=True).start()

@@ -9,27 +9,25 @@ same message, settings and chat so far, it gives the same answers again.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
 
 import gradio as gr
 
+from .. import rundir, settings
 from ..errors import FinetuneError, ModelError
 from ..generate import (generate_batch, load_for_inference, on_inference_thread, predict_proba,
                         stream_generate)
-from ..jobs import _RUN_ID, owner_key
+from ..jobs import owner_key
 from ..models import resolve_model
 from ..ratings import add_rating, latest_ratings, rating_summary
-from ..rundir import read_config
 from .common import AppContext, bind, dropdown_update, owner_of, run_choices, user_errors
 from .generations import prompt_preview, read_generations
 
 BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smollm2-135m")]
 FT_PLACEHOLDER = ("**No fine-tuned model picked.** Choose an instruction run in 'Model to test' above: its answers "
                   "appear here, next to the base model's.")
-INFERENCE_LIMIT = int(os.environ.get("FINETUNE_INFERENCE_CONCURRENCY", "1"))
 RANDOM_SEEDS = 1_000_000          # drawn seeds have at most six digits: easy to read out to a room
 MAX_SEED = 2**32 - 1
 SEED_NOTE = re.compile(r"\n\n`seed \d+`$")
@@ -40,9 +38,9 @@ def resolve_chat_models(ctx: AppContext, choice: str, owner: str) -> tuple[str, 
     choice = (choice or "").strip()
     if not choice:
         raise FinetuneError("No model selected.", "Pick an instruction run or the bundled SmolLM2.")
-    if _RUN_ID.match(choice) and (ctx.runs_dir / choice).is_dir():
+    if rundir.is_run_id(choice) and (ctx.runs_dir / choice).is_dir():
         run_dir = ctx.run_dir(choice, owner)
-        info = read_config(run_dir)
+        info = rundir.read_config(run_dir)
         if info.get("task") == "classification":
             raise FinetuneError("This run is a classifier: it predicts labels, it does not chat.",
                                 "Use 'Try the classifier' below, or pick an instruction run.")
@@ -326,7 +324,7 @@ def predict(ctx: AppContext, text="", run="", owner_state=None, request: gr.Requ
     if not text:
         raise FinetuneError("The text is empty.", "Type a sentence to classify.")
     run_dir = ctx.run_dir(run, owner)
-    if read_config(run_dir).get("task") != "classification":
+    if rundir.read_config(run_dir).get("task") != "classification":
         raise FinetuneError("This run is not a classifier.", "Pick a classification run.")
     if not (run_dir / "model").is_dir():
         raise FinetuneError("This run has no saved model yet.", "Wait for it to finish.")
@@ -414,7 +412,7 @@ def wire(ctx: AppContext, ui) -> None:
     for trigger, api in ((ui.chat_send.click, True), (ui.chat_msg.submit, False)):
         trigger(chatter, chat_inputs, chat_outputs, api_name="chat" if api else None,
                 api_visibility="public" if api else "private", concurrency_id="inference",
-                concurrency_limit=INFERENCE_LIMIT).then(lambda: "", None, ui.chat_msg, api_visibility="private",
+                concurrency_limit=settings.inference_concurrency()).then(lambda: "", None, ui.chat_msg, api_visibility="private",
                                                         queue=False)
     ui.chat_clear.click(lambda: ([], [], {}), None, chat_outputs, api_visibility="private", queue=False)
     ui.chat_model.change(bind(ctx, show_ratings), [ui.chat_model, ui.owner_state],
@@ -423,11 +421,11 @@ def wire(ctx: AppContext, ui) -> None:
                            [ui.ratings_md, ui.chat_rating], api_visibility="private")
     ui.heldout_btn.click(bind(ctx, heldout), [ui.chat_model, ui.heldout_n, ui.max_new_tokens, ui.owner_state],
                          ui.heldout_table, api_visibility="private", concurrency_id="inference",
-                         concurrency_limit=INFERENCE_LIMIT)
+                         concurrency_limit=settings.inference_concurrency())
     ui.heldout_save.click(bind(ctx, save_heldout), [ui.heldout_table, ui.chat_model, ui.owner_state], ui.ratings_md,
                           api_visibility="private")
     predictor = bind(ctx, predict)
     for trigger, api in ((ui.cls_btn.click, True), (ui.cls_text.submit, False)):
         trigger(predictor, [ui.cls_text, ui.cls_run, ui.owner_state], ui.cls_label,
                 api_name="predict" if api else None, api_visibility="public" if api else "private",
-                concurrency_id="inference", concurrency_limit=INFERENCE_LIMIT)
+                concurrency_id="inference", concurrency_limit=settings.inference_concurrency())

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import rundir, settings
 from ..errors import FinetuneError
-from ..jobs import _RUN_ID, JobManager, finetune_home, owner_key
+from ..jobs import JobManager, owner_key
 from ..limits import max_upload_mb, summary
 from ..models import model_cache_dir
 
@@ -185,7 +186,7 @@ def as_handler(fn, signature: inspect.Signature, call):
 
 def _session_secret(home: Path) -> str:
     """A fixed secret for gr.BrowserState, so a session id survives an app restart."""
-    secret = os.environ.get("FINETUNE_SESSION_SECRET")
+    secret = settings.session_secret()
     if secret:
         return secret
     path = home / ".session_secret"
@@ -205,7 +206,7 @@ def _session_secret(home: Path) -> str:
 @dataclass
 class AppContext:
     manager: JobManager
-    home: Path = field(default_factory=finetune_home)
+    home: Path = field(default_factory=settings.home)
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="finetune_lab_")))
 
     def __post_init__(self):
@@ -236,7 +237,7 @@ class AppContext:
         own = [self.runs_dir / r["run_id"] for r in self.manager.list_runs(owner)
                if okey and r.get("owner") == okey]
         # folders the operator put next to the runs (e.g. runs/_models/), which no run id can name
-        shared = [p for p in self.runs_dir.iterdir() if p.is_dir() and not _RUN_ID.match(p.name)] \
+        shared = [p for p in self.runs_dir.iterdir() if p.is_dir() and not rundir.RUN_ID_PATTERN.match(p.name)] \
             if self.runs_dir.is_dir() else []
         return own + shared + [model_cache_dir()]
 

@@ -13,11 +13,11 @@ import os
 import re
 from pathlib import Path
 
+from .. import settings
 from ..data import read_table
 from ..errors import DataError
 from .common import EXAMPLES, AppContext, example_path, is_offline, upload_limit_mb
 
-MAX_HUB_ROWS = int(os.environ.get("FINETUNE_MAX_HUB_ROWS", "20000"))
 
 
 def hub_dataset_file(ctx: AppContext, hub_dataset: str, split: str = "train") -> Path:
@@ -48,8 +48,9 @@ def hub_dataset_file(ctx: AppContext, hub_dataset: str, split: str = "train") ->
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise DataError(f"Could not load the Hub dataset '{hub_dataset}' ({split}): {first}",
                         "Check the id on huggingface.co/datasets and your network, or upload a file.") from None
-    if len(ds) > MAX_HUB_ROWS:
-        ds = ds.shuffle(seed=42).select(range(MAX_HUB_ROWS))
+    max_rows = settings.max_hub_rows()
+    if len(ds) > max_rows:
+        ds = ds.shuffle(seed=42).select(range(max_rows))
     df = ds.to_pandas()
     # class labels stored as integers with names: write the names, they read better everywhere
     for col, feat in ds.features.items():

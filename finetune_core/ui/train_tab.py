@@ -22,10 +22,10 @@ from .. import plots
 from ..config import LoraSettings, StrategyConfig, dump_config, training_defaults
 from ..data import clean_classification, detect_columns, row_to_messages, split_frame, store_columns
 from ..errors import FinetuneError
-from ..events import read_events
+from ..events import Progress as EventProgress
+from ..events import format_event, read_events
 from ..jobs import ACTIVE, OwnerBusy
 from ..models import BUNDLED, SUGGESTED_HUB_MODELS, list_models, model_kind, resolve_model
-from ..plots import progress_from_events
 from ..rundir import metrics_path, read_json
 from . import form
 from .common import REPO_ROOT, AppContext, bind, error_box, owner_of, user_errors, warm_ml_imports
@@ -221,40 +221,33 @@ def _fmt_seconds(s) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def format_event(e: dict) -> str | None:
-    t = e.get("type")
-    stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", time.time())))
-    if t == "log":
-        return (f"{stamp}  step {e.get('step')}/{e.get('max_steps')}  epoch {e.get('epoch') or 0:.2f}  "
-                f"loss {e.get('loss', float('nan')):.4f}  lr {e.get('learning_rate') or 0:.2e}")
-    if t == "eval":
-        shown = {k[5:]: v for k, v in e.items() if k.startswith("eval_") and isinstance(v, float)
-                 and not k.endswith(("runtime", "per_second", "preparation_time"))}
-        return f"{stamp}  eval @ step {e.get('step')}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-    if t == "start":
-        return f"{stamp}  training started: {e.get('max_steps')} steps, {e.get('num_train_epochs')} epochs"
-    if t == "save":
-        return f"{stamp}  saved {e.get('message', 'checkpoint')}"
-    if t in ("info", "end", "error"):
-        return f"{stamp}  [{t}] {e.get('message', '')}"
-    return None
+# What the status line says in each phase of a running attempt (events.PHASES).
+PHASE_LABELS = {"loading": "⏳ Loading the data and the model",
+                "training": "🏃 Training",
+                "checkpoint": "💾 Evaluating and saving a checkpoint",
+                "saving": "💾 Saving the model",
+                "evaluating": "📏 Evaluating the fine-tuned model",
+                "baseline": "📐 Measuring the base model for comparison",
+                "generating": "✍️ Answering the held-out prompts"}
 
 
 class Progress:
-    """Accumulates a run's events (read incrementally) into what the Train tab shows."""
+    """A run's events, read incrementally, as the Train tab shows them: the log lines, the reducer's
+    state of the latest attempt (events.Progress), and whether the curves need redrawing."""
 
     def __init__(self):
         self.events: list[dict] = []
         self.log: deque[str] = deque(maxlen=500)
         self.offset = 0
         self.changed_curves = True
+        self.state = EventProgress()
 
     def read(self, path: Path) -> int:
         new, self.offset = read_events(path, self.offset)
         for e in new:
-            if e.get("type") == "info" and str(e.get("message", "")).startswith("Loading model") and self.events:
+            if self.state.apply(e):
                 self.log.append("— new attempt —")
-            line = format_event(e)
+            line = format_event(e, stamp=True)
             if line:
                 self.log.append(line)
         self.events.extend(new)
@@ -263,8 +256,24 @@ class Progress:
         return len(new)
 
 
+def _phase_bar(p: EventProgress, status: str) -> tuple[float, str]:
+    """(percent of the bar, label) for a running attempt: training fills the bar by steps; each phase
+    after it by its own countable work when the worker reports it (done / total), else it stays full."""
+    step, max_steps = p.step or 0, p.max_steps or 0
+    if status == "stopping":
+        return (100.0 * step / max_steps if max_steps else 0.0,
+                "✋ Stopping after the current step; the model is then saved and evaluated")
+    if p.in_training_loop:
+        return 100.0 * step / max_steps if max_steps else 0.0, PHASE_LABELS[p.phase]
+    label = PHASE_LABELS.get(p.phase, "⚙️ Working")
+    if p.phase_total:
+        label += f" ({p.phase_done}/{p.phase_total})"
+        return 100.0 * (p.phase_done or 0) / p.phase_total, label
+    return (0.0 if p.phase == "loading" else 100.0), label
+
+
 def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
-    p = progress_from_events(prog.events)
+    p = prog.state
     status = st["status"]
     name = html.escape(st.get("name") or st["run_id"])
     head = f"<b>{name}</b> <code>{html.escape(st['run_id'])}</code>"
@@ -278,28 +287,24 @@ def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
                          st.get("error_lines"))
     if status == "cancelled":
         return f'<div class="ft-status">🚫 {head}: removed from the queue.</div>'
-    step, max_steps = p["step"] or 0, p["max_steps"] or 0
-    pct = 100.0 if status in ("finished", "stopped") else (100.0 * step / max_steps if max_steps else 0.0)
+    running = status in ("running", "stopping")
+    step, max_steps = p.step or 0, p.max_steps or 0
     bits = []
     if max_steps:
         bits.append(f"step <b>{step}</b> / {max_steps}")
-    if p["epoch"]:
-        bits.append(f"epoch {p['epoch']:.2f}")
-    if status in ("running", "stopping") and p["phase"] == "training" and p["eta_seconds"] is not None:
-        last_t = next((e["time"] for e in reversed(prog.events) if e.get("eta_seconds") is not None), time.time())
-        bits.append(f"ETA {_fmt_seconds(max(0.0, p['eta_seconds'] - (time.time() - last_t)))}")
-    if p["loss"] is not None:
-        bits.append(f"train loss {p['loss']:.4f}")
-    if p["eval_loss"] is not None:
-        bits.append(f"eval loss {p['eval_loss']:.4f}")
-    if status == "running":
-        label = "🏃 Training" if p["phase"] == "training" and pct < 100 else "⚙️ Working"
-    elif status == "stopping":
-        label = "✋ Stopping after the current step; the model is then evaluated and saved"
-    elif status == "stopped":
-        label = "⏹️ Stopped by you; the model was evaluated and saved"
+    if p.epoch:
+        bits.append(f"epoch {p.epoch:.2f}")
+    if running and p.in_training_loop and p.eta_seconds is not None:
+        bits.append(f"ETA {_fmt_seconds(p.remaining_seconds())}")
+    if p.loss is not None:
+        bits.append(f"train loss {p.loss:.4f}")
+    if p.eval_loss is not None:
+        bits.append(f"eval loss {p.eval_loss:.4f}")
+    if running:
+        pct, label = _phase_bar(p, status)
     else:
-        label = "✅ Finished"
+        pct = 100.0
+        label = "⏹️ Stopped by you; the model was evaluated and saved" if status == "stopped" else "✅ Finished"
     extra = ""
     if status == "finished" and metrics and metrics.get("stopped_by_time_limit"):
         extra = (f"<br><small>⏱️ Stopped at step {metrics.get('global_step')} of {metrics.get('max_steps')} by this "
@@ -307,8 +312,8 @@ def status_html(st: dict, prog: Progress, metrics: dict | None = None) -> str:
     elif status == "finished" and metrics and metrics.get("stopped_early"):
         extra = (f"<br><small>Finished early at step {metrics.get('global_step')} of {metrics.get('max_steps')}: "
                  "early stopping saw the validation score stop improving; the best checkpoint was kept.</small>")
-    if status in ("running", "stopping") and p["message"] and (p["phase"] != "training" or pct >= 100):
-        extra = f"<br><small>{html.escape(str(p['message']))}</small>"
+    if running and p.message and not p.in_training_loop:
+        extra = f"<br><small>{html.escape(str(p.message))}</small>"
     if metrics and status in ("finished", "stopped"):
         extra += "<br>" + result_line(metrics)
     return (f'<div class="ft-status">{label}: {head}<div class="ft-progress"><div style="width:{pct:.1f}%"></div>'
