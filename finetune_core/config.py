@@ -424,7 +424,9 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
     args = {
         "num_train_epochs": epochs,
         "per_device_train_batch_size": batch,
-        "per_device_eval_batch_size": 32,
+        # Instruction: the loss probe's batch (tasks/instruction.PROBE_BATCH), so the Trainer's last
+        # evaluation is the final validation loss itself and is not computed twice.
+        "per_device_eval_batch_size": 32 if classification else 8,
         "learning_rate": default_learning_rate(task, model_kind, strategy, frozen_layers),
         "weight_decay": 0.01,
         "warmup_steps": 0.1,                 # a float below 1 is a ratio in transformers 5
