@@ -105,7 +105,7 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
     frames = D.load_frames(cfg, max_bytes)
 
     # -- load model (the tokenizer first: preparing the data needs it)
-    writer.emit("info", message=f"Loading model {cfg.model} ...")
+    writer.emit("info", phase="loading", message=f"Loading model {cfg.model} ...")
     path = resolve_model(cfg.model)
     kind = model_kind(path)
     task.check_model(cfg, kind)
@@ -158,29 +158,40 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
     # -- save: the model first, the minutes of evaluation after, so a run stopped (and, past every
     # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
     if main:
+        writer.emit("info", phase="saving", message="Saving the model to model/ ...")
         save_model(cfg, model, run.tokenizer, out, render_model_card(cfg, metrics))
 
     # -- evaluate
     evaluated = task.evaluate(run, trainer, model, data, metrics)
-    metrics["peak_rss_mb"] = peak_rss_mb()
-    metrics["total_seconds"] = time.time() - t_start
 
     # -- write outputs
     stopped_by_user = callbacks[0].stopped_by_user
     if main:
+        _finish_metrics(metrics, t_start)
         rundir.atomic_write_text(rundir.model_dir(out) / "README.md", render_model_card(cfg, metrics))
         rundir.write_json(rundir.metrics_path(out), metrics)
         task.write_outputs(run, model, data, metrics, evaluated)
-        rundir.write_json(rundir.metrics_path(out), metrics)      # with what the outputs added
         if not stopped_by_user:
             # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
             shutil.rmtree(rundir.checkpoints_dir(out), ignore_errors=True)
+        _finish_metrics(metrics, t_start)
+        rundir.write_json(rundir.metrics_path(out), metrics)      # with what the outputs added
+    else:
+        _finish_metrics(metrics, t_start)
     state = trainer.state
-    writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                message=f"Done in {metrics['train_seconds']:.1f}s", train_seconds=metrics["train_seconds"],
+    writer.emit("end", phase="done", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+                message=f"Done: training {metrics['train_seconds']:.1f}s, whole run {metrics['total_seconds']:.1f}s",
+                train_seconds=metrics["train_seconds"], total_seconds=metrics["total_seconds"],
                 main_metric=metrics.get(task.MAIN_METRIC), stopped_early=metrics["stopped_early"],
                 stopped_by_user=stopped_by_user)
     return metrics
+
+
+def _finish_metrics(metrics: dict, t_start: float) -> None:
+    """The whole run's seconds (train() called to now: loading, training, saving, evaluating, outputs)
+    and the process's memory peak so far."""
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics["total_seconds"] = time.time() - t_start
 
 
 def _callbacks(args, patience, writer: EventWriter, stop_path: Path, t_start: float):
