@@ -294,8 +294,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 # training: values TrainingArguments would accept but that fail (or silently do nothing) later.
 # key -> (kind, minimum, strict, example); kind "int" = whole number, "number" = int or float.
 _TRAINING_RANGES = {
-    "learning_rate": ("number", 0, True, "Typical: 2e-5 (full), 1e-3 to 5e-3 (frozen head), 2e-4 to 1e-3 (LoRA)."),
-    "num_train_epochs": ("number", 0, True, "Typical: 3 to 10."),
+    "learning_rate": ("number", 0, True, None),                # the defaults: _learning_rate_hint()
+    "num_train_epochs": ("number", 0, True, None),             # the defaults: _epochs_hint()
     "per_device_train_batch_size": ("int", 1, False, "Typical: 8 to 32."),
     "per_device_eval_batch_size": ("int", 1, False, "Typical: 32."),
     "gradient_accumulation_steps": ("int", 1, False, "Typical: 1 to 8."),
@@ -311,8 +311,30 @@ _TRAINING_RANGES = {
 }
 
 
+def _short(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def _learning_rate_hint() -> str:
+    """The learning rates a run uses by default (default_learning_rate), so the advice never drifts."""
+    lr = default_learning_rate
+    return (f"The defaults: full {_short(lr('classification', 'encoder', 'full'))} (encoder), "
+            f"{_short(lr('instruction', 'causal', 'full'))} (instruction); "
+            f"frozen head {_short(lr('classification', 'encoder', 'frozen'))} (encoder); "
+            f"LoRA {_short(lr('classification', 'encoder', 'lora'))} (encoder), "
+            f"{_short(lr('instruction', 'causal', 'lora'))} (causal LM).")
+
+
+def _epochs_hint() -> str:
+    cls = training_defaults("classification", "encoder", "full", 100, cuda=False)["num_train_epochs"]
+    ins = training_defaults("instruction", "causal", "full", 100, cuda=False)["num_train_epochs"]
+    return f"The defaults: {cls} (classification, with early stopping), {ins} (instruction)."
+
+
 def _validate_training_values(training: dict) -> None:
+    hints = {"learning_rate": _learning_rate_hint, "num_train_epochs": _epochs_hint}
     for key, (kind, minimum, strict, example) in _TRAINING_RANGES.items():
+        example = example or hints[key]()
         value = training.get(key)
         if value is None:
             continue
@@ -424,7 +446,9 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
     args = {
         "num_train_epochs": epochs,
         "per_device_train_batch_size": batch,
-        "per_device_eval_batch_size": 32,
+        # Instruction: the loss probe's batch (tasks/instruction.PROBE_BATCH), so the Trainer's last
+        # evaluation is the final validation loss itself and is not computed twice.
+        "per_device_eval_batch_size": 32 if classification else 8,
         "learning_rate": default_learning_rate(task, model_kind, strategy, frozen_layers),
         "weight_decay": 0.01,
         "warmup_steps": 0.1,                 # a float below 1 is a ratio in transformers 5

@@ -129,34 +129,68 @@ def general_text_paragraphs() -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def token_loss(model, batches) -> tuple[float, int]:
-    """Mean cross-entropy per predicted token over batches of {input_ids, attention_mask, labels}."""
+def lm_head_parts(model):
+    """(body, head) of a causal LM whose logits are the head applied to the body's last hidden states, so
+    the loss can project only the positions it scores; None for any other model (a logit soft-cap or
+    scale, no separate head). The vocabulary projection is ~20% of SmolLM2's FLOPs, and prompt and
+    padding positions (label -100) contribute nothing to the loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) is not None or \
+            getattr(cfg, "logit_scale", None) is not None or not hasattr(base, "get_output_embeddings"):
+        return None
+    head = base.get_output_embeddings()
+    body = getattr(base, getattr(base, "base_model_prefix", "") or "_none_", None)
+    return (body, head) if head is not None and body is not None else None
+
+
+def response_loss_sum(model, batch: dict, parts=None):
+    """(sum of the cross-entropy over the labelled positions, their count) for one batch of
+    {input_ids, attention_mask, labels}; `parts` = lm_head_parts(model) projects only those positions
+    (the same loss as the model's own up to float rounding), None computes the full logits."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    if parts is not None:
+        body, head = parts
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+
+
+def token_loss(model, batches, progress=None) -> tuple[float, int]:
+    """Mean cross-entropy per predicted token over batches of {input_ids, attention_mask, labels}.
+    progress(done, total) is called after each batch."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    parts = lm_head_parts(model)
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            logits = logits[:, :-1]
-            mask = labels != -100
-            if mask.any():
-                total += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask],
-                                                           reduction="sum").item()
-                count += int(mask.sum())
+            loss_sum, n = response_loss_sum(model, batch, parts)
+            if n:
+                total += loss_sum.item()
+                count += n
+            if progress is not None:
+                progress(i + 1, len(batches))
     model.train(was_training)
     return (total / count if count else float("nan")), count
 
 
-def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
-    """exp(mean token loss) of plain texts (every token predicted, padding excluded)."""
+def text_batches(tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> list[dict]:
+    """Plain texts as loss batches: every token predicted, padding excluded."""
     enc = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     feats = [{"input_ids": ids, "labels": list(ids)} for ids in enc if len(ids) > 1]
     collate = CausalCollator(tokenizer.pad_token_id)
-    batches = [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)]
-    loss, _ = token_loss(model, batches)
+    return [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)]
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
+    """exp(mean token loss) of plain texts (every token predicted, padding excluded)."""
+    loss, _ = token_loss(model, text_batches(tokenizer, texts, max_length, batch_size))
     return float(math.exp(loss)) if loss == loss else float("nan")
 
 

@@ -233,28 +233,54 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
     job.result()   # re-raises generate()'s error in the caller's thread
 
 
+GENERATION_BATCH = 20        # held-out prompts answered together (the run's 20 prompts in one batch)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the tokenizer's eos (SmolLM2's chat template ends a turn with it) and
+    every eos of the model's generation config (Llama 3's <|eot_id|> next to <|end_of_text|>, say)."""
+    ids = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id] + (configured if isinstance(configured, list) else [configured]):
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
+
+
 def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,
-                   batch_size: int = 10) -> list[str]:
-    """Greedy answers for ready-made prompt strings, batched with left padding."""
+                   batch_size: int = GENERATION_BATCH, progress=None) -> list[str]:
+    """Greedy answers for ready-made prompt strings, in the prompts' order.
+
+    Prompts of similar length share a batch (left padding, KV cache), and an answer ends at the first
+    stop token (stop_token_ids); a batch ends when all its answers have. progress(done, total) is
+    called after each batch with the number of prompts answered so far."""
     import torch
 
+    special = template != "chat"      # a chat template already wrote its special tokens into the prompt
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=special)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    answers: list[str] = [""] * len(prompts)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    answers: list[str] = []
     was_training = model.training
     model.eval()
     use_cache = model.config.use_cache
     model.config.use_cache = True
+    kwargs = _generation_kwargs(tokenizer, 0, 1, max_new_tokens, False)
+    kwargs["eos_token_id"] = stop_token_ids(model, tokenizer) or kwargs["eos_token_id"]
     try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=(template != "chat"))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=special)
             enc.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
-                out = model.generate(**enc, **_generation_kwargs(tokenizer, 0, 1, max_new_tokens, False))
-            for row in out[:, enc["input_ids"].shape[1]:]:
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                out = model.generate(**enc, **kwargs)
+            for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(min(start + batch_size, len(order)), len(order))
     finally:
         tokenizer.padding_side = old_side
         model.config.use_cache = use_cache
@@ -273,15 +299,15 @@ def heldout_prompts(p, limit: int = 20) -> tuple[list[str], list[str]]:
     return p.val_ex.prompts[:limit], p.val_ex.references[:limit]
 
 
-def write_generations(out: Path, model, tokenizer, p, metrics: dict, before: list[str] | None = None) -> None:
+def write_generations(out: Path, prompts: list[str], references: list[str], after: list[str],
+                      metrics: dict, before: list[str] | None = None) -> None:
     """generations.jsonl: prompt, reference, before/after answers and ROUGE-L; means go to metrics."""
-    prompts, refs = heldout_prompts(p)
-    after = generate_batch(model, tokenizer, prompts, p.template)
-    after_scores = rouge_l(after, refs)
-    before_scores = rouge_l(before, refs) if before else [None] * len(prompts)
+    after_scores = rouge_l(after, references)
+    before_scores = rouge_l(before, references) if before else [None] * len(prompts)
     lines = []
     for i, prompt in enumerate(prompts):
-        row = {"index": i, "prompt": prompt, "reference": refs[i], "after": after[i], "rougeL_after": after_scores[i]}
+        row = {"index": i, "prompt": prompt, "reference": references[i], "after": after[i],
+               "rougeL_after": after_scores[i]}
         if before:
             row.update(before=before[i], rougeL_before=before_scores[i])
         lines.append(json.dumps(row) + "\n")

@@ -280,6 +280,63 @@ def load_model(path: str, task: str, kind: str, num_labels: int | None = None,
     return model
 
 
+def local_model_folder(path_or_id: str) -> Path | None:
+    """The folder holding a model's files: the folder itself, or a hub id's snapshot in the local hub
+    cache (named by its commit); None when there is none."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(path_or_id, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id, no hub library: no local folder
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def load_weights_into(model, path: str) -> bool:
+    """Copy the weights saved in the model folder `path` into `model`'s own tensors, in place: the base
+    weights back into a model trained from them, without a second model in memory.
+
+    Returns False, with `model` untouched, unless the folder's safetensors files name exactly model's
+    parameters (same names, same shapes; a tied pair by either name): other formats, renamed keys and
+    extra tensors are left to a regular load. Buffers are not read: training does not change them."""
+    import torch
+    from safetensors import safe_open
+
+    folder = local_model_folder(path)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return False
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                where[name] = f
+                shapes[name] = tuple(h.get_slice(name).get_shape())
+    state = model.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    plan: dict[str, torch.Tensor] = {}
+    for _, param in model.named_parameters():
+        found = [n for n in names_of.get(id(param), []) if n in where]
+        if len(found) != 1 or shapes[found[0]] != tuple(param.shape):
+            return False
+        plan[found[0]] = param
+    if set(where) - set(state):
+        return False            # tensors the model does not have: not this model's checkpoint
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    if name in plan:
+                        plan[name].copy_(h.get_tensor(name))
+    return True
+
+
 def list_models() -> list[dict]:
     """Bundled models first (with offline availability), then suggested hub ids."""
     rows = []

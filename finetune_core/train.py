@@ -60,7 +60,7 @@ def train(config, *, stop_file: str | Path | None = None, echo=None, max_bytes: 
 
     def report(message: str) -> None:
         try:
-            writer.emit("error", message=message)
+            writer.error(message)
         except OSError:      # the disk may be full: the exception still reaches the caller
             pass
 
@@ -116,7 +116,7 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
     frames = D.load_frames(cfg, max_bytes)
 
     # -- load model (the tokenizer first: preparing the data needs it)
-    writer.emit("info", message=f"Loading model {cfg.model} ...")
+    writer.begin(f"Loading model {cfg.model} ...")
     path = resolve_model(cfg.model)
     kind = model_kind(path)
     task.check_model(cfg, kind)
@@ -129,26 +129,26 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
         report = task.audit(run, frames, data)
         rundir.write_json(rundir.audit_path(out), report)
         for w in report.get("warnings", []):
-            writer.emit("info", message=f"Audit: {w}")
+            writer.info(f"Audit: {w}")
     model = task.load_model(run, data)
 
     # -- strategy
     model = apply_strategy(model, cfg.strategy, cfg.task)
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
-    writer.emit("info", message=summary["line"], trainable_params=summary["trainable_params"],
+    writer.info(summary["line"], trainable_params=summary["trainable_params"],
                 total_params=summary["total_params"])
 
     # -- training arguments
     notes: list[str] = []
     args, patience = task.training_arguments(run, data, notes)
     for note in notes:
-        writer.emit("info", message=note)
+        writer.info(note)
     if not args.push_to_hub:
         args.hub_token = None        # unused without push_to_hub; never pickled into checkpoints/training_args.bin
     capped = cap_steps(args, data.n_train)
     if capped:
-        writer.emit("info", message=capped)
+        writer.info(capped)
     callbacks, time_limit = _callbacks(args, patience, writer, stop_path, t_start)
 
     # -- trainer
@@ -169,29 +169,40 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
     # -- save: the model first, the minutes of evaluation after, so a run stopped (and, past every
     # timeout, killed) while it evaluates keeps its model. The card gets the final metrics below.
     if main:
+        writer.phase("saving", "Saving the model to model/ ...")
         save_model(cfg, model, run.tokenizer, out, render_model_card(cfg, metrics))
 
     # -- evaluate
     evaluated = task.evaluate(run, trainer, model, data, metrics)
-    metrics["peak_rss_mb"] = peak_rss_mb()
-    metrics["total_seconds"] = time.time() - t_start
 
     # -- write outputs
     stopped_by_user = callbacks[0].stopped_by_user
     if main:
+        _finish_metrics(metrics, t_start)
         rundir.atomic_write_text(rundir.model_dir(out) / "README.md", render_model_card(cfg, metrics))
         rundir.write_json(rundir.metrics_path(out), metrics)
         task.write_outputs(run, model, data, metrics, evaluated)
-        rundir.write_json(rundir.metrics_path(out), metrics)      # with what the outputs added
         if not stopped_by_user:
             # A finished run needs no optimizer state (~3x the model's size); a stopped one keeps it to resume.
             shutil.rmtree(rundir.checkpoints_dir(out), ignore_errors=True)
+        _finish_metrics(metrics, t_start)
+        rundir.write_json(rundir.metrics_path(out), metrics)      # with what the outputs added
+    else:
+        _finish_metrics(metrics, t_start)
     state = trainer.state
-    writer.emit("end", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                message=f"Done in {metrics['train_seconds']:.1f}s", train_seconds=metrics["train_seconds"],
-                main_metric=metrics.get(task.MAIN_METRIC), stopped_early=metrics["stopped_early"],
-                stopped_by_user=stopped_by_user)
+    writer.end(f"Done: training {metrics['train_seconds']:.1f}s, whole run {metrics['total_seconds']:.1f}s",
+               step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+               train_seconds=metrics["train_seconds"], total_seconds=metrics["total_seconds"],
+               main_metric=metrics.get(task.MAIN_METRIC), stopped_early=metrics["stopped_early"],
+               stopped_by_user=stopped_by_user)
     return metrics
+
+
+def _finish_metrics(metrics: dict, t_start: float) -> None:
+    """The whole run's seconds (train() called to now: loading, training, saving, evaluating, outputs)
+    and the process's memory peak so far."""
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics["total_seconds"] = time.time() - t_start
 
 
 def _callbacks(args, patience, writer: EventWriter, stop_path: Path, t_start: float):
@@ -219,7 +230,7 @@ def _fit(cfg: RunConfig, trainer, writer: EventWriter, checkpoints: Path, main: 
             drop_incomplete_checkpoints(checkpoints)
         resume = resume_checkpoint(checkpoints)
         if resume is None:
-            writer.emit("info", message="resume: true but no checkpoint was found; starting from the beginning.")
+            writer.info("resume: true but no checkpoint was found; starting from the beginning.")
     # A Stop pressed while the model loaded (a STOP newer than this process) ends training at the
     # first step: the run ends as stopped with a saved, evaluable model like any other stop.
     t0 = time.time()

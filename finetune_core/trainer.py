@@ -19,7 +19,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import EvalLoopOutput
 
+from .evaluation import lm_head_parts, response_loss_sum
 from .events import EventWriter, rank0_decides
 from .malloc import release_free_memory
 
@@ -58,11 +60,15 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 
 class FinetuneTrainer(Trainer):
-    """Trainer whose causal-LM loss projects only response positions through the LM head.
+    """Trainer whose causal-LM loss projects only response positions through the LM head, whose
+    evaluation loss is the mean over response tokens, and which writes no checkpoint at the end of a
+    finished run.
 
-    The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have
-    label -100 and contribute nothing to the loss, so we skip computing their logits. The loss
-    value is identical to the model's own (same tokens, same normalisation).
+    The vocabulary projection is ~20% of SmolLM2's FLOPs; prompt and padding positions have label
+    -100 and contribute nothing to the loss, so we skip computing their logits. The training loss is
+    identical to the model's own (same tokens, same normalisation). The evaluation loss is the mean
+    over every response token of the validation rows (evaluation.token_loss, what the run reports),
+    not a mean of per-batch means, so the last evaluation is the final model's validation loss.
     """
 
     response_only = False
@@ -70,6 +76,11 @@ class FinetuneTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
+        self.skipped_final_checkpoint = False
+        self.token_mean_steps: set[int] = set()    # steps this process evaluated with the response-token mean
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, EventsCallback):
+                cb.skips_last_checkpoint = True     # its events say so (no "saving a checkpoint" at the end)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -85,22 +96,75 @@ class FinetuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.response_only or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        body = getattr(base, base.base_model_prefix)
-        labels = inputs["labels"][:, 1:]
-        keep = labels != -100
         # accelerate applies bf16/fp16 autocast by wrapping model.forward; calling the body and the
         # head directly bypasses that wrapper, so enter the same autocast here (a no-op in float32).
         with self.accelerator.autocast():
-            hidden = body(input_ids=inputs["input_ids"],
-                          attention_mask=inputs["attention_mask"]).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+            loss_sum, count = response_loss_sum(model, inputs, lm_head_parts(model))
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss_sum / num_items_in_batch
         else:
-            loss = loss_sum / keep.sum().clamp(min=1)
+            loss = loss_sum / max(count, 1)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
+        if not (self.response_only and loss_only):
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        model = self.model
+        model.eval()
+        parts = lm_head_parts(model)
+        total, count, rows = 0.0, 0, 0
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                loss_sum, n = response_loss_sum(model, batch, parts)
+                total += loss_sum.item()
+                count += n
+                rows += int(batch["input_ids"].shape[0])
+        self.token_mean_steps.add(self.state.global_step)
+        loss = total / count if count else float("nan")
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss},
+                              num_samples=rows)
+
+    def _save_checkpoint(self, model, trial):
+        """Every checkpoint but the last one of a finished run (last_checkpoint_redundant)."""
+        state = self.state
+        stopped = any(getattr(cb, "stopped_by_user", False) for cb in self.callback_handler.callbacks)
+        if not last_checkpoint_redundant(state, stopped):
+            return super()._save_checkpoint(model, trial)
+        self.skipped_final_checkpoint = True
+        if state.best_global_step == state.global_step:
+            # The best model is the one in memory: nothing to load back at the end (_load_best_model).
+            state.best_model_checkpoint = None
+
+    def weights_step(self) -> int:
+        """The step whose weights the model holds after train(): the best checkpoint's when it was loaded
+        back at the end, else the last step."""
+        state = self.state
+        if self.args.load_best_model_at_end and state.best_model_checkpoint is not None and state.best_global_step:
+            return int(state.best_global_step)
+        return int(state.global_step)
+
+    def eval_loss_of_weights(self) -> float | None:
+        """The validation loss the Trainer measured on the weights the model holds now (weights_step), as
+        the response-token mean; None when it did not measure them."""
+        step = self.weights_step()
+        if step not in self.token_mean_steps:
+            return None
+        for entry in reversed(self.state.log_history):
+            if entry.get("step") == step and "eval_loss" in entry:
+                return float(entry["eval_loss"])
+        return None
+
+
+def last_checkpoint_redundant(state, stopped_by_user: bool) -> bool:
+    """The checkpoint at the last step of a finished run is never written: train() saves model/ right
+    after training and deletes checkpoints/ once the run is done, so those weights (and Adam's state,
+    twice their size) would be written only to be deleted. A run stopped by the user keeps its
+    checkpoint, to resume from it."""
+    return bool(state.max_steps) and state.global_step >= state.max_steps and not stopped_by_user
 
 
 def release_training_state(trainer: Trainer) -> None:
@@ -117,10 +181,7 @@ def response_only_ok(model) -> bool:
     """The response-only loss needs a plain LM head and no DDP wrapper (DDP must see the full forward)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    return (getattr(cfg, "final_logit_softcapping", None) is None and base.get_output_embeddings() is not None
-            and hasattr(base, base.base_model_prefix))
+    return lm_head_parts(model) is not None
 
 
 class EventsCallback(TrainerCallback):
@@ -134,6 +195,7 @@ class EventsCallback(TrainerCallback):
         self.first_step = 0
         self.stopped_by_user = False
         self.finishing = False
+        self.skips_last_checkpoint = False     # FinetuneTrainer writes no checkpoint at a finished run's end
 
     def _eta(self, state) -> float | None:
         done = state.global_step - self.first_step
@@ -145,16 +207,14 @@ class EventsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.time()
         self.first_step = state.global_step
-        self.writer.emit("start", step=state.global_step, max_steps=state.max_steps,
-                         epoch=state.epoch or 0.0, num_train_epochs=args.num_train_epochs)
+        self.writer.start(state.global_step, state.max_steps, state.epoch, args.num_train_epochs)
 
     def _finishing(self, state, message: str) -> None:
         # Tells the job manager the Trainer honoured the stop (or is done): from here on, saving and
         # evaluating may take minutes, and a hard kill would lose the model.
         if not self.finishing:
             self.finishing = True
-            self.writer.emit("info", phase="finishing", step=state.global_step, max_steps=state.max_steps,
-                             message=message)
+            self.writer.phase("saving", message, step=state.global_step, max_steps=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         # A stop request (file written by the app or by compare) ends training at this step; the
@@ -177,13 +237,14 @@ class EventsCallback(TrainerCallback):
         # The default flow callback (it runs before this one) has decided to evaluate and/or save now.
         # Tell the job manager: a Stop pressed during a long evaluation or checkpoint write must not
         # hard-kill the worker mid-save (it gets finish_timeout until the next save/eval/log event).
-        if self.finishing or not (control.should_evaluate or control.should_save):
+        save = control.should_save and not (self.skips_last_checkpoint and
+                                            last_checkpoint_redundant(state, self.stopped_by_user))
+        if self.finishing or not (control.should_evaluate or save):
             return
         what = " and ".join(w for w, on in (("evaluating", control.should_evaluate),
-                                             ("saving a checkpoint", control.should_save)) if on)
-        self.writer.emit("info", phase="evaluating", step=state.global_step, max_steps=state.max_steps,
-                         evaluate=bool(control.should_evaluate), save=bool(control.should_save),
-                         message=f"Step {state.global_step}: {what}.")
+                                             ("saving a checkpoint", save)) if on)
+        self.writer.phase("checkpoint", f"Step {state.global_step}: {what}.", step=state.global_step,
+                          max_steps=state.max_steps, evaluate=bool(control.should_evaluate), save=bool(save))
 
     def on_train_end(self, args, state, control, **kwargs):
         self._finishing(state, f"Training ended at step {state.global_step} of {state.max_steps}; "
@@ -195,11 +256,12 @@ class EventsCallback(TrainerCallback):
                   "eta_seconds": self._eta(state)}
         if any(k.startswith("eval_") for k in logs):
             metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k not in common}
-            self.writer.emit("eval", **common, **metrics)
+            self.writer.eval(**common, **metrics)
         elif "loss" in logs:
-            self.writer.emit("log", **common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
-                             grad_norm=logs.get("grad_norm"))
+            self.writer.log(**common, loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                            grad_norm=logs.get("grad_norm"))
 
     def on_save(self, args, state, control, **kwargs):
-        self.writer.emit("save", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
-                         message=f"checkpoint-{state.global_step}")
+        if self.skips_last_checkpoint and last_checkpoint_redundant(state, self.stopped_by_user):
+            return      # not written (FinetuneTrainer._save_checkpoint)
+        self.writer.save(state.global_step, state.max_steps, state.epoch)

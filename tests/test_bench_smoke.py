@@ -187,3 +187,29 @@ def test_padding_floor_is_the_best_rectangular_batching():
         best = min(best, 1 - sum(lengths) / sum(max(g) * len(g) for g in groups))
     assert padding_floor(lengths, 2) == pytest.approx(best)
     assert padding_floor([5, 5, 5, 5], 2) == 0.0
+
+
+def test_time_to_result_phases_from_events():
+    """Phases from a run's events as the app reads them: the `phase` field, the legacy "finishing"
+    (saving) and mid-run "evaluating" (checkpoint) names, the loop resuming after a mid-run evaluation
+    that saved nothing."""
+    from benchmarks import time_to_result as T
+    from finetune_core.config import config_from_dict
+
+    events = [{"type": "info", "time": 0.0, "phase": "loading"},
+              {"type": "start", "time": 2.0, "phase": "training"},
+              {"type": "log", "time": 5.0, "step": 1},
+              {"type": "info", "time": 10.0, "phase": "evaluating", "step": 2},     # mid-run: checkpoint
+              {"type": "eval", "time": 13.0, "step": 2},
+              {"type": "log", "time": 14.0, "step": 3},                            # the loop goes on
+              {"type": "info", "time": 20.0, "phase": "finishing", "step": 4},
+              {"type": "info", "time": 21.0, "phase": "saving"},
+              {"type": "info", "time": 23.0, "phase": "evaluating", "done": 0},     # after training
+              {"type": "info", "time": 26.0, "phase": "generating", "done": 0},
+              {"type": "info", "time": 30.0, "phase": "baseline", "cached": True},
+              {"type": "end", "time": 30.5, "phase": "done"}]
+    p = T.phase_seconds(events)
+    assert p == {"loading": 2.0, "training": 15.0, "checkpoint": 3.0, "saving": 3.0, "evaluating": 3.0,
+                 "generating": 4.0, "baseline": 0.5, "whole_run": 30.5}
+    cfg = T.run_config("bundled:smollm2-135m", "t.jsonl", "v.jsonl", REPO / "x", "lora")
+    assert config_from_dict(cfg).strategy.name == "lora" and cfg["training"] == {"num_train_epochs": 1}

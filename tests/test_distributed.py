@@ -85,9 +85,9 @@ def test_rank0_decides_the_stop_for_every_rank(tmp_path):
     for rank, result in enumerate(results):
         assert result == {"stop_file": True, "time_limit": True, "nothing": False, "stopped_by_user": True,
                           "triggered": True}, (rank, result)
-    # rank 0 alone writes events: one "finishing" phase event, one time-limit message
+    # rank 0 alone writes events: one "saving" phase event (the Trainer stopped), one time-limit message
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [e.get("phase") for e in events].count("finishing") == 1
+    assert [e.get("phase") for e in events].count("saving") == 1
     assert sum("FINETUNE_MAX_MINUTES" in e.get("message", "") for e in events) == 1
 
 

@@ -102,7 +102,9 @@ def test_disk_full_while_saving_the_final_model(tmp_path, tiny_bert_dir, capsys,
     rc, err = run_cli(["train", config], capsys)
     assert_refused(rc, err, "The disk is full", "resume: true")
     assert not (out / ".model.tmp").exists() and not (out / "model").exists()   # no half model
-    assert_checkpoints_sound(out, 6)                    # the checkpoints survive for a resume
+    # The checkpoints survive for a resume. A finished run writes no checkpoint at its last step (model/
+    # holds those weights), so a resume after this failure continues from checkpoint-4.
+    assert_checkpoints_sound(out, 4)
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

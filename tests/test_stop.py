@@ -60,8 +60,10 @@ def test_classification_model_is_saved_before_final_evaluation(tmp_path, tiny_be
     # the card is rewritten with the final metrics, as before the model was saved early
     assert f"| accuracy | {metrics['accuracy']:.4f} |" in card and "Baselines on the same split" in card
     events = read_all_events(out / "events.jsonl")
-    phases = [i for i, e in enumerate(events) if e.get("phase") == "finishing"]
-    assert len(phases) == 1 and events[phases[0] - 1]["type"] in ("log", "save", "info")
+    phases = [i for i, e in enumerate(events) if e.get("phase") == "saving"]
+    # the Trainer's end ("saving" as it stops), then train.py's "Saving the model to model/"
+    assert len(phases) == 2 and events[phases[0] - 1]["type"] in ("log", "save", "info")
+    assert events[phases[1]]["message"].startswith("Saving the model")
     assert events[-1]["type"] == "end" and events[-1]["stopped_by_user"] is False
 
 
@@ -157,7 +159,7 @@ def test_stop_with_slow_post_training_is_not_killed_and_keeps_the_model(tmp_path
     assert (job.run_dir / "model" / "model.safetensors").is_file()
     metrics = json.loads((job.run_dir / "metrics.json").read_text())
     assert metrics["stopped_by_user"] and metrics["global_step"] < 100000
-    assert any(e.get("phase") in ("finishing", "saving") for e in events_of(job))   # train.py's old / new name
+    assert any(e.get("phase") == "saving" for e in events_of(job))
 
 
 @pytest.mark.slow
@@ -236,8 +238,8 @@ def test_kill_clock_spares_a_mid_run_evaluation_and_checkpoint(tmp_path):
 
 
 def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir):
-    """A real run writes a checkpoint phase event at each epoch end, before its eval and save (train.py's
-    old name for that phase is "evaluating", the new one "checkpoint")."""
+    """A real run writes a checkpoint phase event at each epoch end, before its eval and its save; the last
+    epoch's says it saves nothing (model/ holds those weights), and no checkpoint follows it."""
     from conftest import class_rows, write_csv
     from finetune_core.config import config_from_dict
     from finetune_core.events import read_all_events
@@ -250,11 +252,15 @@ def test_events_say_when_the_trainer_evaluates_or_saves(tmp_path, tiny_bert_dir)
                             "output_dir": str(tmp_path / "run")})
     train(cfg)
     events = read_all_events(tmp_path / "run" / "events.jsonl")
-    kinds = [(e["type"], e.get("phase")) for e in events if e["type"] in ("info", "eval", "save")]
-    evaluating = [i for i, k in enumerate(kinds) if k in (("info", "evaluating"), ("info", "checkpoint"))]
-    assert len(evaluating) == 2
-    for i in evaluating:      # each is followed by its evaluation and its checkpoint
-        assert kinds[i + 1][0] == "eval" and kinds[i + 2][0] == "save"
+    kept = [e for e in events if e["type"] in ("info", "eval", "save")]
+    kinds = [(e["type"], e.get("phase")) for e in kept]
+    checkpoints = [i for i, k in enumerate(kinds) if k == ("info", "checkpoint")]
+    assert len(checkpoints) == 2
+    assert [kept[i]["save"] for i in checkpoints] == [True, False]
+    assert all(kept[i]["evaluate"] for i in checkpoints)
+    first, last = checkpoints
+    assert kinds[first + 1][0] == "eval" and kinds[first + 2][0] == "save"
+    assert kinds[last + 1][0] == "eval" and ("save", None) not in kinds[last:]
 
 
 def test_stop_timeouts_from_the_environment(tmp_path, monkeypatch):

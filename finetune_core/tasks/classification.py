@@ -162,7 +162,7 @@ def build_trainer(run: RunContext, model, data: ClassificationData, args, callba
     use_cache = want_cache(run.cfg, model)
     metrics["cache_features"] = use_cache
     if use_cache:
-        run.writer.emit("info", message="Caching features: the frozen encoder runs once over the data.")
+        run.writer.info("Caching features: the frozen encoder runs once over the data.")
         t_feat = time.time()
         train_ds, eval_ds, train_model = cached_datasets(model, data, run.tokenizer, args)
         metrics["feature_seconds"] = time.time() - t_feat   # train() counts it in train_seconds

@@ -4,12 +4,20 @@ Rows are (prompt, response) pairs in any of the instruction formats (data.detect
 is taken on response tokens only. Metrics: validation loss and perplexity, general-text perplexity
 (the forgetting probe), each for the tuned model and for the untouched base model, measured after
 training; generations.jsonl holds the answers of both to the held-out prompts, with ROUGE-L.
+
+After training, in this order (each an `info` event with its phase, and done/total where it counts):
+evaluating (the tuned model; the Trainer's last evaluation of the same weights is reused when there
+is one), generating (its answers), baseline (the base model: read from the base-model cache,
+basecache.py, or measured and stored there). The base side is measured on the same in-memory model:
+LoRA switches its adapters off; full and frozen runs copy the base weights back into it in place
+(the tuned weights are saved in model/ and measured by then), so no second model is ever loaded.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -17,15 +25,19 @@ import pandas as pd
 from .. import data as D
 from .. import evaluation, rundir
 from ..audit import audit_run
+from ..basecache import BaseCache, digest, entry_key
 from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
-from ..generate import generate_batch, heldout_prompts, write_generations
+from ..generate import GENERATION_BATCH, generate_batch, heldout_prompts, write_generations
 from ..models import load_model as load_pretrained
+from ..models import load_weights_into
 from ..trainer import FinetuneTrainer, release_training_state, response_only_ok
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
 
 MAIN_METRIC = "eval_loss"
+PROBE_BATCH = 8                 # validation rows per batch of the loss probe (and the Trainer's evaluation)
+MAX_NEW_TOKENS = 64             # answers to the held-out prompts
 
 
 @dataclass
@@ -94,7 +106,7 @@ def _report_dropped(run: RunContext, data: InstructionData) -> None:
                    f"max_length={run.cfg.data.max_length}, leaving no response token to learn")
     if reasons["empty_response"]:
         why.append(f"{reasons['empty_response']} because their response is empty")
-    run.writer.emit("info", message=f"{data.dropped_rows} rows dropped: {'; '.join(why)}.")
+    run.writer.info(f"{data.dropped_rows} rows dropped: {'; '.join(why)}.")
 
 
 def audit(run: RunContext, frames: D.Frames, data: InstructionData) -> dict:
@@ -117,10 +129,12 @@ def training_arguments(run: RunContext, data: InstructionData, notes: list[str])
 
 def build_trainer(run: RunContext, model, data: InstructionData, args, callbacks, metrics: dict):
     """The Trainer with the response-only loss. The base model is measured after training (evaluate),
-    so the first loss point reaches the UI seconds after the model loads."""
+    so the first loss point reaches the UI seconds after the model loads. The validation rows are in
+    the loss probe's order (val_features), so the Trainer's evaluation batches are the probe's."""
     train_ds = as_dataset({"input_ids": data.train_ex.input_ids, "labels": data.train_ex.labels,
                            "length": [len(x) for x in data.train_ex.input_ids]})
-    eval_ds = as_dataset({"input_ids": data.val_ex.input_ids, "labels": data.val_ex.labels})
+    feats = val_features(data)
+    eval_ds = as_dataset({"input_ids": [f["input_ids"] for f in feats], "labels": [f["labels"] for f in feats]})
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               data_collator=D.CausalCollator(run.tokenizer.pad_token_id),
                               processing_class=run.tokenizer, callbacks=callbacks)
@@ -132,54 +146,142 @@ def build_trainer(run: RunContext, model, data: InstructionData, args, callbacks
 # evaluate and outputs
 
 
-def lm_probe(model, tokenizer, data: InstructionData, cfg: RunConfig, suffix: str) -> dict:
-    """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting)."""
-    collator = D.CausalCollator(tokenizer.pad_token_id)
+def val_features(data: InstructionData) -> list[dict]:
+    """The validation rows shortest first: batches of similar lengths pad little."""
     feats = [{"input_ids": i, "labels": l} for i, l in zip(data.val_ex.input_ids, data.val_ex.labels)]
-    batches = [collator(feats[i:i + 8]) for i in range(0, len(feats), 8)]
-    loss, _ = evaluation.token_loss(model, batches)
-    general = evaluation.perplexity(model, tokenizer, evaluation.general_text_paragraphs(),
-                                    max_length=cfg.data.max_length)
-    return {f"eval_loss{suffix}": loss, f"perplexity{suffix}": math.exp(loss),
+    return sorted(feats, key=lambda f: len(f["input_ids"]))
+
+
+def probe_batches(tokenizer, data: InstructionData, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    """(validation batches, general-text batches) that lm_probe scores."""
+    collator = D.CausalCollator(tokenizer.pad_token_id)
+    feats = val_features(data)
+    val = [collator(feats[i:i + PROBE_BATCH]) for i in range(0, len(feats), PROBE_BATCH)]
+    text = evaluation.text_batches(tokenizer, evaluation.general_text_paragraphs(), cfg.data.max_length)
+    return val, text
+
+
+def lm_probe(model, tokenizer, data: InstructionData, cfg: RunConfig, suffix: str, progress=None,
+             val_loss: float | None = None) -> dict:
+    """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting).
+    val_loss: the validation loss when it is already known (the Trainer's last evaluation of these
+    weights): only general text is scored. progress(done, total) counts batches."""
+    val, text = probe_batches(tokenizer, data, cfg)
+    if val_loss is not None:
+        val = []
+    total = len(val) + len(text)
+    step = (lambda offset: (lambda done, _n: progress(offset + done, total))) if progress else (lambda offset: None)
+    if val:
+        val_loss, _ = evaluation.token_loss(model, val, progress=step(0))
+    text_loss, _ = evaluation.token_loss(model, text, progress=step(len(val)))
+    general = float(math.exp(text_loss)) if text_loss == text_loss else float("nan")
+    return {f"eval_loss{suffix}": val_loss, f"perplexity{suffix}": math.exp(val_loss),
             f"general_perplexity{suffix}": general}
 
 
-def measure_base_model(run: RunContext, model, data: InstructionData, metrics: dict) -> list[str] | None:
-    """The "before" side, measured after training on the untouched base weights: LoRA switches its
-    adapters off (the base weights never changed); full and frozen runs load the base model again from
-    its files (the same load as at the start, so the same weights). Adds the `_before` metrics; returns
-    the base model's answers to the held-out prompts (rank 0 only, which writes them)."""
-    def measure(base) -> list[str] | None:
-        metrics.update(lm_probe(base, run.tokenizer, data, run.cfg, suffix="_before"))
-        return generate_batch(base, run.tokenizer, heldout_prompts(data)[0], data.template) if run.main else None
+@dataclass
+class Answers:
+    """The held-out prompts, their references, and the tuned (after) and base (before) models' answers
+    (rank 0 only; None elsewhere)."""
+    prompts: list[str]
+    references: list[str]
+    after: list[str] | None
+    before: list[str] | None
 
+
+def _progress(run: RunContext, phase: str, what: str, unit: str):
+    def report(done: int, total: int) -> None:
+        run.writer.phase(phase, f"{what}: {done}/{total} {unit}", done=done, total=total, unit=unit)
+    return report
+
+
+def base_cache_key(run: RunContext, data: InstructionData) -> str | None:
+    """The base-model cache key of this run's "before" side: base weights (basecache.entry_key), the
+    probe's exact batches, the held-out prompts and the generation settings."""
+    cfg, tok = run.cfg, run.tokenizer
+    val, text = probe_batches(tok, data, cfg)
+    prompts, _ = heldout_prompts(data)
+    parts = {"val_batches": digest([b["input_ids"].tolist() + b["labels"].tolist() for b in val]),
+             "text_batches": digest([b["input_ids"].tolist() for b in text]),
+             "prompts": digest(prompts), "template": data.template, "max_length": cfg.data.max_length,
+             "generation": {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": GENERATION_BATCH,
+                            "pad": tok.pad_token_id}}
+    return entry_key(run.model_path, parts)
+
+
+@contextmanager
+def base_weights(run: RunContext, model):
+    """The base model, from the in-memory `model` wherever possible: LoRA with its adapters off; full and
+    frozen runs get the base weights copied into `model` in place (it holds the base model from then on:
+    call this once the tuned model is saved and measured). Else a second copy loads from the files."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            return measure(model)
+            yield model
+        return
     gc.collect()
+    if load_weights_into(model, run.model_path):
+        yield model
+        return
     base = load_pretrained(run.model_path, "instruction", run.model_kind).to(next(model.parameters()).device)
     try:
-        return measure(base)
+        yield base
     finally:
         del base
         gc.collect()
 
 
-def evaluate(run: RunContext, trainer, model, data: InstructionData, metrics: dict) -> list[str] | None:
-    """Tuned and base model on the validation pairs and general text; returns the base model's answers."""
-    release_training_state(trainer)     # Adam's state goes before a copy of the base model loads
-    metrics.update(lm_probe(model, run.tokenizer, data, run.cfg, suffix=""))
-    run.writer.emit("info", message="Measuring the base model for comparison: loss, general-text perplexity "
-                                    "and answers to the held-out prompts ...")
-    before_answers = measure_base_model(run, model, data, metrics)
+def measure_base_model(run: RunContext, model, data: InstructionData, metrics: dict) -> list[str] | None:
+    """The "before" side on the untouched base weights: read from the base-model cache, else measured
+    (base_weights) and stored there. Adds the `_before` metrics and `base_cache` (hit | miss | off);
+    returns the base model's answers to the held-out prompts (rank 0 only, which writes them)."""
+    cache = BaseCache(run.writer)
+    key = base_cache_key(run, data)
+    entry = cache.read(key)
+    if entry is not None:
+        metrics.update(entry["metrics"])
+        metrics["base_cache"] = "hit"
+        run.writer.phase("baseline", "Base model: loss, general-text perplexity and answers read from the cache "
+                                     "(same base model, validation rows and settings as an earlier run).", cached=True)
+        return entry["answers"] if run.main else None
+    run.writer.phase("baseline", "Measuring the base model for comparison: loss, general-text perplexity and "
+                                 "answers to the held-out prompts ...", done=0)
+    with base_weights(run, model) as base:
+        before = lm_probe(base, run.tokenizer, data, run.cfg, suffix="_before",
+                          progress=_progress(run, "baseline", "Base model: loss", "batches"))
+        answers = None
+        if run.main:
+            answers = generate_batch(base, run.tokenizer, heldout_prompts(data)[0], data.template,
+                                     MAX_NEW_TOKENS, progress=_progress(run, "baseline", "Base model: answers", "prompts"))
+    metrics.update(before)
+    stored = run.main and answers is not None and cache.write(key, {"model": run.cfg.model, "metrics": before,
+                                                                     "answers": answers})
+    metrics["base_cache"] = "miss" if stored else "off"
+    return answers
+
+
+def evaluate(run: RunContext, trainer, model, data: InstructionData, metrics: dict) -> Answers:
+    """The tuned model on the validation pairs and general text, its answers to the held-out prompts, then
+    the base model (measure_base_model). Returns both models' answers for write_outputs."""
+    release_training_state(trainer)     # Adam's state goes before anything else is computed
+    run.writer.phase("evaluating", "Evaluating the tuned model: validation loss and general-text perplexity ...",
+                     done=0)
+    known = trainer.eval_loss_of_weights() if hasattr(trainer, "eval_loss_of_weights") else None
+    metrics.update(lm_probe(model, run.tokenizer, data, run.cfg, suffix="", val_loss=known,
+                            progress=_progress(run, "evaluating", "Tuned model", "batches")))
+    prompts, refs = heldout_prompts(data)
+    after = None
+    if run.main:
+        run.writer.phase("generating", "Generating answers to held-out prompts after training ...", done=0,
+                         total=len(prompts), unit="prompts")
+        after = generate_batch(model, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS,
+                               progress=_progress(run, "generating", "Answers", "prompts"))
+    before = measure_base_model(run, model, data, metrics)
     metrics.update(evaluation.forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
     metrics["val_samples"] = len(data.val_ex.input_ids)
     metrics["template"] = data.template
-    return before_answers
+    return Answers(prompts=prompts, references=refs, after=after, before=before)
 
 
-def write_outputs(run: RunContext, model, data: InstructionData, metrics: dict,
-                  before_answers: list[str] | None) -> None:
+def write_outputs(run: RunContext, model, data: InstructionData, metrics: dict, answers: Answers) -> None:
     """generations.jsonl: both models' answers to the held-out prompts; ROUGE-L means go to metrics."""
-    run.writer.emit("info", message="Generating answers to held-out prompts after training ...")
-    write_generations(run.out, model, run.tokenizer, data, metrics, before=before_answers)
+    write_generations(run.out, answers.prompts, answers.references, answers.after, metrics, before=answers.before)
