@@ -136,9 +136,8 @@ def prompt_columns(frame: pd.DataFrame, run_data: dict, name: str) -> dict:
 
 def _escaped(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
-    for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = out[col].map(safe_csv_cell)
+    for col in out.columns:       # every column: pandas reads text as object or as its string dtype
+        out[col] = out[col].map(safe_csv_cell)
     return out
 
 

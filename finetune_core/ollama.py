@@ -57,7 +57,8 @@ ALPACA_JINJA_TEMPLATE = (
     "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
     "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}"
     "{%- endfor -%}"
-    "### Instruction:\n{% if ns.system %}{{ ns.system }}\n\n{% endif %}{{ ns.user }}\n\n### Response:\n"
+    # the last newline as an expression: Jinja drops a template's trailing newline
+    "### Instruction:\n{% if ns.system %}{{ ns.system }}\n\n{% endif %}{{ ns.user }}\n\n### Response:{{ '\\n' }}"
 )
 
 
