@@ -45,10 +45,11 @@ class BatchPrediction:
 
 
 def predict_file(run_dir: str | Path, data_file: str | Path, out: str | Path | None = None, progress=None,
-                 max_new_tokens: int = 128) -> BatchPrediction:
+                 max_new_tokens: int = 128, max_bytes: int | None = None) -> BatchPrediction:
     """Predict every row of `data_file` with the run's model and write a CSV; returns what was written.
 
-    progress(done, total) is called as rows are done. Raises DataError for a bad file (before any model
+    progress(done, total) is called as rows are done. max_bytes: the largest file accepted (None: the
+    deployment's limit, as for training data). Raises DataError for a bad file (before any model
     loads) and FinetuneError for a run without a saved model.
     """
     run_dir = Path(run_dir)
@@ -58,7 +59,7 @@ def predict_file(run_dir: str | Path, data_file: str | Path, out: str | Path | N
                             "Wait for it to finish, or pick a finished run.")
     run = rundir.read_config(run_dir)
     task = run.get("task", "classification")
-    frame = D.read_table(data_file)
+    frame = D.read_table(data_file, max_bytes=max_bytes)
     name = Path(data_file).name
     run_data = run.get("data") or {}
     from .generate import load_for_inference   # deferred: torch, transformers

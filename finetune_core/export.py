@@ -264,10 +264,11 @@ def _trained_prompt_format(run_dir: Path, info: dict) -> str:
     return "alpaca" if template == "alpaca" else "chat"
 
 
-def gguf_commands(export) -> str:
-    """The commands that run an exported GGUF (Markdown), shown by the CLI and the Export tab."""
+def gguf_commands(export, cd: bool = True) -> str:
+    """The shell commands that run an exported GGUF, shown by the CLI and (cd=False: wherever the
+    files were downloaded to) the Export tab."""
     model = export.gguf_path.stem
-    lines = [f"cd {export.gguf_path.parent}"]
+    lines = [f"cd {export.gguf_path.parent}"] if cd else []
     if export.modelfile_path is not None:
         lines += [f"ollama create {model} -f {export.modelfile_path.name}", f"ollama run {model}"]
     lines.append(f"llama-cli -m {export.gguf_path.name} --jinja -cnv")
