@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import RunConfig
+from .portable import make_portable
 
 
 def checkpoint_complete(c: Path) -> bool:
@@ -67,6 +68,7 @@ def save_model(cfg: RunConfig, model, tokenizer, out: Path, card: str) -> None:
         if cfg.strategy.name == "lora" and cfg.task == "classification":
             # Keep the label names next to the adapter: AutoPeft loads the base with this config.
             model.get_base_model().config.save_pretrained(tmp)
+        make_portable(tmp, cfg.model)     # the base by its public Hub id, no local paths, the head's code
         (tmp / "README.md").write_text(card, encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)   # never leave half a model behind (e.g. the disk filled up)

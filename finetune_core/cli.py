@@ -4,7 +4,8 @@
     python -m finetune_core audit DATA_FILE --task classification|instruction [--set ...] [--json]
     python -m finetune_core models [--prepare] [--json]
     python -m finetune_core compare CONFIG.yaml --strategies full,frozen,lora
-    python -m finetune_core export RUN_DIR [--merge] [--zip]
+    python -m finetune_core export RUN_DIR [--merge] [--zip] [--adapter] [--gguf [--quant f16|q8_0]]
+    python -m finetune_core predict RUN_DIR DATA_FILE [--out OUT.csv] [--max-new-tokens N]
 
 Bad input prints one paragraph naming the problem and the fix and exits with code 2 (--debug shows
 the traceback).
@@ -23,7 +24,7 @@ from .compare import compare
 from .config import DataConfig, apply_overrides, config_from_dict, load_config
 from .errors import FinetuneError
 from .events import format_event, is_main_process
-from .export import merge_lora, zip_model
+from .export import GGUF_QUANTS, export_gguf_for_run, gguf_commands, merge_lora, merged_by_default, zip_model
 from .models import list_models, prepare_smollm2
 
 
@@ -114,10 +115,35 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """--merge writes model/merged/; --zip (the default action) zips the model as trained, or the merged
+    one (after --merge, and by default for a LoRA classifier, unless --adapter); --gguf writes a GGUF and
+    an Ollama Modelfile."""
     if args.merge:
         print(f"merged model written to {merge_lora(args.run_dir)}")
-    if args.zip or not args.merge:
-        print(f"zip written to {zip_model(args.run_dir)}")
+    if args.zip or not (args.merge or args.gguf):
+        merged = False if args.adapter else (True if args.merge else None)
+        what = "merged model" if merged or (merged is None and merged_by_default(args.run_dir)) else "model"
+        print(f"zip of the {what} written to {zip_model(args.run_dir, merged=merged)}")
+    if args.gguf:
+        result = export_gguf_for_run(args.run_dir, args.quant)
+        print(f"GGUF ({result.quant}, {result.size_bytes / 1e6:.0f} MB) written to {result.gguf_path}")
+        if result.modelfile_path is not None:
+            print(f"Ollama Modelfile written to {result.modelfile_path}")
+        print("Run it with:\n  " + gguf_commands(result).replace("\n", "\n  "))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .batch_predict import predict_file   # deferred: pandas, then torch when the model loads
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  {done}/{total} rows", end="", flush=True)
+
+    result = predict_file(args.run_dir, args.file, out=args.out, progress=progress,
+                          max_new_tokens=args.max_new_tokens)
+    print()
+    blank = f" ({result.blank_rows} without text, left blank)" if result.blank_rows else ""
+    print(f"{result.rows} rows predicted{blank} from column(s) {', '.join(result.source_columns)}: {result.path}")
     return 0
 
 
@@ -151,11 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("export", help="zip a run's model or merge its LoRA adapter")
+    p = sub.add_parser("export", help="zip a run's model, merge its LoRA adapter, or write a GGUF for llama.cpp/Ollama")
     p.add_argument("run_dir")
-    p.add_argument("--merge", action="store_true")
-    p.add_argument("--zip", action="store_true")
+    p.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the base: model/merged/")
+    p.add_argument("--zip", action="store_true", help="zip the model (the default action)")
+    p.add_argument("--adapter", action="store_true", help="zip a LoRA classifier's adapter, not its merged model")
+    p.add_argument("--gguf", action="store_true", help="write export/RUN-QUANT.gguf and its Ollama Modelfile")
+    p.add_argument("--quant", default="f16", choices=list(GGUF_QUANTS), help="GGUF weights (default f16)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="run a trained model over a CSV/JSONL/Parquet file")
+    p.add_argument("run_dir")
+    p.add_argument("file")
+    p.add_argument("--out", help="the CSV to write (default RUN_DIR/export/predictions-FILE.csv)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="instruction runs: answer length")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

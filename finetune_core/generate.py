@@ -20,7 +20,7 @@ import numpy as np
 from . import rundir
 from .data import render_prompt
 from .errors import ModelError
-from .models import load_tokenizer, model_kind, resolve_model
+from .models import adapter_base, load_tokenizer, model_kind, resolve_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def load_lora(path: Path, run: dict | None = None, placement: tuple | None = Non
 
     device, dtype = placement or inference_placement()
     adapter = json.loads((path / "adapter_config.json").read_text())
-    base_path = adapter["base_model_name_or_path"]
+    base_path = adapter_base(path)       # the model it trained on, though the adapter names a public Hub id
     if adapter.get("task_type") == "SEQ_CLS":
         config = AutoConfig.from_pretrained(path)
         base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config, dtype=torch.float32)

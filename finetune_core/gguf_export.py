@@ -6,8 +6,9 @@
     model, tokenizer = merge_lora_adapter("runs/x/model", base_model_dir="/path/to/base")   # LoRA: merge in memory
     export_gguf_from_model(model, tokenizer, "runs/x/export", "x", quant="f16")
 
-Both write `OUT/NAME.gguf` and `OUT/Modelfile` (`FROM ./NAME.gguf`, the chat template in Ollama's syntax,
-stop tokens, sampling defaults) and return a `GgufExport`. Then, in OUT:
+Both write `OUT/NAME.gguf` and `OUT/Modelfile` (`modelfile_name`: `FROM ./NAME.gguf`, the chat template in
+Ollama's syntax, stop tokens, sampling defaults) and return a `GgufExport`. `prompt_format="alpaca"` writes
+the Alpaca prompt format instead of the chat template (a run trained with data.template: alpaca). Then, in OUT:
 
     ollama create x -f Modelfile && ollama run x
     llama-cli -m x.gguf --jinja -cnv
@@ -33,7 +34,7 @@ from pathlib import Path
 import gguf
 
 from .models import TOKENIZER_FILES
-from .ollama import GgufExportError, chat_format, modelfile_text
+from .ollama import ALPACA_JINJA_TEMPLATE, GgufExportError, alpaca_format, chat_format, modelfile_text
 
 QUANT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -60,7 +61,8 @@ class GgufExport:
 
 
 def export_gguf(model_dir: str | Path, out_dir: str | Path, name: str, quant: str = "f16",
-                base_model: str | None = None, modelfile: bool = True) -> GgufExport:
+                base_model: str | None = None, modelfile: bool = True, modelfile_name: str = "Modelfile",
+                prompt_format: str = "chat") -> GgufExport:
     """Export a causal LM folder saved with transformers (weights + tokenizer) to OUT/NAME.gguf (+ Modelfile).
 
     A LoRA adapter folder is refused: merge it first (`merge_lora_adapter`, then `export_gguf_from_model`).
@@ -87,26 +89,44 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, name: str, quant: st
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise GgufExportError(f"The model in '{model_dir.name}' cannot be loaded: {first}",
                               "Point to a folder saved with save_pretrained (config, safetensors, tokenizer).") from exc
-    return export_gguf_from_model(model, tokenizer, out_dir, name, quant, base_model, modelfile)
+    return export_gguf_from_model(model, tokenizer, out_dir, name, quant, base_model, modelfile, modelfile_name,
+                                  prompt_format)
 
 
 def export_gguf_from_model(model, tokenizer, out_dir: str | Path, name: str, quant: str = "f16",
-                           base_model: str | None = None, modelfile: bool = True) -> GgufExport:
-    """Export an in-memory causal LM (for instance a merged LoRA model) and its tokenizer; see export_gguf."""
+                           base_model: str | None = None, modelfile: bool = True, modelfile_name: str = "Modelfile",
+                           prompt_format: str = "chat") -> GgufExport:
+    """Export an in-memory causal LM (for instance a merged LoRA model) and its tokenizer; see export_gguf.
+
+    prompt_format: "chat" (the tokenizer's chat template, ChatML) or "alpaca" (a model fine-tuned on
+    Alpaca prompts: that format goes into the GGUF's chat template and the Modelfile).
+    modelfile_name: the Modelfile's file name in out_dir (one per quantization, e.g. NAME.Modelfile).
+    """
     _check_quant(quant)
-    if not _NAME_RE.match(name or ""):
-        raise GgufExportError(f"'{name}' cannot be a GGUF file name.",
-                              "Use letters, digits, '.', '_' or '-' (for example my-run-q8_0).")
+    for label, value in (("GGUF", name), ("Modelfile", modelfile_name)):
+        if not _NAME_RE.match(value or ""):
+            raise GgufExportError(f"'{value}' cannot be a {label} file name.",
+                                  "Use letters, digits, '.', '_' or '-' (for example my-run-q8_0).")
+    if prompt_format not in ("chat", "alpaca"):
+        raise GgufExportError(f"Unknown prompt format '{prompt_format}'.", "Use chat or alpaca.")
     if base_model is not None and not _HUB_ID_RE.match(base_model):
         raise GgufExportError(f"The base model '{base_model}' is not a public Hub id (owner/name).",
                               "Give the base model's Hub id, or leave it out; a local path is never recorded.")
     arch, reorder_qk = _check_architecture(type(model).__name__)
-    fmt = chat_format(tokenizer) if modelfile else None     # refuse an untranslatable template before writing
+    alpaca = prompt_format == "alpaca"
+    # refuse an untranslatable template before writing anything
+    fmt = (alpaca_format(tokenizer) if alpaca else chat_format(tokenizer)) if modelfile else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}.gguf"
     with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as tok_dir:
-        tokenizer.save_pretrained(tok_dir)
+        trained_template = tokenizer.chat_template
+        try:
+            if alpaca:
+                tokenizer.chat_template = ALPACA_JINJA_TEMPLATE    # what llama-cli --jinja will format with
+            tokenizer.save_pretrained(tok_dir)
+        finally:
+            tokenizer.chat_template = trained_template
         model.config.save_pretrained(tok_dir)     # SpecialVocab falls back to config.json for token ids
         writer_path = out_dir / f".{name}.gguf.tmp{os.getpid()}"
         try:
@@ -116,7 +136,7 @@ def export_gguf_from_model(model, tokenizer, out_dir: str | Path, name: str, qua
             writer_path.unlink(missing_ok=True)
     modelfile_path = None
     if fmt is not None:
-        modelfile_path = out_dir / "Modelfile"
+        modelfile_path = out_dir / modelfile_name
         context = getattr(model.config, "max_position_embeddings", None)
         modelfile_path.write_text(modelfile_text(target.name, fmt, context), encoding="utf-8")
     return GgufExport(target, modelfile_path, quant, target.stat().st_size)

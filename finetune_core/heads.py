@@ -3,10 +3,18 @@
 all-MiniLM-L6-v2 was trained to make the *mean* of its token states a good sentence vector; its
 CLS/pooler path was never trained for that. With the encoder frozen, a linear head on mean-pooled
 states is far more accurate than BERT's standard pooler head (see README, "Frozen head"), so
-head-only runs on encoders use this class. It is registered with the Auto classes when this module
-is imported, so a saved run loads with `pipeline()` after `import finetune_core.heads` (the model
-card says so). Plain `import finetune_core` does not import it: that would load torch and
-transformers, and the package's import stays light for the app (tests/test_headless.py).
+head-only runs on encoders use this class.
+
+This file is also the code such a model ships with: finetune_core.portable copies it, as
+`modeling_finetune_lab.py`, next to the saved weights and points config.json's `auto_map` at it, so
+
+    pipeline("text-classification", model="path/to/model", trust_remote_code=True)
+
+loads the model on any machine with torch and transformers, without FineTune Lab. It must therefore
+import nothing but torch and transformers. Importing it registers the classes with the Auto classes,
+which is how this project's own loaders find them (no remote code needed). Plain
+`import finetune_core` does not import it: that would load torch and transformers, and the package's
+import stays light for the app (tests/test_headless.py).
 """
 
 from __future__ import annotations

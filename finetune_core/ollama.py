@@ -1,6 +1,7 @@
 """Ollama Modelfile for an exported GGUF: the chat template in Ollama's Go-template syntax, stops, defaults.
 
     fmt = chat_format(tokenizer)                  # ChatFormat, or GgufExportError if not translatable
+    fmt = alpaca_format(tokenizer)                # a model fine-tuned on Alpaca prompts (data.template: alpaca)
     text = modelfile_text("my-run.gguf", fmt, context_length=8192)
 
 A model's chat template is Jinja; Ollama's is a Go template. We do not parse the Jinja: we render it
@@ -9,6 +10,9 @@ on probe conversations and accept it only when every rendering equals what our G
 Qwen2) is recognised, including a default system prompt that the template inserts when a conversation
 has none: Ollama does the same with the Modelfile's SYSTEM (its chat handler prepends SYSTEM when the
 first message is not a system message). Any other template is refused with a message, never guessed.
+A run trained on Alpaca prompts (`### Instruction: ... ### Response:`) gets that format instead, in
+both syntaxes: ALPACA_OLLAMA_TEMPLATE for the Modelfile, ALPACA_JINJA_TEMPLATE for the GGUF's chat
+template (llama-cli --jinja), each rendering a turn as data.render_prompt(..., "alpaca") does.
 """
 
 from __future__ import annotations
@@ -42,13 +46,29 @@ _PROBES = (
 )
 
 
+# A system prompt and the last user message, as data.render_prompt(messages, "alpaca", ...) writes them
+# (Python twin: render_alpaca). Earlier turns are not part of the Alpaca format.
+ALPACA_INSTRUCTION, ALPACA_RESPONSE = "### Instruction:\n", "\n\n### Response:\n"
+ALPACA_OLLAMA_TEMPLATE = ("### Instruction:\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+                          "\n\n### Response:\n")
+ALPACA_JINJA_TEMPLATE = (
+    "{%- set ns = namespace(system='', user='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+    "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    # the last newline as an expression: Jinja drops a template's trailing newline
+    "### Instruction:\n{% if ns.system %}{{ ns.system }}\n\n{% endif %}{{ ns.user }}\n\n### Response:{{ '\\n' }}"
+)
+
+
 class GgufExportError(FinetuneError):
     """A model, tokenizer or chat template that the GGUF / Ollama export cannot translate faithfully."""
 
 
 @dataclass(frozen=True)
 class ChatFormat:
-    name: str                 # "chatml"
+    name: str                 # "chatml" or "alpaca"
     template: str             # Ollama Go template (Modelfile TEMPLATE)
     system: str | None        # default system prompt the model's template adds when none is given
     stop: tuple[str, ...]     # Modelfile PARAMETER stop values
@@ -98,6 +118,23 @@ def chat_format(tokenizer) -> ChatFormat:
     return ChatFormat("chatml", CHATML_OLLAMA_TEMPLATE, system, tuple(stops))
 
 
+def render_alpaca(messages: list[dict]) -> str:
+    """What ALPACA_OLLAMA_TEMPLATE (and ALPACA_JINJA_TEMPLATE) render for `messages`."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return ALPACA_INSTRUCTION + (f"{system}\n\n" if system else "") + user + ALPACA_RESPONSE
+
+
+def alpaca_format(tokenizer) -> ChatFormat:
+    """The Alpaca prompt format of a run trained with data.template: alpaca; it stops where a new
+    instruction would start, or at the end-of-text token the training appended to every answer."""
+    stops = [ALPACA_INSTRUCTION.strip()]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos:
+        stops.append(eos)
+    return ChatFormat("alpaca", ALPACA_OLLAMA_TEMPLATE, None, tuple(stops))
+
+
 def _quoted_block(keyword: str, text: str) -> str:
     if '"""' in text:
         raise GgufExportError(f'The Modelfile {keyword} would contain """, which Ollama cannot parse.',
@@ -107,7 +144,7 @@ def _quoted_block(keyword: str, text: str) -> str:
 
 def modelfile_text(gguf_file_name: str, fmt: ChatFormat, context_length: int | None = None) -> str:
     """The Modelfile: FROM the GGUF next to it (a relative path), TEMPLATE, SYSTEM, stops and defaults."""
-    lines = [f"# Ollama: ollama create NAME -f Modelfile, then ollama run NAME (in this folder)",
+    lines = ["# Ollama: ollama create NAME -f THIS_FILE, then ollama run NAME (in this folder)",
              f"FROM ./{gguf_file_name}", "", _quoted_block("TEMPLATE", fmt.template)]
     if fmt.system:
         lines.append(_quoted_block("SYSTEM", fmt.system))

@@ -48,7 +48,7 @@ STOP_FILE = "STOP"                    # its presence asks train() to stop at the
 MODEL_DIR = "model"                   # the trained model: weights, tokenizer, card
 MERGED_DIR = "merged"                 # model/merged/: a LoRA adapter folded into the base (export)
 CHECKPOINTS_DIR = "checkpoints"       # Trainer checkpoints; removed when a run finishes
-EXPORT_DIR = "export"                 # what Export writes (zips, GGUF, Modelfile)
+EXPORT_DIR = "export"                 # what Export writes (zips, GGUF, Modelfile, batch predictions)
 DATA_DIR = "data"                     # the app's copies of the data files a job trains on
 RATINGS_FILE = "ratings.jsonl"        # human ratings of answers (finetune_core.ratings)
 COMPARE_INPUT_FILE = "compare_input.yaml"  # compare: the config one strategy's run trains with
@@ -113,6 +113,11 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 def export_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / EXPORT_DIR
+
+
+def batch_predictions_path(run_dir: str | Path, data_file: str | Path) -> Path:
+    """export/predictions-<data file name>.csv: `predict`'s output for a file (finetune_core.batch_predict)."""
+    return export_dir(run_dir) / f"predictions-{Path(data_file).stem}.csv"
 
 
 def data_dir(run_dir: str | Path) -> Path:

@@ -181,6 +181,73 @@ FAST_TRAINING = {"max_steps": 3, "per_device_train_batch_size": 4, "per_device_e
 
 
 # ---------------------------------------------------------------------------------------------
+# short runs of the bundled models, shared by the slow tests that need a real base model
+
+
+def _all_cores():
+    """Real-size models train ~2x faster on both cores; tiny ones are faster on one (see above)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope():
+        old = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+    return scope()
+
+
+def _train_quietly(values: dict) -> tuple[dict, str]:
+    import contextlib
+    import io
+
+    from finetune_core.config import config_from_dict
+    from finetune_core.train import train
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), _all_cores():
+        metrics = train(config_from_dict(values))
+    return metrics, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora_run(tmp_path_factory):
+    """(run folder, metrics, printed): a LoRA instruction run of the bundled SmolLM2 on 24 support replies,
+    4 steps at max_length 128. Shared by the training, GGUF and portable-export tests (slow ones only)."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("smollm2-lora")
+    data = root / "subset.jsonl"
+    pd.read_json(EXAMPLES / "support_replies.jsonl", lines=True).head(24).to_json(data, orient="records", lines=True)
+    metrics, printed = _train_quietly({
+        "task": "instruction", "model": "bundled:smollm2-135m", "data": {"train": str(data), "max_length": 128},
+        "strategy": {"name": "lora"}, "output_dir": str(root / "run"), "seed": 1,
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "save_strategy": "no", "eval_strategy": "no",
+                     "logging_steps": 1}})
+    return root / "run", metrics, printed
+
+
+@pytest.fixture(scope="session")
+def minilm_runs(tmp_path_factory) -> dict:
+    """{"lora": run folder, "frozen_all": run folder}: the bundled MiniLM as a LoRA classifier and as a
+    frozen encoder under the mean-pooling head, 3 steps each on 24 short rows (the exports of a real
+    public base model; slow tests only)."""
+    root = tmp_path_factory.mktemp("minilm-runs")
+    data = write_csv(root / "train.csv", class_rows(8))
+    runs = {}
+    for name, strategy in (("lora", {"name": "lora"}), ("frozen_all", {"name": "frozen", "frozen_layers": "all"})):
+        _train_quietly({"task": "classification", "model": "bundled:minilm-l6", "strategy": strategy,
+                        "data": {"train": data, "max_length": 32}, "output_dir": str(root / name), "seed": 1,
+                        "training": {**FAST_TRAINING, "learning_rate": 1e-3}})
+        runs[name] = root / name
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
 # calling the app's private events the way its page does
 
 

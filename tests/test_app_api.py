@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = str(REPO / "examples" / "data" / "domains.csv")
-PUBLIC = {"/audit", "/train", "/stop", "/chat", "/predict"}
+PUBLIC = {"/audit", "/train", "/stop", "/chat", "/predict", "/predict_file"}
 TRAIN_PARAMETERS = {
     "data_file": None, "example": "domains.csv", "hub_dataset": "", "hub_split": "train", "task": "classification",
     "text_column": "", "label_column": "", "instruction_format": "alpaca", "prompt_column": "", "input_column": "",
@@ -25,6 +25,7 @@ TRAIN_PARAMETERS = {
 AUDIT_PARAMETERS = {
     **{name: TRAIN_PARAMETERS[name] for name in list(TRAIN_PARAMETERS)[:12]}, "model": "bundled:minilm-l6",
     "validation_file": None, "val_size": 0.2, "overrides": ""}
+PREDICT_FILE_PARAMETERS = {"data_file": None, "run": None}
 CHAT_PARAMETERS = {"message": None, "model": "bundled:smollm2-135m", "temperature": 0.7, "top_p": 0.9,
                    "max_new_tokens": 128, "do_sample": True, "base_history": [], "finetuned_history": [], "seed": ""}
 
@@ -55,7 +56,8 @@ def test_only_the_stable_endpoints_are_public(app):
     assert set(api["named_endpoints"]) == PUBLIC
     assert not api["unnamed_endpoints"]
     # users' scripts call /train, /audit and /chat by these names, in this order, relying on these defaults
-    for name, pinned in (("/train", TRAIN_PARAMETERS), ("/audit", AUDIT_PARAMETERS), ("/chat", CHAT_PARAMETERS)):
+    for name, pinned in (("/train", TRAIN_PARAMETERS), ("/audit", AUDIT_PARAMETERS), ("/chat", CHAT_PARAMETERS),
+                         ("/predict_file", PREDICT_FILE_PARAMETERS)):
         params = {p["parameter_name"]: p.get("parameter_default") for p in api["named_endpoints"][name]["parameters"]}
         assert params == pinned and list(params) == list(pinned), name
 
@@ -109,6 +111,11 @@ def test_audit_train_predict_chat(app):
     names = {c["label"] for c in label["confidences"]}
     assert names == {"finance", "legal", "medical", "technology"} and label["label"] in names
     assert abs(sum(c["confidence"] for c in label["confidences"]) - 1) < 1e-4
+
+    csv_path, summary = client.predict(data_file=handle_file(DOMAINS), run=run_id, api_name="/predict_file")
+    rows = Path(csv_path).read_text().splitlines()
+    assert len(rows) == 161 and rows[0].endswith("p_finance,p_legal,p_medical,p_technology")
+    assert "160 rows (labels and class probabilities)" in summary
 
     with pytest.raises(Exception, match="classifier"):
         client.predict(message="hi", model=run_id, api_name="/chat")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -140,3 +141,35 @@ def test_merge_lora_gives_a_plain_model_with_the_same_outputs(tmp_path, tiny_ber
     assert plain.config.id2label == {0: "neg", 1: "pos"}
     snippet = export.usage_snippet_for_run(run)
     assert "AutoPeftModelForSequenceClassification" in snippet
+
+
+def test_cli_zips_a_lora_classifier_merged_by_default_and_its_adapter_without_local_paths(tmp_path, tiny_bert_dir,
+                                                                                          capsys):
+    """A LoRA classifier's default zip is its merged model (a plain model); --adapter zips the adapter,
+    whose base, a local folder here, is named by the folder's name only."""
+    from conftest import FAST_TRAINING, class_rows, write_csv
+    from finetune_core.cli import main
+    from finetune_core.config import config_from_dict
+    from finetune_core.train import train
+
+    run = tmp_path / "lora-run"
+    train(config_from_dict({"task": "classification", "model": tiny_bert_dir, "strategy": {"name": "lora"},
+                            "data": {"train": write_csv(tmp_path / "t.csv", class_rows(8)), "max_length": 32},
+                            "training": FAST_TRAINING, "output_dir": str(run), "seed": 1}))
+    assert main(["export", str(run)]) == 0
+    assert "zip of the merged model written to" in capsys.readouterr().out
+    with zipfile.ZipFile(run / "export" / "lora-run-merged.zip") as zf:
+        names = {n.split("/", 1)[1] for n in zf.namelist()}
+        card = zf.read("lora-run-merged/README.md").decode()
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+    assert "library_name: transformers" in card and 'model="lora-run-merged"' in card
+    assert main(["export", str(run), "--zip", "--adapter"]) == 0
+    with zipfile.ZipFile(run / "export" / "lora-run-model.zip") as zf:
+        adapter = json.loads(zf.read("lora-run-model/adapter_config.json"))
+        texts = b"".join(zf.read(n) for n in zf.namelist() if n.endswith((".json", ".md")))
+    assert adapter["base_model_name_or_path"] == Path(tiny_bert_dir).name
+    for local in (str(tmp_path), str(Path(tiny_bert_dir).parent)):
+        assert local.encode() not in texts
+    # the run's own folder keeps the path of its local base: this machine is the only one that has it
+    saved = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == tiny_bert_dir

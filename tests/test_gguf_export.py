@@ -217,3 +217,100 @@ def test_pre_tokenizer_names_follow_the_split_rule():
     assert _pre_tokenizer_name(json.loads(json.dumps({"pre_tokenizer": qwen2}))) == "qwen2"
     with pytest.raises(GgufExportError, match="Metaspace"):
         _pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# runs: the Alpaca prompt format, the CLI, and a real SmolLM2 LoRA run
+
+
+def test_alpaca_templates_render_the_prompts_alpaca_runs_train_on(smol_tokenizer):
+    """Ollama's template (Python twin render_alpaca) and the GGUF's Jinja template both give
+    data.render_prompt(..., "alpaca") for a turn with and without a system prompt."""
+    from finetune_core.data import render_prompt
+    from finetune_core.ollama import ALPACA_JINJA_TEMPLATE, alpaca_format, render_alpaca
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = ALPACA_JINJA_TEMPLATE
+    for messages in ([{"role": "user", "content": "Say hi.\nTwice."}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]):
+        expected = render_prompt(messages, "alpaca", smol_tokenizer)
+        assert render_alpaca(messages) == expected
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    fmt = alpaca_format(smol_tokenizer)
+    assert fmt.stop == ("### Instruction:", smol_tokenizer.eos_token) and fmt.system is None
+
+
+@pytest.fixture(scope="module")
+def alpaca_run(tmp_path_factory, tiny_llama_dir):
+    """A finished full instruction run of the tiny llama trained on Alpaca prompts (conftest helper)."""
+    from conftest import owned_instruction_run
+
+    runs = owned_instruction_run(tmp_path_factory.mktemp("alpaca"), "alpaca-run", "someone", tiny_llama_dir, "alpaca")
+    return runs / "alpaca-run"
+
+
+def test_cli_writes_a_gguf_per_quant_with_an_alpaca_modelfile_for_an_alpaca_run(alpaca_run, capsys):
+    from finetune_core.cli import main
+    from finetune_core.ollama import ALPACA_JINJA_TEMPLATE, ALPACA_OLLAMA_TEMPLATE
+
+    for quant in ("f16", "q8_0"):
+        assert main(["export", str(alpaca_run), "--gguf", "--quant", quant]) == 0
+    printed = capsys.readouterr().out
+    export = alpaca_run / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["alpaca-run-f16.Modelfile", "alpaca-run-f16.gguf",
+                                                      "alpaca-run-q8_0.Modelfile", "alpaca-run-q8_0.gguf"]
+    assert "ollama create alpaca-run-q8_0 -f alpaca-run-q8_0.Modelfile" in printed
+    assert "llama-cli -m alpaca-run-q8_0.gguf --jinja -cnv" in printed and "zip" not in printed
+    modelfile = (export / "alpaca-run-q8_0.Modelfile").read_text()
+    assert "FROM ./alpaca-run-q8_0.gguf" in modelfile and f'TEMPLATE """{ALPACA_OLLAMA_TEMPLATE}"""' in modelfile
+    assert 'PARAMETER stop "### Instruction:"' in modelfile and "<|im_start|>" not in modelfile
+    assert _gguf_bytes_hold(export / "alpaca-run-f16.gguf", ALPACA_JINJA_TEMPLATE)
+
+
+def test_gguf_of_a_classifier_is_refused_with_a_message(tmp_path, capsys):
+    import yaml
+
+    from finetune_core.cli import main
+
+    run = tmp_path / "cls"
+    (run / "model").mkdir(parents=True)
+    (run / "run.yaml").write_text(yaml.safe_dump({"task": "classification", "model": "bundled:minilm-l6"}))
+    assert main(["export", str(run), "--gguf"]) == 2
+    assert "GGUF export is for chat models" in capsys.readouterr().err
+    assert not (run / "export").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_lora_run_gguf_holds_the_merged_weights_and_answers_alike(smollm2_lora_run):
+    """The run's GGUF (f16, adapter merged first) read back by transformers holds exactly the merged
+    model's weights rounded to f16 (norms stay float32), and gives the same greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_core.export import export_gguf_for_run
+    from finetune_core.gguf_export import merge_lora_adapter
+    from finetune_core.models import adapter_base
+
+    run = smollm2_lora_run[0]
+    result = export_gguf_for_run(run, "f16")
+    assert result.gguf_path == run / "export" / f"{run.name}-f16.gguf"
+    modelfile = result.modelfile_path.read_text()
+    assert f"FROM ./{run.name}-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert _gguf_bytes_hold(result.gguf_path, "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct")
+    merged, tokenizer = merge_lora_adapter(run / "model", base_model_dir=adapter_base(run / "model"))
+    with torch.no_grad():
+        for p in merged.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.half().float())
+    merged.eval()
+    gguf_model = AutoModelForCausalLM.from_pretrained(result.gguf_path.parent, gguf_file=result.gguf_path.name,
+                                                      dtype=torch.float32).eval()
+    theirs = gguf_model.state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    prompts = [json.loads(line)["prompt"] for line in (run / "generations.jsonl").read_text().splitlines()[:2]]
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            assert torch.equal(gguf_model.generate(**enc, **kwargs), merged.generate(**enc, **kwargs)), prompt

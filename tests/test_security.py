@@ -9,6 +9,7 @@
 - limits from the environment (finetune_core.limits): defaults, demo mode, step and time caps in train().
 """
 
+import ast
 import json
 import os
 import re
@@ -55,25 +56,43 @@ def calls(text: str, name: str):
 # code never runs untrusted code or unpickles untrusted data
 
 
-# Any trust_remote_code= (keyword) or "trust_remote_code": (dict) whose value is not the literal False:
-# True, 1, a variable, a setting, anything that could turn it on.
-ENABLED_REMOTE_CODE = re.compile(r"""(\btrust_remote_code\s*=(?!=)|["']trust_remote_code["']\s*:)\s*(?!False\b)""")
+def remote_code_enabled(text: str) -> list[str]:
+    """Every place the code passes trust_remote_code with a value other than the literal False: a keyword
+    argument, a dict entry or a subscript assignment holding True, 1, a variable, a setting, anything
+    that could turn it on. Read from the syntax tree: text inside strings (the loading code a model card
+    shows to the people who receive a model) is not code this project runs."""
+    found = []
+
+    def enabled(value) -> bool:
+        return not (isinstance(value, ast.Constant) and value.value is False)
+
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.keyword) and node.arg == "trust_remote_code" and enabled(node.value):
+            found.append(ast.unparse(node))
+        elif isinstance(node, ast.Dict):
+            found += [f"{ast.unparse(k)}: {ast.unparse(v)}" for k, v in zip(node.keys, node.values)
+                      if isinstance(k, ast.Constant) and k.value == "trust_remote_code" and enabled(v)]
+        elif isinstance(node, ast.Assign) and enabled(node.value):
+            found += [ast.unparse(t) for t in node.targets if isinstance(t, ast.Subscript)
+                      and isinstance(t.slice, ast.Constant) and t.slice.value == "trust_remote_code"]
+    return found
 
 
 def test_trust_remote_code_is_never_enabled():
     for path, text in sources():
-        m = ENABLED_REMOTE_CODE.search(text)
-        assert not m, f"{path}: {text[m.start():m.start() + 60]!r}"
+        assert not remote_code_enabled(text), f"{path}: {remote_code_enabled(text)}"
 
 
 @pytest.mark.parametrize("code,flagged", [
     ("f(trust_remote_code=True)", True), ("f(trust_remote_code = 1)", True), ("f(trust_remote_code=flag)", True),
     ("f(trust_remote_code=cfg.trust)", True), ("kw = {'trust_remote_code': True}", True),
-    ('kw = {"trust_remote_code": allow}', True), ("f(trust_remote_code=False)", False),
-    ("# never passes trust_remote_code", False), ("if trust_remote_code == x:", False),
+    ('kw = {"trust_remote_code": allow}', True), ("kw['trust_remote_code'] = True", True),
+    ("f(**dict(trust_remote_code=1))", True), ("f(trust_remote_code=False)", False),
+    ("# never passes trust_remote_code", False), ("if trust_remote_code == x:\n    pass", False),
+    ('card = "pipeline(m, trust_remote_code=True)"', False),
 ])
 def test_the_remote_code_check_flags_every_value_but_false(code, flagged):
-    assert bool(ENABLED_REMOTE_CODE.search(code)) is flagged
+    assert bool(remote_code_enabled(code)) is flagged
 
 
 def test_every_torch_load_is_weights_only():

@@ -336,14 +336,8 @@ def test_bundled_minilm_classification(tmp_path):
 
 
 @pytest.mark.slow
-def test_bundled_smollm2_instruction(tmp_path, all_cores):
-    rows = pd.read_json(EXAMPLES / "support_replies.jsonl", lines=True).head(24)
-    data = tmp_path / "subset.jsonl"
-    rows.to_json(data, orient="records", lines=True)
-    out = tmp_path / "run"
-    metrics, printed = run(out, "instruction", "bundled:smollm2-135m", str(data), {"name": "lora"},
-                           {"max_steps": 4, "per_device_train_batch_size": 4, "save_strategy": "no",
-                            "eval_strategy": "no", "logging_steps": 1}, max_length=128)
+def test_bundled_smollm2_instruction(smollm2_lora_run):
+    out, metrics, printed = smollm2_lora_run       # conftest: shared with the GGUF and export tests
     check_outputs(out, metrics, "instruction")
     trainable_line(printed, metrics)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]

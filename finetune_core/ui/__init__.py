@@ -4,7 +4,8 @@
     demo = build_app()            # a gr.Blocks; training jobs run in worker processes
     launch(demo)                  # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, default 127.0.0.1:7860
 
-Stable API names (gradio_client): audit, train, stop, chat, predict. Every other event is private.
+Stable API names (gradio_client): audit, train, stop, chat, predict, predict_file. Every other event is
+private.
 Each tab module has build(ctx, ui) (its components, kept on the shared `ui` namespace) and
 wire(ctx, ui) (its event bindings); its handlers are module-level functions of (ctx, ...).
 """

@@ -282,7 +282,7 @@ def test_click_through_all_tabs(page, app_server):
     screenshot(page, "chat-classifier", top=chat.get_by_role("heading", name="Try the classifier"), offset=16)
     timings["chat"] = time.time() - t0
 
-    # ------------------------------------------------------------------ 5 · Export: zip and usage snippet
+    # ------------------------------------------------------------------ 5 · Export: zip, snippet, predict a file
     export = open_tab(page, "5 · Export")
     expect(export.get_by_label("Run", exact=True)).to_have_value(re.compile(re.escape(run_name)), timeout=30_000)
     expect(export.get_by_text(re.compile(r"full model · weights [\d.]+ MB"))).to_be_visible(timeout=30_000)
@@ -294,9 +294,17 @@ def test_click_through_all_tabs(page, app_server):
     expect(export.get_by_role("button", name="Push")).to_be_disabled()                    # offline
     expect(export.get_by_placeholder("your-name/my-model")).to_be_disabled()
     expect(export.get_by_text("pipeline(").first).to_be_visible()
+    expect(page.locator("#gguf-btn")).to_be_disabled()                                    # a classifier
+    expect(page.locator("#gguf-md")).to_contain_text("pick an instruction run")
+    page.locator("#bp-file input[type=file]").set_input_files(str(DATA_FILE))           # predict a file
+    expect(page.locator("#bp-file").get_by_role("link", name=re.compile(r"KB"))).to_be_visible(timeout=30_000)
+    page.locator("#bp-btn").click()
+    expect(page.locator("#bp-md")).to_contain_text("160 rows (labels and class probabilities)", timeout=120_000)
+    expect(page.locator("#bp-out").get_by_role("link")).to_have_attribute("href",
+                                                                          re.compile(r"predictions-domains\.csv$"))
     wait_idle(page, export)
     no_error_toast(page, app_server, "export")
-    screenshot(page, "export", top=export, bottom=export.locator(".cm-editor"), offset=12)
+    screenshot(page, "export", top=export, bottom=page.locator("#bp-md"), offset=12)
     timings["export"] = time.time() - t0
 
     assert not page.page_errors, f"JavaScript errors in the page: {page.page_errors}"
