@@ -4,6 +4,7 @@
     python -m finetune_core audit DATA_FILE --task classification|instruction [--set ...] [--json]
     python -m finetune_core models [--prepare] [--json]
     python -m finetune_core compare CONFIG.yaml --strategies full,frozen,lora
+    python -m finetune_core estimate CONFIG.yaml [--set ...] [--json]
     python -m finetune_core export RUN_DIR [--merge] [--zip]
 
 Bad input prints one paragraph naming the problem and the fix and exits with code 2 (--debug shows
@@ -113,6 +114,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .estimate import describe, estimate     # deferred: loads torch and transformers
+
+    result = estimate(load_config(args.config, args.set))
+    print(json.dumps(result, indent=2) if args.json else describe(result))
+    return 0
+
+
 def cmd_export(args) -> int:
     if args.merge:
         print(f"merged model written to {merge_lora(args.run_dir)}")
@@ -150,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="full,frozen,lora")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("estimate", help="predict a run's training time and peak memory (times a few real steps)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. seed=1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("export", help="zip a run's model or merge its LoRA adapter")
     p.add_argument("run_dir")
