@@ -60,11 +60,9 @@ def unseen_cases(work: Path) -> dict[str, dict]:
 def cases(work: Path, quick: bool) -> dict[str, Path]:
     """{case name: config file}: the example configs, then the unseen-data ones (quick: two short ones)."""
     out = {p.stem: p for p in sorted(CONFIGS.glob("*.yaml"))}
-    extra = unseen_cases(work)
     if quick:
-        out = {"classification_lora": out["classification_lora"], "instruction_lora": out["instruction_lora"]}
-        extra = {}
-    for name, cfg in extra.items():
+        return {"classification_lora": out["classification_lora"], "instruction_lora": out["instruction_lora"]}
+    for name, cfg in unseen_cases(work).items():
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         out[name] = path

@@ -57,7 +57,7 @@ from .trainer import release_training_state
 
 BUDGET_SECONDS = 10.0      # for the timed steps (at least MIN_STEPS of them, however long they take)
 MIN_STEPS = 3              # the first step plus two that show the steady rate
-MAX_STEPS = 16
+MAX_STEPS = 48             # fast steps: more of them average out the noise of a shared machine
 EVAL_ROWS = 64             # a larger validation set is timed on this many rows, scaled by padded tokens
 
 
@@ -229,15 +229,25 @@ class _FixedOrder(torch.utils.data.Sampler):
         return iter(self.order)
 
 
+def quantile_order(limit: int) -> list[float]:
+    """1, 0, 1/2, then the quarters, the eighths... (each level's new points), repeated up to `limit`."""
+    out: list[float] = []
+    while len(out) < limit:
+        out += [1.0, 0.0, 0.5]
+        depth = 2
+        while len(out) < limit and depth <= 6:
+            out += [k / 2 ** depth for k in range(2 ** depth - 1, 0, -2)]
+            depth += 1
+    return out[:limit]
+
+
 def pick_steps(sizes: list[int], full: list[bool], limit: int = MAX_STEPS) -> list[int]:
     """Which of the epoch's steps to time, in order: the largest, the smallest, the median, then the
     quartiles and finer quantiles, so a line fits the whole range. Only steps of full batches (a
     partial one would shift the batches after it); a step is repeated when the epoch has few."""
     candidates = sorted((i for i in range(len(sizes)) if full[i]), key=lambda i: sizes[i]) or [len(sizes) - 1]
-    quantiles = [1.0, 0.0, 0.5, 0.75, 0.25, 0.875, 0.125, 0.625, 0.375, 1.0, 0.0, 0.5, 0.9375, 0.0625, 0.6875,
-                 0.3125]
     n = len(candidates)
-    return [candidates[round(q * (n - 1))] for q in quantiles[:limit]]
+    return [candidates[round(q * (n - 1))] for q in quantile_order(limit)]
 
 
 def time_steps(trainer, plan: dict, budget_seconds: float) -> dict:

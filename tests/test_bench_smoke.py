@@ -187,3 +187,4 @@ def test_padding_floor_is_the_best_rectangular_batching():
         best = min(best, 1 - sum(lengths) / sum(max(g) * len(g) for g in groups))
     assert padding_floor(lengths, 2) == pytest.approx(best)
     assert padding_floor([5, 5, 5, 5], 2) == 0.0
+

@@ -43,7 +43,7 @@ def test_estimate_has_the_runs_schedule_and_consistent_parts(bert_estimate):
     # 24 training rows in batches of 4, 3 epochs; our defaults evaluate and save every epoch
     assert (e["steps_per_epoch"], e["steps"], e["epochs"]) == (6, 18, 3)
     assert e["evaluations"] == 3 and e["saves"] == 3 and e["train_rows"] == 24
-    assert 3 <= e["timed_steps"] <= 16                       # at least three, whatever the budget
+    assert 3 <= e["timed_steps"] <= 48                       # at least three, whatever the budget
     parts = e["seconds"]
     total = sum(parts[k] for k in ("feature_caching", "setup", "first_step_surplus", "steps", "evaluations",
                                    "saves", "best_model_reload"))
