@@ -4,6 +4,7 @@
     python -m finetune_core audit DATA_FILE --task classification|instruction [--set ...] [--json]
     python -m finetune_core models [--prepare] [--json]
     python -m finetune_core compare CONFIG.yaml --strategies full,frozen,lora
+    python -m finetune_core estimate CONFIG.yaml [--set ...] [--json]
     python -m finetune_core export RUN_DIR [--merge] [--zip] [--adapter] [--gguf [--quant f16|q8_0]]
     python -m finetune_core predict RUN_DIR DATA_FILE [--out OUT.csv] [--max-new-tokens N]
 
@@ -114,6 +115,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .estimate import describe, estimate     # deferred: loads torch and transformers
+
+    result = estimate(load_config(args.config, args.set))
+    print(json.dumps(result, indent=2) if args.json else describe(result))
+    return 0
+
+
 def cmd_export(args) -> int:
     """--merge writes model/merged/; --zip (the default action) zips the model as trained, or the merged
     one (after --merge, and by default for a LoRA classifier, unless --adapter); --gguf writes a GGUF and
@@ -176,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default="full,frozen,lora")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("estimate", help="predict a run's training time and peak memory (times a few real steps)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. seed=1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("export", help="zip a run's model, merge its LoRA adapter, or write a GGUF for llama.cpp/Ollama")
     p.add_argument("run_dir")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, set_seed
@@ -106,10 +108,22 @@ def audit_as_run(cfg: RunConfig, tokenizer) -> dict:
     return task.audit(run, frames, task.prepare(run, frames))
 
 
-def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
-    t_start = time.time()
-    set_seed(cfg.seed)
-    threads = set_cpu_threads()
+@dataclass
+class PreparedRun:
+    """What train() builds before its Trainer: the task's pipeline module, the run context, the prepared
+    data, the model with its strategy, the trainable summary and the (step-capped) TrainingArguments."""
+    task: Any
+    run: RunContext
+    data: Any
+    model: Any
+    summary: dict
+    args: Any
+    patience: int | None
+
+
+def prepare_run(cfg: RunConfig, out: Path, writer: EventWriter, main: bool, max_bytes=None) -> PreparedRun:
+    """train()'s sections up to the trainer: load data; load model; strategy; training arguments.
+    estimate.py builds the same run with it (main=False: nothing is written)."""
     task = task_module(cfg.task)
 
     # -- load data: first, so a bad file is reported in a second, not after a model load
@@ -149,10 +163,20 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
     capped = cap_steps(args, data.n_train)
     if capped:
         writer.info(capped)
+    return PreparedRun(task=task, run=run, data=data, model=model, summary=summary, args=args, patience=patience)
+
+
+def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: bool, max_bytes) -> dict:
+    t_start = time.time()
+    set_seed(cfg.seed)
+    threads = set_cpu_threads()
+    prepared = prepare_run(cfg, out, writer, main, max_bytes)
+    task, run, data, model = prepared.task, prepared.run, prepared.data, prepared.model
+    summary, args, patience = prepared.summary, prepared.args, prepared.patience
     callbacks, time_limit = _callbacks(args, patience, writer, stop_path, t_start)
 
     # -- trainer
-    metrics = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model, "model_kind": kind,
+    metrics = {"task": cfg.task, "strategy": cfg.strategy.name, "model": cfg.model, "model_kind": run.model_kind,
                "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
                "torch_threads": threads, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                "device": "cuda" if torch.cuda.is_available() else "cpu", "dropped_rows": int(data.dropped_rows),

@@ -12,6 +12,10 @@ from __future__ import annotations
 import copy
 import functools
 import html
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -558,6 +562,77 @@ def count(ctx: AppContext, values: dict, info=None, owner_state=None, request: g
         model_description(model)
 
 
+# ---------------------------------------------------------------------------------------------
+# estimate before Start
+
+ESTIMATE_HINT = ("Press **Estimate time and memory** to time a few real steps of this run on this machine "
+                 "(10-30 s) and see whether it fits in memory.")
+ESTIMATE_TIMEOUT = 900
+
+
+def run_estimate(cfg, folder: Path) -> dict:
+    """`python -m finetune_core estimate CONFIG --json` in its own process, as a run trains in its own: its
+    memory peak is then a fresh process's, like the worker's, and its torch work stays off the app's
+    threads (the app computes with models on its one inference thread, and training steps would leave
+    this process a heap the size of a run's). Its FinetuneError comes back as the same FinetuneError."""
+    path = folder / "estimate.yaml"
+    dump_config(cfg, path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "finetune_core", "estimate", str(path), "--json"], cwd=REPO_ROOT,
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=ESTIMATE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise FinetuneError(f"The estimate took more than {ESTIMATE_TIMEOUT // 60} minutes.",
+                            "The machine is busy: try again when no run is training.") from None
+    if proc.returncode != 0:
+        text = proc.stderr.strip()
+        message = text.rsplit("Error: ", 1)[-1].strip() if "Error: " in text else \
+            (text.splitlines() or [f"exit code {proc.returncode}"])[-1]
+        if proc.returncode == 2:          # the CLI's refusal: the problem and its fix
+            raise FinetuneError(message)
+        raise FinetuneError(f"The estimate failed: {message}", "Press Start: the run's log shows the same problem.")
+    return json.loads(proc.stdout)
+
+
+def estimate_markdown(e: dict, busy: bool = False) -> str:
+    """The estimate under the parameter count: time, memory against what the machine has, and the warnings."""
+    def gb(mb: float) -> str:
+        return f"{mb / 1024:.1f} GB"
+
+    line = (f"⏱️ **Training ≈ {_fmt_seconds(e['train_seconds'])}** ({e['steps']} steps, {e['epochs']} epochs, "
+            f"{e['evaluations']} evaluations)")
+    if e["earliest_stop_seconds"] < e["train_seconds"]:
+        line += f"; early stopping can end it from {_fmt_seconds(e['earliest_stop_seconds'])}"
+    lines = [line + f" · 💾 **peak memory ≈ {gb(e['peak_rss_mb'])}** of {gb(e['available_mb'])} available"]
+    if not e["fits"]:
+        lines.append(f"⚠️ **This run will not fit in memory**: it needs about {gb(e['peak_rss_mb'])}, the machine "
+                     f"has {gb(e['available_mb'])} available. Lower the batch size or the max length, or use LoRA.")
+    elif e["peak_rss_mb"] > 0.8 * e["available_mb"]:
+        lines.append("⚠️ Memory is tight: other programs starting meanwhile could make the run fail.")
+    if busy:
+        lines.append("ℹ️ A run is training on this machine now: the estimate shared its cores, so it reads high.")
+    lines.append(f"<small>Timed {e['timed_steps']} real steps of this run in {e['estimate_seconds']:.0f} s; "
+                 "the time is the full schedule, as metrics.json counts train_seconds.</small>")
+    return "\n\n".join(lines)
+
+
+@user_errors
+def estimate(ctx: AppContext, values: dict, owner_state=None, request: gr.Request = None):
+    """Predict the training time and peak memory of the run Start would submit (finetune_core.estimate)."""
+    owner = owner_of(owner_state, request)
+    path = resolve_data(ctx, **form.source(values))
+    cfg = form.form_to_config(values, path)
+    check_before_submit(ctx, cfg, path, owner)
+    yield "⏳ Estimating: building this run and timing a few of its real steps ..."
+    busy = any(j.status in ("running", "stopping") for j in ctx.manager.jobs(active_only=True))
+    e = run_estimate(cfg, ctx.temp_dir())
+    if not e["fits"]:
+        gr.Warning(f"This run needs about {e['peak_rss_mb'] / 1024:.1f} GB of memory; "
+                   f"{e['available_mb'] / 1024:.1f} GB are available.")
+    yield estimate_markdown(e, busy)
+
+
 @user_errors
 def show_command(ctx: AppContext, values: dict):
     """The run.yaml Start would submit, with a portable data path, and the command that runs it."""
@@ -630,6 +705,8 @@ def build(ctx: AppContext, ui) -> None:
                                                  info="auto = every attention and MLP projection of this "
                                                       "architecture; or all-linear, or names like q_proj,v_proj.")
             ui.params_md = gr.Markdown("")
+            ui.estimate_btn = gr.Button("Estimate time and memory", size="sm", elem_id="estimate-btn")
+            ui.estimate_md = gr.Markdown(ESTIMATE_HINT, elem_id="estimate-md")
         with gr.Column(scale=1, min_width=360):
             gr.Markdown("### Hyperparameters")
             with gr.Row():
@@ -737,6 +814,11 @@ def wire(ctx: AppContext, ui) -> None:
     for comp in (ui.strategy, ui.head_only):
         comp.change(show_strategy, [ui.strategy, ui.head_only], [ui.frozen_group, ui.lora_group, ui.frozen_layers],
                     api_visibility="private", queue=False)
+    # One estimate at a time (it trains a few steps); any change to the form makes a shown estimate stale.
+    ui.estimate_btn.click(form.bind_form(ctx, estimate), fields + [ui.owner_state], ui.estimate_md,
+                          api_visibility="private", concurrency_limit=1)
+    for comp in fields:
+        comp.change(None, None, ui.estimate_md, js=f"() => {json.dumps(ESTIMATE_HINT)}", api_visibility="private")
     ui.command_btn.click(form.bind_form(ctx, show_command), fields,
                          [ui.command_group, ui.command_md, ui.command_code, ui.command_file],
                          api_visibility="private")
