@@ -1,7 +1,8 @@
 """Target 4: the app's latencies.
 
 - HTTP readiness: `python app.py` on a free port (fresh FINETUNE_HOME) until GET / answers 200;
-  target < 6 s (models load lazily). Twice; the best and every value are reported.
+  target <= 3 s (issue 12: torch, transformers and the engine load when first needed, not to draw
+  the page). Three times; the median, the best and every value are reported.
 - First training event: the app's own path. A run with the **default** training settings (nothing
   forced) is submitted to a `finetune_core.jobs.JobManager`, which starts the same
   `python -m finetune_core train` worker the Train tab starts; this process then reads events.jsonl
@@ -230,13 +231,15 @@ def run(quick: bool = False, out_dir: Path | None = None) -> dict:
         result["http"] = "skipped: app.py missing"
     else:
         print(f"[{NAME}] python app.py until HTTP 200 ...", flush=True)
-        times = [http_ready_seconds() for _ in range(1 if quick else 2)]
-        ok = [t for t in times if t is not None]
-        best = min(ok) if ok else None
-        result["http"] = {"seconds": times, "best_seconds": best}
-        met["http"] = best is not None and best < 6
-        summary.append({"what": "`python app.py` answers HTTP", "value": f"{best:.1f}s" if best else "timeout",
-                        "target": "< 6 s", "met": met["http"]})
+        times = [http_ready_seconds() for _ in range(1 if quick else 3)]
+        ok = sorted(t for t in times if t is not None)
+        best = ok[0] if ok else None
+        median = ok[len(ok) // 2] if len(ok) == len(times) else None     # a timeout counts against it
+        result["http"] = {"seconds": times, "best_seconds": best, "median_seconds": median}
+        met["http"] = median is not None and median <= 3
+        summary.append({"what": "`python app.py` answers HTTP (median of 3)",
+                        "value": f"{median:.1f}s (best {best:.1f}s)" if median else "timeout",
+                        "target": "<= 3 s", "met": met["http"]})
 
     result["first_loss"] = {}
     for name, cfg in event_configs(quick).items():

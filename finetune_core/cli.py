@@ -73,7 +73,9 @@ def cmd_train(args) -> int:
             print(f"  baseline {name:19s} accuracy {row['accuracy']:.4f}  f1_weighted {row['f1_weighted']:.4f}")
     else:
         print(f"  forgetting: {metrics.get('forgetting_verdict')}")
-    print(f"  train_seconds {metrics['train_seconds']:.1f}   outputs in {cfg.output_dir}/")
+    total = metrics.get("total_seconds")
+    whole = f"   total_seconds {total:.1f} (whole run)" if isinstance(total, (int, float)) else ""
+    print(f"  train_seconds {metrics['train_seconds']:.1f} (training loop){whole}   outputs in {cfg.output_dir}/")
     return 0
 
 

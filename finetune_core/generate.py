@@ -247,18 +247,55 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def prefilled_cache(model, rows: list[list[int]]):
+    """A left-padded KV cache of each row but its last token, every row computed on its own.
+
+    A padded batch pays for its padding in the prefill: the 20 Self-Instruct held-out prompts (49-347
+    tokens, 2,380 in all) padded to 347 are 6,940 positions, 10 of the 18 s SmolLM2 took to answer
+    them on 2 cores. Row by row the prefill computes the 2,380 real ones; decoding stays batched.
+    The padded positions hold zeros that the attention mask hides; a row's positions count from its
+    first real token, as generate() counts them from the mask."""
+    import torch
+    from transformers import DynamicCache
+
+    width = max(len(r) for r in rows) - 1
+    layers = None
+    with torch.no_grad():
+        for ids in rows:
+            cache = DynamicCache(config=model.config)
+            if len(ids) > 1:
+                model(input_ids=torch.tensor([ids[:-1]], device=model.device), cache=cache, use_cache=True)
+            per_layer = []
+            for layer in cache.layers:
+                keys, values = layer.keys, layer.values
+                if keys is None or keys.numel() == 0:        # a one-token prompt: nothing to cache
+                    shape = (1, model.config.num_key_value_heads, 0,
+                             getattr(model.config, "head_dim", None) or
+                             model.config.hidden_size // model.config.num_attention_heads)
+                    keys = values = torch.zeros(shape, dtype=model.dtype, device=model.device)
+                pad = width - keys.shape[-2]
+                per_layer.append((torch.nn.functional.pad(keys, (0, 0, pad, 0)),
+                                  torch.nn.functional.pad(values, (0, 0, pad, 0))))
+            layers = [[kv] for kv in per_layer] if layers is None else \
+                [acc + [kv] for acc, kv in zip(layers, per_layer)]
+    return DynamicCache([(torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for kvs in layers],
+                        config=model.config)
+
+
 def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,
                    batch_size: int = GENERATION_BATCH, progress=None) -> list[str]:
     """Greedy answers for ready-made prompt strings, in the prompts' order.
 
-    Prompts of similar length share a batch (left padding, KV cache), and an answer ends at the first
-    stop token (stop_token_ids); a batch ends when all its answers have. progress(done, total) is
-    called after each batch with the number of prompts answered so far."""
+    Prompts of similar length share a batch (left padding, KV cache; each prompt's prefill computed on
+    its own, prefilled_cache), and an answer ends at the first stop token (stop_token_ids); a batch
+    ends when all its answers have. progress(done, total) is called after each batch with the number
+    of prompts answered so far."""
     import torch
 
     special = template != "chat"      # a chat template already wrote its special tokens into the prompt
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=special)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(prompts)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -269,18 +306,21 @@ def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_
     kwargs = _generation_kwargs(tokenizer, 0, 1, max_new_tokens, False)
     kwargs["eos_token_id"] = stop_token_ids(model, tokenizer) or kwargs["eos_token_id"]
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        done = 0
+        for chunk in batches:
             enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=special)
             enc.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
             enc = {k: v.to(model.device) for k, v in enc.items()}
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+            cache = prefilled_cache(model, rows) if len(chunk) > 1 else None
             with torch.no_grad():
-                out = model.generate(**enc, **kwargs)
+                out = model.generate(**enc, **kwargs, cache=cache)
             for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            done += len(chunk)
             if progress is not None:
-                progress(min(start + batch_size, len(order)), len(order))
+                progress(done, len(prompts))
     finally:
         tokenizer.padding_side = old_side
         model.config.use_cache = use_cache

@@ -206,6 +206,10 @@ def test_train_runs_from_the_cli_on_a_latin1_file(tmp_path, tiny_bert_dir):
     assert run_yaml["training"]["max_steps"] == 2 and run_yaml["data"]["max_length"] == 32
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["strategy"] == "full"
+    assert metrics["total_seconds"] >= metrics["train_seconds"] > 0
+    last = res.stdout.strip().splitlines()[-1]
+    assert f"train_seconds {metrics['train_seconds']:.1f} (training loop)" in last
+    assert f"total_seconds {metrics['total_seconds']:.1f} (whole run)" in last
     # `train` restarted itself with glibc's huge-page heap where the platform supports it (malloc.py)
     from finetune_core.malloc import with_hugepages
 

@@ -420,3 +420,55 @@ def test_rouge_l_scores_non_latin_text_zero_as_the_readme_says():
     from finetune_core.generate import rouge_l
 
     assert rouge_l(["你好世界", "Привет мир", "hello world"], ["你好世界", "Привет мир", "hello world"]) == [0, 0, 1.0]
+
+
+def test_prefilled_cache_answers_as_a_padded_batch_does(tiny_llama_dir, smol_tokenizer):
+    """Held-out prompts prefilled one by one (no padding computed), decoded together: the same greedy
+    answers as a plain left-padded generate() of the batch, and as each prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_core.generate import generate_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompts = ["Hi", "A much longer prompt about the weather in spring, in summer and in autumn, then winter",
+               "Name three colours of the rainbow, please", "x"]
+    ours = generate_batch(model, smol_tokenizer, prompts, "alpaca", max_new_tokens=10)
+    alone = [generate_batch(model, smol_tokenizer, [p], "alpaca", max_new_tokens=10)[0] for p in prompts]
+    smol_tokenizer.padding_side = "left"
+    enc = smol_tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=smol_tokenizer.pad_token_id,
+                             eos_token_id=smol_tokenizer.eos_token_id)
+    smol_tokenizer.padding_side = "right"
+    padded = [smol_tokenizer.decode(r, skip_special_tokens=True).strip() for r in out[:, enc["input_ids"].shape[1]:]]
+    assert ours == padded == alone
+    assert len(set(ours)) > 1
+
+
+def test_adapter_merged_generates_the_same_answers_and_restores_the_adapter(tiny_llama_dir, smol_tokenizer):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune_core.generate import generate_batch
+    from finetune_core.tasks.instruction import adapter_merged
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                      init_lora_weights=False))      # a non-zero adapter
+    model.eval()
+    prompts = ["Hello there", "A much longer prompt about the weather in spring and autumn"]
+    ids = smol_tokenizer(prompts[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    unmerged = generate_batch(model, smol_tokenizer, prompts, "alpaca", max_new_tokens=8)
+    with adapter_merged(model):
+        assert all(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+        merged = generate_batch(model, smol_tokenizer, prompts, "alpaca", max_new_tokens=8)
+    assert merged == unmerged
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-5)

@@ -23,8 +23,8 @@ from finetune_core.errors import ConfigError, FinetuneError
 from finetune_core.events import read_all_events
 from finetune_core.train import train
 
-COMMON_KEYS = {"task", "strategy", "model", "trainable_params", "total_params", "train_seconds", "train_samples",
-               "peak_rss_mb", "stopped_early"}
+COMMON_KEYS = {"task", "strategy", "model", "trainable_params", "total_params", "train_seconds", "total_seconds",
+               "train_samples", "peak_rss_mb", "stopped_early"}
 CLASSIFICATION_KEYS = {"accuracy", "f1_weighted", "f1_macro", "labels", "per_class", "confusion_matrix", "baselines"}
 INSTRUCTION_KEYS = {"eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                     "general_perplexity"}

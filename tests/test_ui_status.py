@@ -20,6 +20,11 @@ def test_time_limit_and_plain_finish():
     assert "✅ Finished:" in plain and "early" not in plain
 
 
+def test_the_result_says_the_training_loop_and_the_whole_run():
+    html = status_html(ST, Progress(), BASE | {"stopped_early": False, "total_seconds": 31.0})
+    assert "trained in 12 s, whole run 31 s" in html
+
+
 def test_stopped_by_user_is_not_called_early_stopping():
     html = status_html(ST | {"status": "stopped"}, Progress(), BASE | {"stopped_early": True, "stopped_by_user": True})
     assert "Stopped by you" in html and "Finished early" not in html

@@ -335,6 +335,8 @@ def result_line(m: dict) -> str:
              f", forgetting: {html.escape(str(m.get('forgetting_verdict', '?')))}")
     if isinstance(m.get("train_seconds"), (int, float)):
         s += f" · trained in {m['train_seconds']:.0f} s"
+        if isinstance(m.get("total_seconds"), (int, float)):
+            s += f", whole run {m['total_seconds']:.0f} s"
     return s + " · details in the Evaluate tab."
 
 
@@ -350,7 +352,7 @@ def result_json(ctx: AppContext, st: dict) -> dict:
         keep = ("task", "strategy", "model", "accuracy", "f1_weighted", "f1_macro", "baselines", "before_finetuning",
                 "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                 "general_perplexity", "forgetting_verdict", "rougeL", "rougeL_before", "trainable_params",
-                "total_params", "train_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user")
+                "total_params", "train_seconds", "total_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user")
         out["metrics"] = {k: m[k] for k in keep if k in m}
     return out
 
