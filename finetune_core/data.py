@@ -433,9 +433,11 @@ def _parse_messages(value, row: int) -> list[dict]:
                         'Example: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}].')
     msgs = []
     for m in value:
+        if isinstance(m, dict) and "from" in m and "value" in m and "role" not in m:
+            m = {"role": m["from"], "content": m["value"]}          # ShareGPT: {"from": "human", "value": ...}
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"Row {row}: every message needs 'role' and 'content'.",
-                            'Example: {"role": "user", "content": "Hi"}.')
+            raise DataError(f"Row {row}: every message needs 'role' and 'content' (or ShareGPT's 'from' and "
+                            "'value').", 'Example: {"role": "user", "content": "Hi"}.')
         role = str(m["role"]).strip().lower()
         role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
         if role not in CHAT_ROLES:
@@ -544,11 +546,55 @@ def encode_pair(prompt: str, response: str, tokenizer, template: str, max_length
     return ids, labels, len(prompt_ids) + len(response_ids) > max_length
 
 
+def conversation_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """A chat-template conversation cut into (text, trained) pieces: every assistant answer with its
+    end-of-turn token is trained, everything else (system, user turns, the assistant header) is not.
+    None when the template does not render each turn as a prefix of the next (the pieces would not add
+    up to what the model sees): then only the last answer is trained, as for a single turn."""
+    pieces, done = [], ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            return None
+        answer = full[len(prompt):]
+        if k == len(messages) - 1:
+            answer = answer.rstrip("\n")      # as prompt_and_response ends the last answer
+        pieces += [(prompt[len(done):], False), (answer, True)]
+        done = prompt + answer
+    return pieces
+
+
+def encode_conversation(pieces: list[tuple[str, bool]], tokenizer, max_length: int):
+    """encode_pair for several turns: -100 on every piece that is not trained. None if no trained
+    token is left within max_length or every answer is blank."""
+    ids, labels, answers = [], [], []
+    for text, trained in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        if trained:
+            answers += piece
+    if blank_response(answers, tokenizer) or all(x == IGNORE_INDEX for x in labels[:max_length]):
+        return None
+    return ids[:max_length], labels[:max_length], len(ids) > max_length
+
+
 def tokenize_instruction(df: pd.DataFrame, cols: dict, tokenizer, template: str, max_length: int) -> InstructionExamples:
+    """Token ids and label masks. A multi-turn conversation (messages data, chat template) trains every
+    assistant answer in it (conversation_segments); other rows train their one response."""
     out = InstructionExamples([], [], 0, 0, [], [])
     for i, row in enumerate(df.to_dict("records"), start=1):
         prompt, response = prompt_and_response(row, cols, template, tokenizer, i)
-        encoded = encode_pair(prompt, response, tokenizer, template, max_length)
+        msgs = row_to_messages(row, cols, i) if cols["format"] == "messages" else []
+        pieces = conversation_segments(msgs, tokenizer) \
+            if template == "chat" and sum(m["role"] == "assistant" for m in msgs) > 1 else None
+        if pieces is not None:
+            encoded = encode_conversation(pieces, tokenizer, max_length)
+        else:
+            encoded = encode_pair(prompt, response, tokenizer, template, max_length)
         if encoded is None:
             if blank_response(tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer):
                 out.dropped_empty_response += 1

@@ -360,7 +360,7 @@ def test_alpaca_prompt_without_input():
     assert "### Input:" in D.alpaca_prompt("Say hi.", "to Bob")
 
 
-def test_messages_only_the_last_answer_is_learned(smol_tokenizer):
+def test_messages_prompt_and_response_are_the_last_turn(smol_tokenizer):
     tok = smol_tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "Hi"},
             {"role": "gpt", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
@@ -375,6 +375,35 @@ def test_messages_only_the_last_answer_is_learned(smol_tokenizer):
     assert [m["role"] for m in parsed] == ["system", "user", "assistant", "user", "assistant"]
     alpaca_prompt = D.render_prompt(parsed[:-1], "alpaca", tok)
     assert alpaca_prompt.startswith("### Instruction:\nBe brief.") and "Assistant: Hello!" in alpaca_prompt
+
+
+def test_multi_turn_conversation_trains_every_assistant_answer(smol_tokenizer):
+    """ShareGPT keys (from/value) accepted; both answers and their end-of-turn tokens are labelled,
+    every other position (default system prompt, user turns, assistant headers) is -100."""
+    tok = smol_tokenizer
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                {"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}]
+    cols = {"format": "messages", "messages": "conversations"}
+    df = pd.DataFrame([{"conversations": sharegpt}])
+    ex = D.tokenize_instruction(df, cols, tok, "chat", 512)
+    ids, labels = ex.input_ids[0], ex.labels[0]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+    spans, current = [], []
+    for t, lab in zip(ids, labels):
+        if lab != D.IGNORE_INDEX:
+            assert lab == t
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    spans += [tok.decode(current)] if current else []
+    assert spans == ["Hello!<|im_end|>\n", "Paris.<|im_end|>"]
+    assert ex.prompts[0].endswith("Capital of France?<|im_end|>\n<|im_start|>assistant\n")   # generation: last turn
+    assert ex.references == ["Paris."]
+    short = D.tokenize_instruction(df, cols, tok, "chat", 40)      # cut inside the first answer: still trains
+    assert short.input_ids and len(short.input_ids[0]) == 40 and short.truncated == 1
 
 
 @pytest.mark.parametrize("cell, fragment", [
