@@ -74,11 +74,15 @@ def training_values(cfg: RunConfig, kind: str, n_train: int, cuda: bool | None =
         cuda = torch.cuda.is_available()
     notes = notes if notes is not None else []
     values = training_defaults(cfg.task, kind, cfg.strategy.name, n_train, cfg.strategy.frozen_layers, cuda=cuda)
+    given = dict(cfg.training)
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if old in cfg.training and new not in cfg.training:   # transformers 5 renamed them; keep both working
-            values.pop(new, None)
-    values = merge_training(values, cfg.training)
+        if old in given:      # transformers 5 renamed them: the old name still works, under the new one
+            value = given.pop(old)
+            if new not in given:
+                given[new] = value
+            notes.append(f"training.{old} is called {new} since transformers 5; it was applied as {new}.")
+    values = merge_training(values, given)
     patience = values.pop("early_stopping_patience", None)
     if not cuda:
         # Half precision on CPU is ~400x slower here: refuse it rather than train for hours.

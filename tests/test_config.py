@@ -130,9 +130,16 @@ def test_old_gradient_checkpointing_name_still_wins_over_our_default(tmp_path, g
     name must not be silently overridden by our default under the new one."""
     from finetune_core.training_args import resolve_training_args
 
+    import warnings
+
     cfg = config_from_dict({"task": "instruction", "strategy": {"name": "lora"}, "training": given})
-    args, _ = resolve_training_args(cfg, "causal", 64, tmp_path / "ckpt")
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)        # passed on under the new name: no rename warning
+        args, _ = resolve_training_args(cfg, "causal", 64, tmp_path / "ckpt", notes)
     assert args.activation_checkpointing is expected
+    assert any("gradient_checkpointing is called activation_checkpointing" in n for n in notes) == \
+        ("gradient_checkpointing" in given)
 
 
 # ---------------------------------------------------------------------------------------------
