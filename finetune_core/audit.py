@@ -36,12 +36,12 @@ import numpy as np
 import pandas as pd
 
 from . import data as D
-from .config import recommended_strategy
+from .config import TASKS, recommended_strategy
 from .errors import ConfigError, DataError, FinetuneError
 from .models import load_tokenizer, resolve_model
 
-TASKS = ("classification", "instruction")
-DEFAULT_MODELS = {"classification": "bundled:minilm-l6", "instruction": "bundled:smollm2-135m"}
+DEFAULT_MODELS = {"classification": "bundled:minilm-l6", "instruction": "bundled:smollm2-135m",
+                  "preference": "bundled:smollm2-135m"}
 
 IMBALANCE_WARN = 5.0          # article: ratio > 5 -> warning
 FEW_EXAMPLES = 5              # a class with fewer rows is hard to learn and to evaluate
@@ -170,6 +170,8 @@ def audit_dataframe(df: pd.DataFrame, task: str, cols: dict, tokenizer=None, max
     notes: list[str] = []
     if task == "classification":
         _audit_classification(df, cols, tokenizer, max_length, val_df, report, warnings, notes)
+    elif task == "preference":
+        _audit_preference(df, cols, tokenizer, max_length, val_df, report, warnings)
     else:
         _audit_instruction(df, cols, tokenizer, max_length, val_df, template, report, warnings, notes)
     report["warnings"] = warnings
@@ -285,6 +287,54 @@ def _audit_classification(df, cols, tokenizer, max_length, val_df, report, warni
         if unseen:
             warnings.append(f"The validation data has labels the training data never shows: {_names(unseen)}. "
                             "Add training examples for them, or remove those validation rows.")
+
+
+def preference_rows(df: pd.DataFrame, cols: dict) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of every row as text (conversational cells: their last message)."""
+    out = []
+    for i, row in enumerate(df.to_dict("records"), start=1):
+        out.append(tuple(D.preference_text(row[cols[k]], i, str(cols[k])).strip()
+                         for k in ("prompt", "chosen", "rejected")))
+    return out
+
+
+def _audit_preference(df, cols, tokenizer, max_length, val_df, report, warnings) -> None:
+    """The pairs checklist: what DPO cannot learn from, and what it learns wrong from."""
+    rows = preference_rows(df, cols)
+    empty = sum(1 for p, c, r in rows if not (p and c and r))
+    same = sum(1 for p, c, r in rows if c and c == r)
+    keys = [f"{p}\x00{c}\x00{r}" for p, c, r in rows]
+    dupes = len(keys) - len(set(keys))
+    report.update(pairs=len(rows), empty_sides=empty, identical_pairs=same, duplicate_pairs=dupes)
+    if empty:
+        warnings.append(f"{_plural(empty, 'pair')} {'has' if empty == 1 else 'have'} an empty prompt, chosen or "
+                        "rejected answer: training drops them. Fill them in or remove the rows.")
+    if same:
+        warnings.append(f"{_plural(same, 'pair')} {'has' if same == 1 else 'have'} the same chosen and rejected "
+                        "answer: there is no preference to learn (training drops them). Write a worse answer, or "
+                        "remove the rows.")
+    if dupes:
+        warnings.append(f"{_plural(dupes, 'duplicate pair')} (the same prompt, chosen and rejected as an earlier "
+                        "row): each copy counts the preference again. Remove the repeats.")
+    if len(rows) < 40:
+        warnings.append(f"Only {len(rows)} pairs: DPO learns a style from about 50-100 pairs (the example has 103). "
+                        "Add pairs, or rate more answers in the Chat tab and build pairs from them.")
+    if tokenizer is not None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        prompt_len = [len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                                  add_generation_prompt=True) if chat else p,
+                                    add_special_tokens=not chat)["input_ids"]) for p, _, _ in rows]
+        full = sum(1 for n in prompt_len if n >= max_length)
+        report["prompt_tokens"] = _token_summary(prompt_len, max_length)
+        if full:
+            warnings.append(f"{_plural(full, 'prompt')} {'fills' if full == 1 else 'fill'} max_length={max_length} "
+                            "tokens, leaving no room for the answers: training cannot compare them. Raise "
+                            "data.max_length or shorten the prompts.")
+    if val_df is not None:
+        seen = set(keys)
+        overlap = sum(1 for p, c, r in preference_rows(val_df, cols) if f"{p}\x00{c}\x00{r}" in seen)
+        report["validation_rows"], report["overlap_with_validation"] = int(len(val_df)), overlap
+        _overlap_warning(overlap, warnings, "pairs")
 
 
 def _suggest_classification(n: int) -> str:

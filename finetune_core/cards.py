@@ -19,13 +19,18 @@ from .config import public_dict, uses_mean_pooling_head
 from .models import BUNDLED, bundled_id, public_model_id
 from .portable import MODEL_CODE_FILE, export_base_name
 
-PIPELINE_TAGS = {"classification": "text-classification", "instruction": "text-generation"}
-TASK_NAMES = {"classification": "Text Classification", "instruction": "Text Generation"}
+PIPELINE_TAGS = {"classification": "text-classification", "instruction": "text-generation",
+                 "preference": "text-generation"}
+TASK_NAMES = {"classification": "Text Classification", "instruction": "Text Generation",
+              "preference": "Text Generation"}
 # (metrics.json key, model-index metric type, display name, metric config)
 CLASSIFICATION_RESULTS = (("accuracy", "accuracy", "Accuracy", None),
                           ("f1_weighted", "f1", "F1 (weighted)", "weighted"), ("f1_macro", "f1", "F1 (macro)", "macro"))
 INSTRUCTION_RESULTS = (("eval_loss", "loss", "Validation loss", None), ("perplexity", "perplexity", "Perplexity", None),
                        ("rougeL", "rouge", "ROUGE-L (held-out answers)", "rougeL"))
+PREFERENCE_RESULTS = (("eval_loss", "loss", "DPO loss (held-out pairs)", None),
+                      ("reward_accuracy", "accuracy", "Reward accuracy (held-out pairs)", None),
+                      ("reward_margin", "reward_margin", "Reward margin (held-out pairs)", None))
 DATASET_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -72,7 +77,8 @@ def _dataset(cfg) -> tuple[str, str]:
 def _eval_results(cfg, metrics: dict) -> list:
     from huggingface_hub import EvalResult     # deferred: only a card needs it
 
-    rows = CLASSIFICATION_RESULTS if cfg.task == "classification" else INSTRUCTION_RESULTS
+    rows = {"classification": CLASSIFICATION_RESULTS, "preference": PREFERENCE_RESULTS}.get(cfg.task,
+                                                                                        INSTRUCTION_RESULTS)
     name, kind = _dataset(cfg)
     return [EvalResult(task_type=PIPELINE_TAGS[cfg.task], task_name=TASK_NAMES[cfg.task], dataset_type=kind,
                        dataset_name=name, dataset_split="validation", metric_type=metric,
@@ -136,9 +142,14 @@ def _base_lines(cfg, merged: bool, mean_pooling: bool) -> list[str]:
 
 def _metric_lines(task: str, metrics: dict) -> list[str]:
     lines = ["## Results on the validation split", "", "| metric | value |", "|---|---|"]
-    keys = ["accuracy", "f1_weighted", "f1_macro"] if task == "classification" else \
-        ["eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
-         "general_perplexity", "forgetting_verdict", "rougeL"]
+    if task == "classification":
+        keys = ["accuracy", "f1_weighted", "f1_macro"]
+    elif task == "preference":
+        keys = ["eval_loss_before", "eval_loss", "reward_accuracy_before", "reward_accuracy", "reward_margin_before",
+                "reward_margin", "general_perplexity_before", "general_perplexity", "forgetting_verdict", "rougeL"]
+    else:
+        keys = ["eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
+                "general_perplexity", "forgetting_verdict", "rougeL"]
     keys += ["trainable_params", "total_params", "train_seconds", "train_samples", "stopped_early"]
     lines += [f"| {k} | {_fmt(metrics[k])} |" for k in keys if k in metrics]
     if task == "classification" and "baselines" in metrics:

@@ -248,6 +248,8 @@ def detect_columns(df: pd.DataFrame, task: str, data_cfg=None, name: str = "the 
                         "comma, semicolon, tab or |, or hold a single field.",
                         "Save it as a comma-separated CSV (or .tsv for tabs) with a header row naming the "
                         "columns, e.g. text,label.")
+    if task == "preference":
+        return preference_columns(df, given, name)
     if task == "classification":
         text = getattr(given, "text_column", None) or _pick(cols, TEXT_CANDIDATES)
         label = getattr(given, "label_column", None) or _pick(cols, LABEL_CANDIDATES)
@@ -282,8 +284,50 @@ def detect_columns(df: pd.DataFrame, task: str, data_cfg=None, name: str = "the 
                     "of {role, content}; or map your columns with data.instruction_column etc.")
 
 
+def preference_columns(df: pd.DataFrame, given=None, name: str = "the data") -> dict:
+    """prompt / chosen / rejected (TRL's names), or the columns data.prompt_column, chosen_column and
+    rejected_column name."""
+    cols = list(df.columns)
+    found = {}
+    for key, attr, candidates in (("prompt", "prompt_column", ("prompt", "question", "instruction")),
+                                  ("chosen", "chosen_column", ("chosen", "preferred", "better")),
+                                  ("rejected", "rejected_column", ("rejected", "dispreferred", "worse"))):
+        explicit = getattr(given, attr, None)
+        found[key] = _require(df, explicit, key, name) if explicit else _pick(cols, candidates)
+    missing = [k for k, v in found.items() if v is None]
+    if missing:
+        raise DataError(f"No {' / '.join(repr(m) for m in missing)} column found in {name}, which preference "
+                        f"tuning needs. Columns found: {', '.join(map(str, cols))}.",
+                        "Give each row a prompt, the better answer and the worse one in columns named prompt, "
+                        "chosen and rejected (TRL's format), or map yours with data.prompt_column, "
+                        "data.chosen_column and data.rejected_column.")
+    return {"format": "preference", **found}
+
+
+def preference_text(value, row: int, column: str) -> str:
+    """A preference cell as text: a string, or conversational messages (the last message's content)."""
+    if isinstance(value, str) and value.strip().startswith("[{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list):
+        msgs = _parse_messages_any(value, row)
+        return msgs[-1]["content"] if msgs else ""
+    if isinstance(value, dict):
+        raise DataError(f"Row {row}: column '{column}' holds an object, not text or a list of messages.",
+                        'Write text, or [{"role": "user", "content": "..."}].')
+    return _cell(value)
+
+
 def store_columns(data_cfg, cols: dict) -> None:
     """Write a detected mapping back into the config so run.yaml records what was used."""
+    if cols.get("format") == "preference":
+        data_cfg.prompt_column, data_cfg.chosen_column = cols["prompt"], cols["chosen"]
+        data_cfg.rejected_column = cols["rejected"]
+        return
     if "text" in cols:
         data_cfg.text_column, data_cfg.label_column = cols["text"], cols["label"]
         return
@@ -419,7 +463,12 @@ def _cell(v) -> str:
     return "" if is_missing(v) else str(v)
 
 
-def _parse_messages(value, row: int) -> list[dict]:
+def _parse_messages_any(value, row: int) -> list[dict]:
+    """Messages as {role, content} with ShareGPT keys and role names mapped; any last role."""
+    return _parse_messages(value, row, last_must_be_assistant=False)
+
+
+def _parse_messages(value, row: int, last_must_be_assistant: bool = True) -> list[dict]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -444,7 +493,7 @@ def _parse_messages(value, row: int) -> list[dict]:
             raise DataError(f"Row {row}: unknown message role '{m['role']}'.",
                             f"Use one of: {', '.join(CHAT_ROLES)}.")
         msgs.append({"role": role, "content": _cell(m["content"])})
-    if msgs[-1]["role"] != "assistant":
+    if last_must_be_assistant and msgs[-1]["role"] != "assistant":
         raise DataError(f"Row {row}: the last message must be the assistant's answer (the part we train on).",
                         "End every conversation with an assistant message.")
     return msgs

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import rundir, settings
 from .cards import render_model_card, usage_snippet
-from .config import config_from_dict, uses_mean_pooling_head
+from .config import GENERATIVE_TASKS, config_from_dict, uses_mean_pooling_head
 from .errors import FinetuneError
 from .models import adapter_base, public_model_id
 from .portable import (MODEL_CODE_FILE, export_base_name, extra_files, is_mean_pooling, make_portable,
@@ -240,7 +240,7 @@ def export_gguf_for_run(run_dir: str | Path, quant: str = "f16", out_dir: str | 
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
     info = _run_info(run_dir)
-    if info.get("task", "instruction") != "instruction":
+    if info.get("task", "instruction") not in GENERATIVE_TASKS:
         raise ExportError("GGUF export is for chat models (instruction runs); this run is a classifier.",
                           "Download the zip instead: it loads with transformers' pipeline().")
     if quant not in GGUF_QUANTS:

@@ -88,6 +88,13 @@ def eval_metric_curve(events: list[dict], title: str = "Validation metric") -> g
     """accuracy / F1 (classification) per evaluation; falls back to perplexity from eval loss."""
     pts = curve_points(events)
     fig = go.Figure()
+    rewards = [m for m in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+               if m in pts["metrics"]]
+    if rewards:        # a preference run: TRL's rewards on the held-out pairs (step 0: before training)
+        for name in rewards:
+            xs, ys = zip(*pts["metrics"][name])
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name.replace("rewards/", "reward ")))
+        return _layout(fig, "Held-out pairs: reward accuracy and margins (DPO)", "step", "value")
     shown = [m for m in ("accuracy", "f1_weighted", "f1_macro") if m in pts["metrics"]]
     # the three often coincide (balanced data, a perfect model): wide-to-narrow lines with different
     # dashes keep each one visible under the others

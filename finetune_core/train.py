@@ -94,6 +94,10 @@ def task_module(task: str):
         return classification
     if task == "instruction":
         return instruction
+    if task == "preference":
+        from .tasks import preference      # deferred: TRL takes seconds to import, and only this task uses it
+
+        return preference
     raise ConfigError(f"Unknown task '{task}'.", f"Use one of: {', '.join(TASKS)}.")
 
 

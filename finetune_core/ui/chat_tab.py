@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import GENERATIVE_TASKS
 from .. import rundir, settings
 from ..errors import FinetuneError, ModelError
 from ..generate import (generate_batch, load_for_inference, on_inference_thread, predict_proba,
@@ -214,7 +215,7 @@ def chat(ctx: AppContext, message="", model="bundled:smollm2-135m", temperature=
         except FinetuneError:
             history.pop()
             raise
-        if info["task"] != "instruction":
+        if info["task"] not in GENERATIVE_TASKS:
             history.pop()
             raise FinetuneError(f"'{ref}' is not a generative model.", "Pick an instruction run.")
         text = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..config import GENERATIVE_TASKS
 from .. import plots
 from ..events import read_events
 from ..plots import classification_summary_rows
@@ -107,6 +108,14 @@ def instruction_outputs(run_dir, metrics: dict) -> list:
            f"**{_r(metrics.get('general_perplexity'), 2)}**"
            + (f" ({change:+.1%})" if isinstance(change, float) else "") +
            f"\n- verdict: **{metrics.get('forgetting_verdict', 'not measured')}**")
+    if isinstance(metrics.get("reward_accuracy"), float):
+        fmd = ("#### Preference (DPO) on the held-out pairs\n"
+               f"- DPO loss: before **{_r(metrics.get('eval_loss_before'), 3)}** (ln 2 = 0.693: no preference "
+               f"yet) → after **{_r(metrics.get('eval_loss'), 3)}**\n"
+               f"- reward accuracy (chosen beats rejected): **{_r(metrics.get('reward_accuracy_before'), 2)}** → "
+               f"**{_r(metrics.get('reward_accuracy'), 2)}**\n"
+               f"- reward margin: **{_r(metrics.get('reward_margin_before'), 3)}** → "
+               f"**{_r(metrics.get('reward_margin'), 3)}**\n\n") + fmd
     if isinstance(metrics.get("rougeL"), float):
         fmd += (f"\n\n#### ROUGE-L on held-out prompts\nbefore **{metrics.get('rougeL_before', 0):.3f}** → "
                 f"after **{metrics['rougeL']:.3f}** (overlap with the reference answers)")
@@ -128,7 +137,7 @@ def show_run(ctx: AppContext, run_id, normalize, owner_state, request: gr.Reques
     task = metrics.get("task")
     if task == "classification":
         return out + classification_outputs(ctx, run_id, run_dir, metrics, normalize)
-    if task == "instruction":
+    if task in GENERATIVE_TASKS:
         return out + instruction_outputs(run_dir, metrics)
     return out + hidden + [gr.skip()] * 10
 

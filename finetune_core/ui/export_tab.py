@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import GENERATIVE_TASKS
 from .. import batch_predict, export, rundir
 from ..errors import FinetuneError
 from ..generate import on_inference_thread, submit_inference
@@ -75,7 +76,7 @@ def show(ctx: AppContext, run_id, what, owner_state, request: gr.Request):
     lora = (model_dir / "adapter_config.json").exists()
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e6
     merged = rundir.merged_dir(run_dir).is_dir()
-    chat = rundir.read_config(run_dir).get("task") == "instruction"
+    chat = rundir.read_config(run_dir).get("task") in GENERATIVE_TASKS
     info = (f"`{run_id}` · {'LoRA adapter' if lora else 'full model'} · weights {size:.1f} MB"
             + (" · merged copy available" if merged else ""))
     return (info, snippet_for(run_dir, run_id, what), gr.update(interactive=lora), None, gr.update(interactive=chat),

@@ -1,0 +1,221 @@
+"""The preference task: direct preference optimisation (DPO) on TRL's DPOTrainer and DPOConfig.
+
+    python -m finetune_core train examples/configs/preference_lora.yaml
+    python -m finetune_core audit examples/data/preference_pairs.jsonl --task preference
+
+Data: one pair per row, `prompt` / `chosen` / `rejected` (TRL's names; data.preference_columns), as
+text or as conversational messages. The prompt is sent as a user message through the model's chat
+template, as the Chat tab sends it. TRL does the rest: the DPO loss, the reference model and the
+preference collator. The reference is the model as loaded: with LoRA the base with the adapter off,
+and with precompute_ref_log_probs (our default) its log-probabilities are computed once before
+training, so no second copy of the model is held for any strategy.
+
+metrics.json: on the held-out pairs, before and after training, `eval_loss(_before)` (the DPO loss,
+ln 2 = 0.693 before training), `reward_accuracy(_before)` (the share of pairs where the chosen answer
+gains more log-probability over the reference than the rejected one; TRL counts a tie as a miss, so it
+is 0 before training) and `reward_margin(_before)` (the mean of that gain's difference, times beta);
+the forgetting probe (general-English perplexity) as for instruction runs; generations.jsonl has the
+held-out prompts answered before and after, with ROUGE-L against the chosen answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+from trl import DPOConfig, DPOTrainer
+
+from .. import data as D
+from .. import evaluation, rundir
+from ..audit import audit_run
+from ..config import RunConfig
+from ..errors import ConfigError, FinetuneError
+from ..generate import generate_batch, write_generations
+from ..models import load_model as load_pretrained
+from ..trainer import release_training_state
+from ..training_args import resolve_training_args
+from . import RunContext, as_dataset
+from .instruction import MAX_NEW_TOKENS, Answers, adapter_merged
+
+MAIN_METRIC = "eval_loss"
+HELDOUT_PROMPTS = 20            # held-out prompts answered before and after training
+# TRL's eval metric -> ours (metrics.json, with _before for the model as loaded)
+REPORTED = {"eval_loss": "eval_loss", "eval_rewards/accuracies": "reward_accuracy",
+            "eval_rewards/margins": "reward_margin", "eval_rewards/chosen": "reward_chosen",
+            "eval_rewards/rejected": "reward_rejected"}
+
+
+@dataclass
+class PreferenceData:
+    """The split pairs of a preference run, as (prompt, chosen, rejected) texts."""
+    train_frame: pd.DataFrame
+    val_frame: pd.DataFrame
+    template: str                       # "chat" or "alpaca", resolved for this tokenizer
+    train_pairs: list[tuple[str, str, str]]
+    val_pairs: list[tuple[str, str, str]]
+    dropped_reasons: dict[str, int]
+    before_answers: list[str] | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_pairs)
+
+    @property
+    def dropped_rows(self) -> int:
+        return sum(self.dropped_reasons.values())
+
+
+def check_model(cfg: RunConfig, kind: str) -> None:
+    if kind != "causal":
+        raise ConfigError(f"The model '{cfg.model}' is an encoder; preference tuning needs a model that generates "
+                          "text.", "Use a causal LM such as bundled:smollm2-135m.")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def _usable(pairs: list[tuple[str, str, str]], reasons: dict) -> list[tuple[str, str, str]]:
+    """The pairs DPO can learn from: no empty side, and a chosen answer that differs from the rejected."""
+    kept = []
+    for prompt, chosen, rejected in pairs:
+        if not (prompt and chosen and rejected):
+            reasons["empty_side"] += 1
+        elif chosen == rejected:
+            reasons["identical_answers"] += 1
+        else:
+            kept.append((prompt, chosen, rejected))
+    return kept
+
+
+def prepare(run: RunContext, frames: D.Frames) -> PreferenceData:
+    from ..audit import preference_rows
+
+    cfg = run.cfg
+    train_df, val_df = frames.train, frames.validation
+    if val_df is None:
+        train_df, val_df = D.split_frame(train_df, cfg.data.val_size, cfg.seed)
+    reasons = {"empty_side": 0, "identical_answers": 0}
+    train = _usable(preference_rows(train_df, frames.columns), reasons)
+    val = _usable(preference_rows(val_df, frames.columns), reasons)
+    if not train:
+        raise FinetuneError("No usable training pair: every pair has an empty prompt, chosen or rejected answer, "
+                            "or the same answer on both sides.",
+                            "Give each row a prompt, a better (chosen) and a worse (rejected) answer.")
+    if not val:
+        raise FinetuneError("No usable held-out pair to measure the run on.",
+                            "Add pairs (at least 5 rows, so that val_size leaves one out), or give a validation "
+                            "file with data.validation.")
+    data = PreferenceData(train_frame=train_df, val_frame=val_df,
+                          template=D.resolve_template(cfg.data.template, run.tokenizer),
+                          train_pairs=train, val_pairs=val, dropped_reasons=reasons)
+    if data.dropped_rows:
+        run.writer.info(f"{data.dropped_rows} pairs dropped: {reasons['empty_side']} with an empty side, "
+                        f"{reasons['identical_answers']} with the same chosen and rejected answer.")
+    return data
+
+
+def audit(run: RunContext, frames: D.Frames, data: PreferenceData) -> dict:
+    return audit_run(run.cfg, run.tokenizer, frames, data.train_frame, data.val_frame, frames.columns)
+
+
+def load_model(run: RunContext, data: PreferenceData):
+    return load_pretrained(run.model_path, "instruction", run.model_kind)
+
+
+def training_arguments(run: RunContext, data: PreferenceData, notes: list[str]):
+    cfg = run.cfg
+    extra = {} if "max_length" in cfg.training else {"max_length": cfg.data.max_length}
+    args, patience = resolve_training_args(cfg, run.model_kind, data.n_train, rundir.checkpoints_dir(run.out), notes,
+                                           extra=extra, args_class=DPOConfig)
+    if cfg.strategy.name != "lora" and not args.precompute_ref_log_probs:
+        notes.append(f"{cfg.strategy.name} preference tuning with precompute_ref_log_probs off: TRL keeps a second "
+                     "copy of the model as the reference, twice the weights' memory. Turn it on (the default) to "
+                     "compute the reference once before training instead.")
+    return args, patience
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets and trainer
+
+
+def prompt_text(prompt: str, data: PreferenceData, tokenizer) -> str:
+    """The prompt as the model sees it before an answer (chat template, else the Alpaca format)."""
+    return D.render_prompt([{"role": "user", "content": prompt}], data.template, tokenizer)
+
+
+def pairs_dataset(pairs: list[tuple[str, str, str]], data: PreferenceData, tokenizer):
+    """TRL's format: conversational with a chat template (TRL applies it), else plain text ending in EOS."""
+    if data.template == "chat":
+        return as_dataset({"prompt": [[{"role": "user", "content": p}] for p, _, _ in pairs],
+                           "chosen": [[{"role": "assistant", "content": c}] for _, c, _ in pairs],
+                           "rejected": [[{"role": "assistant", "content": r}] for _, _, r in pairs]})
+    eos = tokenizer.eos_token or ""
+    return as_dataset({"prompt": [prompt_text(p, data, tokenizer) for p, _, _ in pairs],
+                       "chosen": [c + eos for _, c, _ in pairs], "rejected": [r + eos for _, _, r in pairs]})
+
+
+def _general_perplexity(model, tokenizer, cfg: RunConfig) -> float:
+    batches = evaluation.text_batches(tokenizer, evaluation.general_text_paragraphs(), cfg.data.max_length)
+    loss, _ = evaluation.token_loss(model, batches)
+    return float(math.exp(loss)) if loss == loss else float("nan")
+
+
+def _reported(scores: dict, suffix: str) -> dict:
+    return {ours + suffix: float(scores[theirs]) for theirs, ours in REPORTED.items() if theirs in scores}
+
+
+def heldout(data: PreferenceData, tokenizer) -> tuple[list[str], list[str]]:
+    pairs = data.val_pairs[:HELDOUT_PROMPTS]
+    return [prompt_text(p, data, tokenizer) for p, _, _ in pairs], [c for _, c, _ in pairs]
+
+
+def build_trainer(run: RunContext, model, data: PreferenceData, args, callbacks, metrics: dict):
+    """TRL's DPOTrainer, then the model as loaded measured on the held-out pairs (the "before" side)."""
+    tokenizer = run.tokenizer
+    run.writer.info(f"Preparing {data.n_train} training and {len(data.val_pairs)} held-out pairs"
+                    + (" and the reference log-probabilities (once, before training) ..."
+                       if args.precompute_ref_log_probs else " ..."))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_dataset(data.train_pairs, data, tokenizer),
+                         eval_dataset=pairs_dataset(data.val_pairs, data, tokenizer), processing_class=tokenizer,
+                         callbacks=callbacks)
+    if "ref" in getattr(model, "peft_config", {}):
+        # TRL copies a LoRA model's adapter as its reference; ours is freshly initialised (the base model
+        # itself), so the adapter switched off is the same reference, and model/ gets no `ref` adapter.
+        model.delete_adapter("ref")
+    run.writer.info("Measuring the model before training: DPO loss and reward accuracy on the held-out pairs, "
+                    "general-text perplexity, answers to held-out prompts ...")
+    metrics.update(_reported(trainer.evaluate(), "_before"))
+    metrics["general_perplexity_before"] = _general_perplexity(model, tokenizer, run.cfg)
+    if run.main:
+        prompts, _ = heldout(data, tokenizer)
+        data.before_answers = generate_batch(model, tokenizer, prompts, data.template, MAX_NEW_TOKENS)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate and outputs
+
+
+def evaluate(run: RunContext, trainer, model, data: PreferenceData, metrics: dict) -> Answers:
+    release_training_state(trainer)
+    run.writer.phase("evaluating", "Evaluating the tuned model on the held-out pairs and general text ...")
+    metrics.update(_reported(trainer.evaluate(), ""))
+    metrics["general_perplexity"] = _general_perplexity(model, run.tokenizer, run.cfg)
+    metrics.update(evaluation.forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
+    metrics["val_samples"] = len(data.val_pairs)
+    metrics["template"] = data.template
+    prompts, refs = heldout(data, run.tokenizer)
+    after = None
+    if run.main:
+        run.writer.phase("generating", "Generating answers to held-out prompts after training ...", done=0,
+                         total=len(prompts), unit="prompts")
+        with adapter_merged(model):
+            after = generate_batch(model, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS)
+    return Answers(prompts=prompts, references=refs, after=after, before=data.before_answers)
+
+
+def write_outputs(run: RunContext, model, data: PreferenceData, metrics: dict, answers: Answers) -> None:
+    """generations.jsonl: the held-out prompts answered before and after, ROUGE-L against the chosen answer."""
+    write_generations(run.out, answers.prompts, answers.references, answers.after, metrics, before=answers.before)
