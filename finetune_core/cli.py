@@ -1,12 +1,13 @@
 """Command line: the same engine the app uses.
 
     python -m finetune_core train CONFIG.yaml [--set key.sub=value ...]
-    python -m finetune_core audit DATA_FILE --task classification|instruction [--set ...] [--json]
+    python -m finetune_core audit DATA_FILE --task classification|instruction|preference [--set ...] [--json]
     python -m finetune_core models [--prepare] [--json]
     python -m finetune_core compare CONFIG.yaml --strategies full,frozen,lora
     python -m finetune_core estimate CONFIG.yaml [--set ...] [--json]
     python -m finetune_core export RUN_DIR [--merge] [--zip] [--adapter] [--gguf [--quant f16|q8_0]]
     python -m finetune_core predict RUN_DIR DATA_FILE [--out OUT.csv] [--max-new-tokens N]
+    python -m finetune_core pairs RUN_DIR [--out pairs.jsonl]
 
 Bad input prints one paragraph naming the problem and the fix and exits with code 2 (--debug shows
 the traceback).
@@ -22,11 +23,12 @@ import traceback
 import warnings
 
 from .compare import compare
-from .config import DataConfig, apply_overrides, config_from_dict, load_config
+from .config import TASKS, DataConfig, apply_overrides, config_from_dict, load_config
 from .errors import FinetuneError
 from .events import format_event, is_main_process
 from .export import GGUF_QUANTS, export_gguf_for_run, gguf_commands, merge_lora, merged_by_default, zip_model
 from .models import list_models, prepare_smollm2
+from .pairs import write_pairs
 
 
 def _quiet_libraries() -> None:
@@ -144,6 +146,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    path, stats = write_pairs(args.run_dir, args.out)
+    print(f"{stats['pairs']} preference pairs ({stats['ties']} ties skipped, {stats['single']} prompts with one "
+          f"rated answer) written to {path}")
+    print(f"Train on them: python -m finetune_core train examples/configs/preference_lora.yaml "
+          f"--set data.train={path}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .batch_predict import predict_file   # deferred: pandas, then torch when the model loads
 
@@ -170,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="check a data file before training")
     p.add_argument("file")
-    p.add_argument("--task", required=True, choices=["classification", "instruction"])
+    p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--model", help="tokenizer to count tokens with (default: the bundled model for the task)")
     p.add_argument("--no-tokenizer", action="store_true", help="skip token counts")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -209,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the CSV to write (default RUN_DIR/export/predictions-FILE.csv)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="instruction runs: answer length")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("pairs", help="turn a run's ratings into preference pairs for task: preference")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the JSONL to write (default RUN_DIR/pairs.jsonl)")
+    p.set_defaults(func=cmd_pairs)
     return parser
 
 

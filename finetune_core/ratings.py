@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +30,28 @@ from .rundir import ratings_path
 MODELS = ("base", "finetuned")
 MIN_SCORE, MAX_SCORE = 1, 5
 MAX_TEXT_CHARS = 20_000          # one rating line stays small; longer answers are cut, and marked
+
+
+def user_text(prompt: str) -> str:
+    """The user's part of a rendered prompt (a chat template's last user turn, or Alpaca's instruction
+    and input); a plain question as it is. Held-out ratings store the prompt as the model saw it."""
+    text = prompt or ""
+    m = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, flags=re.S)
+    if m:
+        text = m[-1]
+    else:
+        m = re.search(r"### Instruction:\n(.*?)\n\n### (?:Input|Response):", text, flags=re.S)
+        if m:
+            text = m.group(1)
+            inp = re.search(r"### Input:\n(.*?)\n\n### Response:", prompt, flags=re.S)
+            if inp:
+                text += "\n\n" + inp.group(1)
+        else:
+            for marker in ("user\n", "User:", "[INST]"):
+                if marker in text:
+                    text = text.rsplit(marker, 1)[-1]
+                    break
+    return text.strip()
 
 
 def _score(score) -> int:

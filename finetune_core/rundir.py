@@ -51,6 +51,7 @@ CHECKPOINTS_DIR = "checkpoints"       # Trainer checkpoints; removed when a run 
 EXPORT_DIR = "export"                 # what Export writes (zips, GGUF, Modelfile, batch predictions)
 DATA_DIR = "data"                     # the app's copies of the data files a job trains on
 RATINGS_FILE = "ratings.jsonl"        # human ratings of answers (finetune_core.ratings)
+PAIRS_FILE = "pairs.jsonl"            # preference pairs built from the ratings (finetune_core.pairs)
 COMPARE_INPUT_FILE = "compare_input.yaml"  # compare: the config one strategy's run trains with
 COMPARE_LOG_FILE = "compare.log"      # compare: that run's stdout and stderr
 
@@ -126,6 +127,10 @@ def data_dir(run_dir: str | Path) -> Path:
 
 def ratings_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / RATINGS_FILE
+
+
+def pairs_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PAIRS_FILE
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from ..ratings import user_text
 from ..rundir import generations_path
 
 
@@ -27,21 +28,5 @@ def read_generations(run_dir: Path) -> list[dict]:
 
 def prompt_preview(prompt: str, limit: int = 400) -> str:
     """The user's part of a rendered prompt (chat template or Alpaca), for tables."""
-    text = prompt or ""
-    m = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, flags=re.S)
-    if m:
-        text = m[-1]
-    else:
-        m = re.search(r"### Instruction:\n(.*?)\n\n### (?:Input|Response):", text, flags=re.S)
-        if m:
-            text = m.group(1)
-            inp = re.search(r"### Input:\n(.*?)\n\n### Response:", prompt, flags=re.S)
-            if inp:
-                text += "\n\n" + inp.group(1)
-        else:
-            for marker in ("user\n", "User:", "[INST]"):
-                if marker in text:
-                    text = text.rsplit(marker, 1)[-1]
-                    break
-    text = text.strip()
+    text = user_text(prompt)
     return text if len(text) <= limit else text[:limit - 3] + "..."
