@@ -126,3 +126,18 @@ def test_bind_drops_the_context_and_keeps_what_gradio_reads():
     assert typing.get_type_hints(handler) == {"request": gr.Request}
     assert not inspect.isgeneratorfunction(handler)
     assert handler("a", "b", None) == ("CTX", "a", "b", None, None)
+
+
+def test_a_preference_form_leaves_the_pairs_columns_to_detection():
+    import pandas as pd
+
+    from finetune_core.ui.common import EXAMPLES, TASK_CHOICES
+    from finetune_core.ui.data_tab import guess_task
+
+    cfg = config(task="preference", model="bundled:smollm2-135m", prompt_column="p", text_column="t")
+    assert (cfg.task, cfg.data.prompt_column, cfg.data.text_column, cfg.data.chosen_column) == \
+        ("preference", None, None, None)
+    assert "preference" in [value for _, value in TASK_CHOICES]
+    assert EXAMPLES["preference_pairs.jsonl"][1] == "preference"
+    assert guess_task(pd.DataFrame([{"prompt": "q", "chosen": "a", "rejected": "b"}])) == "preference"
+    assert guess_task(pd.DataFrame([{"prompt": "q", "completion": "a"}])) == "instruction"

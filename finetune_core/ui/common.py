@@ -37,9 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {
     "domains.csv": ("Domains: 160 short texts in 4 classes (classification)", "classification"),
     "support_replies.jsonl": ("Support replies: 80 notes rewritten as polite replies (instruction)", "instruction"),
+    "preference_pairs.jsonl": ("Preference pairs: 103 direct vs rambling answers (preference, DPO)", "preference"),
 }
 TASK_CHOICES = [("Classification (text → label)", "classification"),
-                ("Instruction tuning (prompt → answer)", "instruction")]
+                ("Instruction tuning (prompt → answer)", "instruction"),
+                ("Preference tuning, DPO (prompt → better / worse answer)", "preference")]
 STATUS_ICONS = {"queued": "⏳", "running": "🏃", "stopping": "✋", "finished": "✅", "stopped": "⏹️",
                 "failed": "❌", "interrupted": "⚠️", "cancelled": "🚫"}
 

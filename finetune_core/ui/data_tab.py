@@ -49,6 +49,11 @@ def source_choices() -> list:
 
 def guess_task(df) -> str:
     try:
+        detect_columns(df, "preference")
+        return "preference"
+    except FinetuneError:
+        pass
+    try:
         detect_columns(df, "instruction")
         return "instruction"
     except FinetuneError:
@@ -64,6 +69,8 @@ def detected_columns(df, task: str) -> dict:
         return out
     if task == "classification":
         out.update(text=cols["text"], label=cols["label"])
+    elif task == "preference":
+        pass                  # prompt / chosen / rejected are found by name (data.preference_columns)
     elif cols["format"] == "alpaca":
         out.update(format="alpaca", prompt=cols["instruction"], input=cols.get("input"), response=cols["output"])
     elif cols["format"] == "prompt_completion":

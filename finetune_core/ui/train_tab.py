@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import plots
-from ..config import LoraSettings, StrategyConfig, dump_config, training_defaults
+from ..config import GENERATIVE_TASKS, LoraSettings, StrategyConfig, dump_config, training_defaults
 from ..data import clean_classification, detect_columns, row_to_messages, split_frame, store_columns
 from ..errors import FinetuneError
 from ..events import Progress as EventProgress
@@ -73,7 +73,7 @@ def quick_model_kind(model: str, task: str) -> str:
     try:
         return model_kind(resolve_model(model))
     except Exception:  # noqa: BLE001
-        return "causal" if task == "instruction" else "encoder"
+        return "causal" if task in GENERATIVE_TASKS else "encoder"
 
 
 @functools.lru_cache(maxsize=32)
@@ -144,7 +144,7 @@ def default_rate(task: str, kind: str, strategy: str, frozen="all") -> float:
 
 def default_epochs(task: str) -> int:
     """The epochs a run of this task gets when the box is empty (config.training_defaults)."""
-    return training_defaults(task, "causal" if task == "instruction" else "encoder", "lora", 128,
+    return training_defaults(task, "causal" if task in GENERATIVE_TASKS else "encoder", "lora", 128,
                              cuda=False)["num_train_epochs"]
 
 
@@ -330,6 +330,10 @@ def result_line(m: dict) -> str:
         s = f"weighted F1 <b>{m.get('f1_weighted', 0):.3f}</b>, accuracy {m.get('accuracy', 0):.3f}"
         if isinstance(base, float):
             s += f" (TF-IDF baseline F1 {base:.3f})"
+    elif m.get("task") == "preference":
+        s = (f"reward accuracy <b>{m.get('reward_accuracy', float('nan')):.2f}</b> (before "
+             f"{m.get('reward_accuracy_before', float('nan')):.2f}), DPO loss {m.get('eval_loss', float('nan')):.3f} "
+             f"(before {m.get('eval_loss_before', float('nan')):.3f})")
     else:
         s = (f"eval loss <b>{m.get('eval_loss', float('nan')):.3f}</b> (before {m.get('eval_loss_before', float('nan')):.3f})"
              f", forgetting: {html.escape(str(m.get('forgetting_verdict', '?')))}")
@@ -560,7 +564,7 @@ def count(ctx: AppContext, values: dict, info=None, owner_state=None, request: g
             model_description(model)
     text = (f"**Trainable: {s['trainable_params']:,}** of {s['total_params']:,} parameters "
             f"(**{s['trainable_percent']:.2f}%**) · {s['blocks']} transformer blocks")
-    return text, gr.update(maximum=max(0, s["blocks"] - (1 if task == "instruction" else 0))), \
+    return text, gr.update(maximum=max(0, s["blocks"] - (1 if task in GENERATIVE_TASKS else 0))), \
         model_description(model)
 
 
@@ -662,11 +666,11 @@ def show_command(ctx: AppContext, values: dict):
 
 def task_defaults(task, model, head_only):
     """Instruction tuning needs a causal LM, and a frozen LLM has no new head to train."""
-    if task == "instruction" and quick_model_kind(model, task) == "encoder":
+    if task in GENERATIVE_TASKS and quick_model_kind(model, task) == "encoder":
         return gr.update(value="bundled:smollm2-135m"), gr.update(value=False)
     if task == "classification" and model == "bundled:smollm2-135m":
         return gr.update(value="bundled:minilm-l6"), gr.update(value=True)
-    return gr.update(), gr.update(value=False) if task == "instruction" else gr.update()
+    return gr.update(), gr.update(value=False) if task in GENERATIVE_TASKS else gr.update()
 
 
 # ---------------------------------------------------------------------------------------------
