@@ -9,6 +9,7 @@ import importlib
 import json
 import multiprocessing as mp
 
+import gradio as gr
 import pytest
 
 import finetune_core.ratings as ratings
@@ -270,4 +271,40 @@ def test_rating_handlers_refuse_bad_cells_and_runs_the_session_may_not_view(chat
         assert [(r["model"], r["score"]) for r in ratings.read_ratings(run_dir)] == [("base", 4), ("finetuned", 5)]
     finally:
         demo.close()
+        manager.shutdown(kill=True)
+
+
+def test_ratings_become_preference_pairs_and_start_a_run_on_the_tuned_model(chat_run):
+    from finetune_core import rundir
+    from finetune_core.pairs import MIN_PAIRS
+    from finetune_core.ui import chat_tab
+
+    runs, run_id = chat_run
+    run_dir = runs / run_id
+    (run_dir / "ratings.jsonl").unlink(missing_ok=True)
+    manager, demo, _ = _app(runs, private=True)
+    ctx = demo.ft_context
+    try:
+        for i in range(3):
+            ratings.add_rating(run_dir, f"Q{i}?", "base", f"base {i}", 2, session=OWNER)
+            ratings.add_rating(run_dir, f"Q{i}?", "finetuned", f"tuned {i}", 2 if i == 0 else 4, session=OWNER)
+        md = chat_tab.pairs_from_ratings(ctx, run_id, OWNER, None)
+        assert "give 2 preference pairs (1 prompts skipped as ties" in md and f"needs at least {MIN_PAIRS}" in md
+        assert f"Rate both answers of {MIN_PAIRS - 2} more prompts" in md
+        with pytest.raises(gr.Error, match="at least"):
+            chat_tab.start_preference_run(ctx, run_id, OWNER, None)
+        for i in range(3, MIN_PAIRS + 1):
+            ratings.add_rating(run_dir, f"Q{i}?", "base", f"base {i}", 1, session=OWNER)
+            ratings.add_rating(run_dir, f"Q{i}?", "finetuned", f"tuned {i}", 5, session=OWNER)
+        assert f"**{MIN_PAIRS} preference pairs** (1 ties skipped" in chat_tab.pairs_from_ratings(ctx, run_id, OWNER, None)
+        assert len(rundir.pairs_path(run_dir).read_text().splitlines()) == MIN_PAIRS
+        with pytest.raises(gr.Error, match="Ratings are saved with a fine-tuned run"):
+            chat_tab.pairs_from_ratings(ctx, "bundled:smollm2-135m", OWNER, None)
+        md = chat_tab.start_preference_run(ctx, run_id, OWNER, None)
+        new_id = md.split("`")[1]
+        cfg = rundir.read_config(runs / new_id)
+        assert cfg["task"] == "preference" and cfg["model"] == str(run_dir / "model")
+        assert cfg["strategy"]["name"] == "lora" and cfg["data"]["train"].endswith("pairs.jsonl")
+        manager.stop(new_id, OWNER)
+    finally:
         manager.shutdown(kill=True)

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import GENERATIVE_TASKS
 from .. import rundir, settings
+from ..config import GENERATIVE_TASKS, load_config
+from ..export import merge_lora
 from ..errors import FinetuneError, ModelError
 from ..generate import (generate_batch, load_for_inference, on_inference_thread, predict_proba,
                         stream_generate)
 from ..jobs import owner_key
 from ..models import resolve_model
+from ..pairs import MIN_PAIRS, build_pairs, too_few_message, write_pairs
 from ..ratings import add_rating, latest_ratings, rating_summary
-from .common import AppContext, bind, dropdown_update, owner_of, run_choices, user_errors
+from .common import REPO_ROOT, AppContext, bind, dropdown_update, owner_of, run_choices, user_errors
 from .generations import prompt_preview, read_generations
 
 BASE_MODELS = [("bundled:smollm2-135m (base model only, no run)", "bundled:smollm2-135m")]
@@ -254,6 +256,49 @@ def show_ratings(ctx: AppContext, model, owner_state, request: gr.Request):
     return ratings_md(run_dir), [], []
 
 
+PREFERENCE_CONFIG = REPO_ROOT / "examples" / "configs" / "preference_lora.yaml"
+
+
+def _rated_run(ctx: AppContext, model, owner: str) -> tuple[Path, str]:
+    _, ft_dir, run_dir = resolve_chat_models(ctx, model, owner)
+    if run_dir is None:
+        raise FinetuneError("Ratings are saved with a fine-tuned run; a base model has none.",
+                            "Pick one of your instruction runs, rate its answers, then build the pairs.")
+    return run_dir, ft_dir
+
+
+@user_errors
+def pairs_from_ratings(ctx: AppContext, model, owner_state, request: gr.Request):
+    """The run's ratings as preference pairs (pairs.build_pairs): how many, and what is missing."""
+    run_dir, _ = _rated_run(ctx, model, owner_of(owner_state, request))
+    _, stats = build_pairs(run_dir)
+    if stats["pairs"] < MIN_PAIRS:
+        problem, fix = too_few_message(stats)
+        return f"⚠️ {problem} {fix}"
+    _, stats = write_pairs(run_dir)
+    return (f"✅ **{stats['pairs']} preference pairs** ({stats['ties']} ties skipped, {stats['single']} prompts with "
+            "one rated answer) saved with the run as `pairs.jsonl`, the better-rated answer chosen. *Start a "
+            "preference run* teaches the fine-tuned model these preferences (DPO, LoRA).")
+
+
+@user_errors
+def start_preference_run(ctx: AppContext, model, owner_state, request: gr.Request):
+    """A preference run (examples/configs/preference_lora.yaml) on the run's pairs, starting from the
+    fine-tuned model: a LoRA run's adapter is merged into its base first (model/merged/)."""
+    owner = owner_of(owner_state, request)
+    run_dir, ft_dir = _rated_run(ctx, model, owner)
+    path, stats = write_pairs(run_dir)            # refuses with the count when there are too few
+    start = Path(ft_dir)
+    if (start / "adapter_config.json").exists():
+        start = on_inference_thread(merge_lora, run_dir)     # torch work stays on one thread (generate.py)
+    cfg = load_config(PREFERENCE_CONFIG)
+    cfg.model, cfg.data.train = str(start), str(path)
+    resolve_model(cfg.model, allowed_roots=ctx.model_roots(owner))      # this session's own runs only
+    job = ctx.manager.submit(cfg, owner, name=f"{run_dir.name}-preference", one_active_per_owner=True)
+    return (f"🏃 Preference run `{job.run_id}` started: DPO on {stats['pairs']} pairs from your ratings, "
+            "starting from this run's model. Follow it in the Train tab; then chat with it here.")
+
+
 @user_errors
 def heldout(ctx: AppContext, model, n, max_new_tokens, owner_state, request: gr.Request):
     owner = owner_of(owner_state, request)
@@ -389,6 +434,12 @@ def build(ctx: AppContext, ui) -> None:
             column_widths=["20%", "18%", "23%", "23%", "8%", "8%"],
             wrap=True, max_height=420, label="Type 1-5 in the rating columns, then save")
         ui.heldout_save = gr.Button("Save ratings")
+        gr.Markdown("**From ratings to preference tuning.** Each prompt whose two answers you rated differently "
+                    f"becomes a pair (better answer chosen); a run needs {MIN_PAIRS} pairs.")
+        with gr.Row():
+            ui.pairs_btn = gr.Button("Build preference pairs from the ratings", elem_id="pairs-btn")
+            ui.pairs_run_btn = gr.Button("Start a preference run on them", elem_id="pairs-run-btn")
+        ui.pairs_md = gr.Markdown("", elem_id="pairs-md")
     gr.Markdown("### Try the classifier")
     with gr.Row():
         with gr.Column(scale=3):
@@ -425,6 +476,10 @@ def wire(ctx: AppContext, ui) -> None:
                          concurrency_limit=settings.inference_concurrency())
     ui.heldout_save.click(bind(ctx, save_heldout), [ui.heldout_table, ui.chat_model, ui.owner_state], ui.ratings_md,
                           api_visibility="private")
+    ui.pairs_btn.click(bind(ctx, pairs_from_ratings), [ui.chat_model, ui.owner_state], ui.pairs_md,
+                       api_visibility="private")
+    ui.pairs_run_btn.click(bind(ctx, start_preference_run), [ui.chat_model, ui.owner_state], ui.pairs_md,
+                           api_visibility="private")
     predictor = bind(ctx, predict)
     for trigger, api in ((ui.cls_btn.click, True), (ui.cls_text.submit, False)):
         trigger(predictor, [ui.cls_text, ui.cls_run, ui.owner_state], ui.cls_label,

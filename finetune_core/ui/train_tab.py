@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import plots
+from ..audit import preference_rows
 from ..config import GENERATIVE_TASKS, LoraSettings, StrategyConfig, dump_config, training_defaults
 from ..data import clean_classification, detect_columns, row_to_messages, split_frame, store_columns
 from ..errors import FinetuneError
@@ -426,6 +427,8 @@ def check_before_submit(ctx: AppContext, cfg, path: Path, owner: str) -> None:
             rows = clean_classification(df, cols["text"], cols["label"], source.name)
             if validation is None:
                 split_frame(rows, cfg.data.val_size, cfg.seed, stratify="label")
+        elif cfg.task == "preference":
+            preference_rows(df, cols)          # every cell text or messages
         else:
             for i, row in enumerate(df.to_dict("records"), start=1):
                 row_to_messages(row, cols, i)
