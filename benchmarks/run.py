@@ -22,8 +22,8 @@ from pathlib import Path
 
 from . import common as C
 
-BENCHMARKS = ["instruction", "time_to_result", "loss_head", "ideas", "cached_features", "memory", "app_latency",
-              "estimate"]
+BENCHMARKS = ["instruction", "time_to_result", "preference", "loss_head", "ideas", "cached_features", "memory",
+              "app_latency", "estimate"]
 READMES = [C.REPO / "benchmarks" / "README.md", C.REPO / "README.md"]   # both carry the results block
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
