@@ -103,6 +103,34 @@ def baselines(train_texts, train_labels, val_texts, val_labels, labels=None) -> 
     return out
 
 
+def calibration(probs: np.ndarray, y_true, n_bins: int = 10) -> dict:
+    """How far the model's confidence (its top class probability) is from how often it is right.
+
+    ece: the expected calibration error over n_bins equal-width confidence bins (the bins' |accuracy -
+    mean confidence| weighted by their share of rows); mean_confidence_correct: the mean top probability
+    on rows it gets right (a model that is right at 40% confidence is barely trained); bins: per
+    non-empty bin, its range, rows, accuracy and mean confidence (the reliability diagram)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true)
+    if probs.ndim != 2 or len(probs) == 0:
+        return {"ece": None, "mean_confidence": None, "mean_confidence_correct": None, "bins": []}
+    conf, pred = probs.max(1), probs.argmax(1)
+    right = pred == y
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece, bins = 0.0, []
+    for b in range(n_bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        acc, mean_conf = float(right[mask].mean()), float(conf[mask].mean())
+        ece += mask.mean() * abs(acc - mean_conf)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(mask.sum()), "accuracy": acc,
+                     "confidence": mean_conf})
+    return {"ece": float(ece), "mean_confidence": float(conf.mean()),
+            "mean_confidence_correct": float(conf[right].mean()) if right.any() else None, "bins": bins}
+
+
 def error_analysis(texts, y_true, y_pred, probs: np.ndarray, label_names: list[str], top: int = 50) -> dict:
     """Misclassified examples, most confident mistakes first, and the most confused label pairs."""
     errors = []

@@ -214,6 +214,28 @@ def classification_summary_rows(metrics: dict) -> list[list]:
 # evaluation: instruction
 
 
+def calibration_figure(metrics: dict) -> go.Figure:
+    """The reliability diagram: per confidence bin, how often the model is right vs how sure it was."""
+    cal = metrics.get("calibration") or {}
+    bins = cal.get("bins") or []
+    title = "Calibration: is the model as sure as it is right?"
+    if not bins:
+        return empty_figure("Calibration is measured on the validation rows after training.", title)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                             line={"dash": "dash", "color": "#999"}))
+    fig.add_trace(go.Scatter(x=[b["confidence"] for b in bins], y=[b["accuracy"] for b in bins],
+                             mode="lines+markers", name="this model", marker={"size": [6 + min(b["n"], 40) / 2
+                                                                                         for b in bins]},
+                             text=[f"{b['n']} rows" for b in bins], line={"color": COLORS["finetuned"]}))
+    right = cal.get("mean_confidence_correct")
+    sub = f"ECE {cal['ece']:.3f}" + (f" · mean confidence when right {right:.0%}" if right is not None else "")
+    fig = _layout(fig, f"{title}<br><sup>{sub}</sup>", "confidence (top class probability)", "accuracy")
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
 def instruction_before_after_figure(metrics: dict) -> go.Figure:
     """Validation loss, perplexity and general-text perplexity (forgetting probe), before vs after."""
     pairs = [("validation loss", "eval_loss_before", "eval_loss"),

@@ -472,3 +472,27 @@ def test_adapter_merged_generates_the_same_answers_and_restores_the_adapter(tiny
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-5)
+
+
+def test_calibration_on_hand_computed_rows():
+    import numpy as np
+
+    from finetune_core.evaluation import calibration
+    from finetune_core.plots import calibration_figure
+
+    probs = np.array([[0.95, 0.05], [0.92, 0.08], [0.35, 0.65], [0.42, 0.58], [0.55, 0.45]])
+    y = [0, 1, 1, 0, 0]
+    # bins are (lo, hi]: 0.95 (right) and 0.92 (wrong) in (0.9, 1]; 0.58 (wrong) and 0.55 (right) in
+    # (0.5, 0.6]; 0.65 (right) alone in (0.6, 0.7]
+    c = calibration(probs, y)
+    by_lo = {round(b["lo"], 1): b for b in c["bins"]}
+    assert by_lo[0.9]["n"] == 2 and by_lo[0.9]["accuracy"] == 0.5 and by_lo[0.9]["confidence"] == pytest.approx(0.935)
+    assert by_lo[0.5]["n"] == 2 and by_lo[0.5]["accuracy"] == 0.5 and by_lo[0.5]["confidence"] == pytest.approx(0.565)
+    assert by_lo[0.6]["n"] == 1 and by_lo[0.6]["accuracy"] == 1.0
+    expected = 2 / 5 * abs(0.5 - 0.935) + 2 / 5 * abs(0.5 - 0.565) + 1 / 5 * abs(1.0 - 0.65)
+    assert c["ece"] == pytest.approx(expected)
+    assert c["mean_confidence_correct"] == pytest.approx((0.95 + 0.65 + 0.55) / 3)
+    assert calibration(np.ones((3, 2)) / 2 + [[0.5, -0.5]] * 3, [0, 0, 0])["ece"] == pytest.approx(0.0)
+    fig = calibration_figure({"calibration": c})
+    assert len(fig.data) == 2 and "ECE 0." in fig.layout.title.text
+    assert "measured on the validation rows" in str(calibration_figure({}).layout.annotations[0].text)

@@ -25,7 +25,8 @@ from finetune_core.train import train
 
 COMMON_KEYS = {"task", "strategy", "model", "trainable_params", "total_params", "train_seconds", "total_seconds",
                "train_samples", "peak_rss_mb", "stopped_early"}
-CLASSIFICATION_KEYS = {"accuracy", "f1_weighted", "f1_macro", "labels", "per_class", "confusion_matrix", "baselines"}
+CLASSIFICATION_KEYS = {"accuracy", "f1_weighted", "f1_macro", "labels", "per_class", "confusion_matrix", "baselines",
+                       "ece", "mean_confidence_correct", "calibration"}
 INSTRUCTION_KEYS = {"eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                     "general_perplexity"}
 EVAL_EVERY_2 = {**FAST_TRAINING, "max_steps": 4, "eval_strategy": "steps", "eval_steps": 2}

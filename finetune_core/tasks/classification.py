@@ -175,6 +175,7 @@ def build_trainer(run: RunContext, model, data: ClassificationData, args, callba
                               compute_metrics=evaluation.compute_metrics_fn, callbacks=callbacks)
     before = predict(trainer, data)
     metrics["before_finetuning"] = {k: before[k] for k in ("accuracy", "f1_weighted", "f1_macro")}
+    metrics["before_finetuning"]["ece"] = evaluation.calibration(before["probs"], data.val_labels)["ece"]
     return trainer
 
 
@@ -201,6 +202,9 @@ def evaluate(run: RunContext, trainer, model, data: ClassificationData, metrics:
                                                 data.val_labels)
     metrics["error_analysis"] = evaluation.error_analysis(data.val_texts, data.val_labels, final["pred"],
                                                           final["probs"], data.label_names)
+    metrics["calibration"] = evaluation.calibration(final["probs"], data.val_labels)
+    metrics["ece"] = metrics["calibration"]["ece"]
+    metrics["mean_confidence_correct"] = metrics["calibration"]["mean_confidence_correct"]
     metrics["val_samples"] = len(data.val_texts)
     if run.main:
         write_predictions(rundir.predictions_path(run.out), data.val_texts, data.val_labels, final["pred"],

@@ -93,7 +93,7 @@ def classification_outputs(ctx: AppContext, run_id: str, run_dir, metrics: dict,
             plots.per_class_f1_figure(metrics), plots.confusion_matrix_figure(metrics, normalize), per,
             errs or [["(no mistakes on the validation rows)", "", "", None]], pairs,
             ctx.temp_copy(pred, f"predictions-{run_id}.csv") if pred.exists() else None,
-            gr.skip(), gr.skip(), gr.skip()]
+            gr.skip(), gr.skip(), gr.skip(), plots.calibration_figure(metrics)]
 
 
 def instruction_outputs(run_dir, metrics: dict) -> list:
@@ -120,7 +120,7 @@ def instruction_outputs(run_dir, metrics: dict) -> list:
         fmd += (f"\n\n#### ROUGE-L on held-out prompts\nbefore **{metrics.get('rougeL_before', 0):.3f}** → "
                 f"after **{metrics['rougeL']:.3f}** (overlap with the reference answers)")
     return [gr.update(visible=False), gr.update(visible=True)] + [gr.skip()] * 7 + \
-        [plots.instruction_before_after_figure(metrics), fmd, table]
+        [plots.instruction_before_after_figure(metrics), fmd, table, gr.skip()]
 
 
 @user_errors
@@ -128,7 +128,7 @@ def show_run(ctx: AppContext, run_id, normalize, owner_state, request: gr.Reques
     owner = owner_of(owner_state, request)
     hidden = [gr.update(visible=False), gr.update(visible=False)]
     if not run_id:
-        return ["Pick a run.", plots.empty_figure(""), plots.empty_figure(""), *hidden] + [gr.skip()] * 10
+        return ["Pick a run.", plots.empty_figure(""), plots.empty_figure(""), *hidden] + [gr.skip()] * 11
     run_dir = ctx.run_dir(run_id, owner)
     run = next((r for r in ctx.manager.list_runs(owner) if r["run_id"] == run_id), {"name": run_id})
     metrics = read_json(metrics_path(run_dir))
@@ -139,7 +139,7 @@ def show_run(ctx: AppContext, run_id, normalize, owner_state, request: gr.Reques
         return out + classification_outputs(ctx, run_id, run_dir, metrics, normalize)
     if task in GENERATIVE_TASKS:
         return out + instruction_outputs(run_dir, metrics)
-    return out + hidden + [gr.skip()] * 10
+    return out + hidden + [gr.skip()] * 11
 
 
 @user_errors
@@ -184,6 +184,7 @@ def build(ctx: AppContext, ui) -> None:
                                        label="Most confused pairs")
         ui.pred_file = gr.File(label="predictions.csv (every validation row with class probabilities)",
                                interactive=False)
+        ui.calib_plot = gr.Plot(show_label=False, elem_id="calib-plot")
     with gr.Column(visible=False) as ui.inst_col:
         with gr.Row():
             ui.ba_plot = gr.Plot(show_label=False, scale=2)
@@ -207,7 +208,7 @@ def build(ctx: AppContext, ui) -> None:
 def wire(ctx: AppContext, ui) -> None:
     run_outputs = [ui.eval_header, ui.eval_loss_plot, ui.eval_metric_plot, ui.cls_col, ui.inst_col, ui.cls_summary,
                    ui.f1_plot, ui.cm_plot, ui.per_class, ui.errors_table, ui.confused, ui.pred_file, ui.ba_plot,
-                   ui.forgetting_md, ui.gen_table]
+                   ui.forgetting_md, ui.gen_table, ui.calib_plot]
     refresher = bind(ctx, refresh)
     refresh_inputs = [ui.eval_run, ui.only_mine, ui.owner_state]
     refresh_outputs = [ui.eval_run, ui.runs_table, ui.runs_plot]
