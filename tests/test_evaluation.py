@@ -222,8 +222,9 @@ def test_run_metrics_before_row_and_required_keys(tiny_run):
                 "peak_rss_mb", "stopped_early", "accuracy", "f1_weighted", "f1_macro", "labels", "per_class",
                 "confusion_matrix", "baselines", "before_finetuning", "error_analysis", "val_samples"):
         assert key in m, key
-    assert set(m["before_finetuning"]) == {"accuracy", "f1_weighted", "f1_macro"}
+    assert set(m["before_finetuning"]) == {"accuracy", "f1_weighted", "f1_macro", "ece"}
     assert all(0.0 <= v <= 1.0 for v in m["before_finetuning"].values())
+    assert 0.0 <= m["ece"] <= 1.0
     assert m["train_seconds"] > 0 and m["peak_rss_mb"] > 0
     on_disk = json.loads((tiny_run["out"] / "metrics.json").read_text())
     assert on_disk["baselines"] == m["baselines"] and on_disk["before_finetuning"] == m["before_finetuning"]
