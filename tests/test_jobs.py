@@ -378,6 +378,26 @@ def test_run_list_rereads_only_changed_runs(tmp_path, monkeypatch):
         mgr.shutdown()
 
 
+def test_a_job_group_runs_one_at_a_time_even_with_free_slots(tmp_path):
+    """A comparison's runs must not share the machine with each other (each one's time and peak memory
+    are what the table reports), yet a run outside the group may use the free slot."""
+    from conftest import worker_python
+
+    mgr = JobManager(tmp_path / "runs", max_concurrent=2, stop_timeout=1.5, poll_interval=0.1,
+                     python=worker_python(tmp_path, FAKE_WORKER), cwd=REPO)
+    try:
+        group = [mgr.submit(fake_config(), owner="alice", group="cmp-2") for _ in range(2)]
+        other = mgr.submit(fake_config(), owner="bob")
+        assert wait_for(lambda: mgr.get(other.run_id).status == "running", 5)
+        assert [mgr.get(j.run_id).status for j in group] == ["running", "queued"]
+        assert mgr.position(group[1].run_id) == 1
+        mgr.stop(group[0].run_id, owner="alice")
+        assert mgr.wait(group[0].run_id, timeout=10) == "stopped"
+        assert wait_for(lambda: mgr.get(group[1].run_id).status == "running", 5)
+    finally:
+        mgr.shutdown(kill=True)
+
+
 def test_a_job_group_stops_as_one(fake_manager):
     """Runs submitted as one group (the app's strategy comparison): one stop_group ends the running
     one gracefully and takes the queued ones out of the queue; only their owner may stop them."""
