@@ -493,7 +493,8 @@ def training_defaults(task: str, model_kind: str, strategy: str, n_train: int,
         # for logging_steps would leave the live chart empty for ~10 s (issue 5: first event < 3 s).
         "logging_first_step": True,
         "load_best_model_at_end": True,
-        "metric_for_best_model": "f1_weighted" if classification else "eval_loss",
+        # classification: weighted F1, ties broken on the validation loss (evaluation.SELECTION_METRIC)
+        "metric_for_best_model": "f1_then_loss" if classification else "eval_loss",
         "greater_is_better": classification,
         "save_total_limit": 2,
         "report_to": "none",

@@ -62,8 +62,9 @@ from pathlib import Path
 PHASES = ("loading", "training", "checkpoint", "saving", "evaluating", "baseline", "generating", "done", "error")
 # After the Trainer stopped: one stretch for the kill clock (finish_timeout covers all of it).
 AFTER_TRAINING = ("saving", "evaluating", "baseline", "generating", "done", "error")
-# eval_* keys that are timings, not scores: never shown or plotted as metrics
-TIMING_SUFFIXES = ("runtime", "per_second", "preparation_time")
+# eval_* keys that are timings, or the checkpoint-selection key (evaluation.SELECTION_METRIC, F1 with a
+# loss tie-break folded in), not scores: never shown or plotted as metrics
+TIMING_SUFFIXES = ("runtime", "per_second", "preparation_time", "f1_then_loss")
 _TAIL_BYTES = 64_000
 
 

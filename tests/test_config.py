@@ -105,7 +105,7 @@ def test_defaults_never_use_half_precision_on_cpu():
 
 def test_defaults_follow_task_and_strategy():
     cls = training_defaults("classification", "encoder", "frozen", 160, cuda=False)
-    assert cls["metric_for_best_model"] == "f1_weighted" and cls["greater_is_better"] is True
+    assert cls["metric_for_best_model"] == "f1_then_loss" and cls["greater_is_better"] is True
     assert cls["learning_rate"] == 5e-3 and cls["num_train_epochs"] == 10
     ins = training_defaults("instruction", "causal", "lora", 64, cuda=False)
     assert ins["metric_for_best_model"] == "eval_loss" and ins["greater_is_better"] is False

@@ -54,7 +54,7 @@ def test_resolved_defaults_per_kind_and_strategy(request, tmp_path, fixture, tas
     assert getattr(args.save_strategy, "value", args.save_strategy) == "epoch"
     assert args.load_best_model_at_end is True
     if task == "classification":
-        assert args.metric_for_best_model == "f1_weighted" and args.greater_is_better is True
+        assert args.metric_for_best_model == "f1_then_loss" and args.greater_is_better is True
         assert args.num_train_epochs == 10
     else:
         assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False

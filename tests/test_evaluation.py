@@ -85,6 +85,36 @@ def test_classification_metrics_exact():
     json.dumps(m)                                                              # plain JSON types
 
 
+def test_checkpoint_selection_prefers_f1_then_the_lower_loss():
+    """The best checkpoint of a classifier: a higher weighted F1 always wins; at equal F1 the more
+    confident one (lower validation loss) wins, so a run that reaches F1 1.0 early does not keep its
+    barely trained first checkpoint."""
+    import torch
+
+    from finetune_core.evaluation import SELECTION_METRIC, compute_metrics_fn, cross_entropy
+
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    timid = np.eye(3)[labels] * 0.4                     # right, at ~40% probability
+    sure = np.eye(3)[labels] * 4.0                      # right, at ~96%
+    wrong_once = sure.copy()
+    wrong_once[0] = [0.0, 4.0, 0.0]                      # one row wrong, the others confident
+    assert cross_entropy(sure, labels) == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.tensor(sure), torch.tensor(labels)).item(), rel=1e-9)
+    timid_m, sure_m, wrong_m = (compute_metrics_fn((x, labels)) for x in (timid, sure, wrong_once))
+    assert timid_m["f1_weighted"] == sure_m["f1_weighted"] == 1.0
+    assert sure_m[SELECTION_METRIC] > timid_m[SELECTION_METRIC] > wrong_m[SELECTION_METRIC]
+    assert abs(sure_m[SELECTION_METRIC] - 1.0) < 1e-6           # still reads as the F1 it selects on
+    huge = np.eye(3)[(labels + 1) % 3] * 1e4                     # every row wrong with a huge loss: no overflow
+    assert math.isfinite(compute_metrics_fn((huge, labels))[SELECTION_METRIC])
+    # the Trainer is told to choose and early-stop on it, and it never reaches the log or the charts
+    from finetune_core.config import training_defaults
+    from finetune_core.events import eval_scores
+
+    assert training_defaults("classification", "encoder", "lora", 100, cuda=False)["metric_for_best_model"] == \
+        SELECTION_METRIC
+    assert set(eval_scores({"eval_" + k: v for k, v in sure_m.items()})) == {"accuracy", "f1_weighted", "f1_macro"}
+
+
 def test_softmax_rows_sum_to_one_and_are_stable():
     p = softmax(np.array([[1000.0, 1000.0], [0.0, math.log(3.0)]]))
     assert np.allclose(p.sum(-1), 1.0)
