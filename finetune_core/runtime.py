@@ -38,7 +38,18 @@ def set_cpu_threads() -> int:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux reports KiB
+    """This process's peak resident memory in MB: the high-water mark of its own address space
+    (VmHWM). Not getrusage's ru_maxrss: Linux carries a parent's peak across fork and exec into it, so
+    a worker started by the app (whose RSS is ~1.4 GB with torch and gradio loaded) reported at least
+    the app's peak, whatever it used itself."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0          # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # elsewhere: KiB on Linux, bytes on macOS
 
 
 def process_start_time() -> float:

@@ -419,3 +419,18 @@ def test_a_job_group_stops_as_one(fake_manager):
     assert "already ended" in mgr.stop_group("cmp-1", owner="alice")
     mgr.stop(other.run_id, owner="alice")
     assert mgr.wait(other.run_id, timeout=10) == "stopped"
+
+
+def test_a_worker_reports_its_own_peak_memory_not_the_apps():
+    """Linux carries a parent's peak RSS (ru_maxrss) across fork and exec: a run started by the app
+    (~1.4 GB resident) reported at least the app's peak. runtime.peak_rss_mb is the child's own."""
+    import subprocess
+    import sys
+
+    ballast = b"\x01" * (1500 * 2**20)                  # written pages: this process now holds 1.5 GB more
+    parent_mb = psutil.Process().memory_info().rss / 2**20
+    code = "from finetune_core.runtime import peak_rss_mb; print(peak_rss_mb())"    # imports torch too
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    del ballast
+    child_mb = float(out.stdout.strip().splitlines()[-1])
+    assert 20 < child_mb < parent_mb - 1000, (child_mb, parent_mb)
