@@ -13,8 +13,8 @@ strategy, is said in the notes of comparison.md:
 - learning rate: a strategy other than the config's own uses its default learning rate
   (`config.default_learning_rate`), because a rate tuned for one strategy is wrong for another
   (LoRA and a frozen head want ~20x the rate of full fine-tuning). A rate given with `--set` applies to all.
-- frozen on an instruction task: `frozen_layers: all` leaves nothing to train on a causal LM (there is
-  no new head), so the comparison freezes the embeddings and all but the last two blocks.
+- frozen on an instruction or preference task: `frozen_layers: all` leaves nothing to train on a causal
+  LM (there is no new head), so the comparison freezes the embeddings and all but the last two blocks.
 
 Writing a file named `STOP` into `<output_dir>/` stops the running strategy (it is evaluated as it is)
 and skips the ones not started yet.
@@ -34,8 +34,8 @@ from pathlib import Path
 import yaml
 
 from . import rundir
-from .config import (STRATEGIES, RunConfig, _closest, apply_overrides, config_from_dict, config_to_dict,
-                     default_learning_rate, load_config, parse_override, yaml_load)
+from .config import (GENERATIVE_TASKS, STRATEGIES, RunConfig, _closest, apply_overrides, config_from_dict,
+                     config_to_dict, default_learning_rate, load_config, parse_override, yaml_load)
 from .errors import ConfigError, FinetuneError
 from .events import make_event, read_events
 from .jobs import start_worker
@@ -127,12 +127,13 @@ def plan_runs(config, strategies, overrides: list[str] | None = None) -> tuple[d
         values["output_dir"] = str(out_dir / s)
         values["resume"] = False
         frozen_note = None
-        if s == "frozen" and base["task"] == "instruction" and values["strategy"].get("frozen_layers", "all") == "all":
+        frozen_all = values["strategy"].get("frozen_layers", "all") == "all"
+        if s == "frozen" and base["task"] in GENERATIVE_TASKS and frozen_all:
             n = _num_blocks(base["model"])
             k = max(0, n - KEEP_TRAINABLE_BLOCKS)
             values["strategy"]["frozen_layers"] = k
-            frozen_note = (f"frozen: the config says `frozen_layers: all`, which leaves nothing to train on an "
-                           f"instruction model (it has no new head), so this comparison froze the embeddings and "
+            frozen_note = (f"frozen: the config says `frozen_layers: all`, which leaves nothing to train on a "
+                           f"language model (it has no new head), so this comparison froze the embeddings and "
                            f"the first {k} of {n} blocks; the last {n - k} learn.")
             notes.append(frozen_note)
         cfg = config_from_dict(values)          # validate every run before any of them starts
@@ -309,7 +310,7 @@ def compare(config, strategies=None, overrides: list[str] | None = None, echo=No
 # markdown
 
 
-def _num(v, fmt: str = "{:.3f}") -> str:
+def fmt_num(v, fmt: str = "{:.3f}") -> str:
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -317,7 +318,7 @@ def _num(v, fmt: str = "{:.3f}") -> str:
     return "–" if math.isnan(v) else fmt.format(v)
 
 
-def _params(n) -> str:
+def fmt_params(n) -> str:
     if n is None:
         return "–"
     if n >= 1e6:
@@ -327,7 +328,7 @@ def _params(n) -> str:
     return str(int(n))
 
 
-def _pct(p) -> str:
+def fmt_pct(p) -> str:
     if p is None:
         return "–"
     if p >= 99.95:
@@ -336,14 +337,17 @@ def _pct(p) -> str:
 
 
 def _secs(x) -> str:
-    return _num(x, "{:.1f}" if x is not None and float(x) < 100 else "{:.0f}")
+    return fmt_num(x, "{:.1f}" if x is not None and float(x) < 100 else "{:.0f}")
 
 
 def _signed_pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.1%}"
 
 
-def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], source: str | None = None) -> str:
+def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], source: str | None = None,
+                    with_table: bool = True) -> str:
+    """comparison.md: the table, the baselines, the reading and the notes. with_table=False leaves the
+    title and the table out (the app shows its own table next to it)."""
     cls = task == "classification"
     metric = "F1 (weighted)" if cls else "validation loss"
     lines = ["# Strategy comparison", ""]
@@ -371,18 +375,19 @@ def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], s
                                 " (head only)" if r["strategy"] == "frozen" else "")
         if r["status"] == "stopped":
             name += " — stopped"
-        lr = _num(r.get("learning_rate"), "{:.0e}") + (" (default)" if r.get("learning_rate_source") == "default" else "")
-        params = f"{_params(r.get('trainable_params'))} ({_pct(r.get('trainable_percent'))})"
-        cells = [f"**{name}**", f"{_num(r.get('main_metric_before'))} → **{_num(r['main_metric_value'])}**"]
+        lr = fmt_num(r.get("learning_rate"), "{:.0e}") + \
+            (" (default)" if r.get("learning_rate_source") == "default" else "")
+        params = f"{fmt_params(r.get('trainable_params'))} ({fmt_pct(r.get('trainable_percent'))})"
+        cells = [f"**{name}**", f"{fmt_num(r.get('main_metric_before'))} → **{fmt_num(r['main_metric_value'])}**"]
         if cls:
-            cells.append(_num(r.get("accuracy")))
+            cells.append(fmt_num(r.get("accuracy")))
         else:
-            cells.append(f"{_num(r.get('rougeL_before'))} → {_num(r.get('rougeL'))}")
+            cells.append(f"{fmt_num(r.get('rougeL_before'))} → {fmt_num(r.get('rougeL'))}")
         steps = f"{r.get('global_step', '?')}/{r.get('max_steps', '?')}"
         if r.get("stopped_early") and r["status"] != "stopped":
             steps += " (early stop)"
-        cells += [_num(r.get("train_seconds"), "{:.1f}"), _num(r.get("total_seconds"), "{:.1f}"), steps, params,
-                  _num(r.get("peak_rss_mb"), "{:.0f}")]
+        cells += [fmt_num(r.get("train_seconds"), "{:.1f}"), fmt_num(r.get("total_seconds"), "{:.1f}"), steps, params,
+                  fmt_num(r.get("peak_rss_mb"), "{:.0f}")]
         if not cls:
             cells.append(f"{_signed_pct(r.get('forgetting_change'))} ({_verdict_short(r.get('forgetting_verdict'))})")
         cells.append(lr)
@@ -391,9 +396,9 @@ def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], s
     if cls:
         bl = next((r.get("baselines") for r in ok if r.get("baselines")), None)
         if bl:
-            lines.append(f"Baselines on the same split: majority class F1 {_num(bl['majority']['f1_weighted'])}, "
-                         f"TF-IDF + logistic regression F1 {_num(bl['tfidf_logreg']['f1_weighted'])} "
-                         f"(accuracy {_num(bl['tfidf_logreg']['accuracy'])}).")
+            lines.append(f"Baselines on the same split: majority class F1 {fmt_num(bl['majority']['f1_weighted'])}, "
+                         f"TF-IDF + logistic regression F1 {fmt_num(bl['tfidf_logreg']['f1_weighted'])} "
+                         f"(accuracy {fmt_num(bl['tfidf_logreg']['accuracy'])}).")
             lines.append("")
     lines.append("## Reading")
     lines.append("")
@@ -413,6 +418,8 @@ def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], s
           "runs for instruction tuning only."] if cls else [])
     lines += [f"- {n}" for n in all_notes]
     lines.append("")
+    if not with_table:
+        lines = [ln for ln in lines[2:] if not ln.startswith("|")]
     return "\n".join(lines)
 
 
@@ -432,24 +439,24 @@ def reading(rows: list[dict], task: str, n_val: int | None = None) -> list[str]:
     label = "F1" if cls else "a validation loss of"
     full = next((r for r in ok if r["strategy"] == "full"), None)
     for r in ok:
-        v = _num(r["main_metric_value"])
+        v = fmt_num(r["main_metric_value"])
         before = r.get("main_metric_before")
-        share = ("all" if (r.get("trainable_percent") or 0) >= 99.95 else _pct(r.get("trainable_percent"))) + \
+        share = ("all" if (r.get("trainable_percent") or 0) >= 99.95 else fmt_pct(r.get("trainable_percent"))) + \
             " of the parameters"
         secs = _secs(r.get("train_seconds"))
         extra = []
         if r["strategy"] == "full":
-            sentence = f"{r['name']} reached {label} {v} training all {_params(r.get('total_params'))} parameters " \
+            sentence = f"{r['name']} reached {label} {v} training all {fmt_params(r.get('total_params'))} parameters " \
                        f"in {secs} s"
         else:
             sentence = f"{r['name']} reached {label} {v} with {share} in {secs} s"
-            extra.append(f"{_params(r.get('trainable_params'))} trainable")
+            extra.append(f"{fmt_params(r.get('trainable_params'))} trainable")
         if full is not None and r is not full and full.get("train_seconds") and r.get("train_seconds"):
             ratio = full["train_seconds"] / max(r["train_seconds"], 1e-9)
             extra.append(f"{ratio:.1f}x faster than full" if ratio >= 1.1 else
                          f"{1 / ratio:.1f}x slower than full" if ratio <= 0.9 else "about as fast as full")
         if before is not None:
-            extra.append(f"before fine-tuning: {_num(before)}")
+            extra.append(f"before fine-tuning: {fmt_num(before)}")
         if extra:
             sentence += f" ({'; '.join(extra)})"
         if not cls and r.get("forgetting_change") is not None:
@@ -470,11 +477,11 @@ def reading(rows: list[dict], task: str, n_val: int | None = None) -> list[str]:
             k = max(1, round(gap * n_val)) if n_val else 0
             rows_note = f", about {k} validation row{'s' if k > 1 else ''} of {n_val}" if n_val and gap else ""
             msg = f"Every strategy is within {gap:.3f} F1 of the best ({best['name']}, " \
-                  f"{_num(best['main_metric_value'])}{rows_note}): that is within noise, so pick the cheapest; " \
+                  f"{fmt_num(best['main_metric_value'])}{rows_note}): that is within noise, so pick the cheapest; " \
                   f"the fastest was {fast}."
         else:
-            msg = f"Best {('F1' if cls else 'validation loss')}: {best['name']} ({_num(best['main_metric_value'])}); " \
-                  f"fastest: {fast}."
+            msg = f"Best {('F1' if cls else 'validation loss')}: {best['name']} " \
+                  f"({fmt_num(best['main_metric_value'])}); fastest: {fast}."
             if fastest is not best:
                 msg += f" Whether {best['name']}'s edge is worth its extra time depends on how much it matters to you."
         out.append(msg)
@@ -484,10 +491,11 @@ def reading(rows: list[dict], task: str, n_val: int | None = None) -> list[str]:
             tfidf = bl["tfidf_logreg"]["f1_weighted"]
             below = [r["name"] for r in ok if r["main_metric_value"] < tfidf]
             if below:
-                out.append(f"TF-IDF + logistic regression reached F1 {_num(tfidf)} on the same split: "
-                           f"{', '.join(below)} did not beat it — train longer, or ask whether a transformer is needed.")
+                out.append(f"TF-IDF + logistic regression reached F1 {fmt_num(tfidf)} on the same split: "
+                           f"{', '.join(below)} did not beat it — train longer, or ask whether a transformer is "
+                           "needed.")
             else:
-                out.append(f"Every strategy beat the TF-IDF + logistic regression baseline (F1 {_num(tfidf)}).")
+                out.append(f"Every strategy beat the TF-IDF + logistic regression baseline (F1 {fmt_num(tfidf)}).")
     else:
         forgot = [r["name"] for r in ok if (r.get("forgetting_verdict") or "").startswith("noticeable")]
         if forgot:

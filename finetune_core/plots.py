@@ -266,9 +266,10 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
     done = [r for r in rows if _num(r.get("main_metric")) is not None]
     if not done:
         return empty_figure("Finished runs appear here.", "Runs compared")
-    tasks = [t for t in ("classification", "instruction") if any(r.get("task") == t for r in done)]
+    tasks = [t for t in ("classification", "instruction", "preference") if any(r.get("task") == t for r in done)]
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[
-        "weighted F1 (higher is better)" if t == "classification" else "eval loss (lower is better)" for t in tasks])
+        "weighted F1 (higher is better)" if t == "classification" else
+        "eval loss (lower is better)" if t == "instruction" else "DPO loss (lower is better)" for t in tasks])
     palette = {"full": "#4C78A8", "frozen": "#72B7B2", "lora": "#E45756"}
     seen = set()
     for col, task in enumerate(tasks, start=1):
@@ -285,3 +286,48 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
                                                "trainable %{customdata[1]:,}<extra></extra>"), row=1, col=col)
             seen.add(strategy)
     return _layout(fig, "Runs compared", height=340)
+
+
+STRATEGY_COLORS = {"full": "#4C78A8", "frozen": "#72B7B2", "lora": "#E45756"}
+
+
+def strategy_race_figure(rows: list[dict], task: str) -> go.Figure:
+    """The strategy comparison as quality against training time: one point per finished strategy
+    (compare.strategy_row rows), its score before fine-tuning as a hollow marker below it, and the
+    TF-IDF baseline as a line for classifiers. Up and left is better for F1; down and left for loss."""
+    cls = task == "classification"
+    metric = "weighted F1 (higher is better)" if cls else \
+        "DPO loss (lower is better)" if task == "preference" else "validation loss (lower is better)"
+    done = [r for r in rows
+            if _num(r.get("main_metric_value")) is not None and _num(r.get("train_seconds")) is not None]
+    if not done:
+        return empty_figure("Each strategy appears here when its run ends.", "Quality against training time")
+    fig = go.Figure()
+    for r in done:
+        color = STRATEGY_COLORS.get(r["strategy"], "#888")
+        x = r["train_seconds"]
+        fig.add_trace(go.Scatter(
+            x=[x], y=[r["main_metric_value"]], mode="markers+text", name=r["name"], text=[r["name"]],
+            textposition="top center", marker={"size": 14, "color": color}, legendgroup=r["strategy"],
+            cliponaxis=False,
+            customdata=[[r.get("trainable_params") or 0, r.get("peak_rss_mb") or 0]],
+            hovertemplate=f"{r['name']}<br>%{{y:.4f}} after {x:.1f}s of training<br>"
+                          "trainable %{customdata[0]:,}<br>peak memory %{customdata[1]:,.0f} MB<extra></extra>"))
+        before = _num(r.get("main_metric_before"))
+        if before is not None:
+            fig.add_trace(go.Scatter(x=[x, x], y=[before, r["main_metric_value"]], mode="lines+markers",
+                                     line={"color": color, "dash": "dot", "width": 1},
+                                     marker={"symbol": ["circle-open", "circle"], "size": [10, 0], "color": color},
+                                     legendgroup=r["strategy"], showlegend=False,
+                                     hovertemplate=f"{r['name']} before fine-tuning: %{{y:.4f}}<extra></extra>"))
+    baselines = next((r.get("baselines") for r in done if r.get("baselines")), None) if cls else None
+    tfidf = _num(((baselines or {}).get("tfidf_logreg") or {}).get("f1_weighted"))
+    if tfidf is not None:
+        fig.add_hline(y=tfidf, line={"color": COLORS["tfidf_logreg"], "dash": "dash"},
+                      annotation_text=f"TF-IDF + logistic regression {tfidf:.3f}", annotation_position="bottom right")
+    seconds = [r["train_seconds"] for r in done]
+    pad = max(0.15 * (max(seconds) - min(seconds)), 0.1 * max(seconds), 0.5)     # room for the names
+    fig.update_xaxes(range=[max(0.0, min(seconds) - pad), max(seconds) + pad])
+    fig.update_layout(showlegend=False)
+    return _layout(fig, "Quality against training time (hollow: before fine-tuning)", "training seconds", metric,
+                   height=340)

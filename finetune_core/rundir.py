@@ -354,6 +354,7 @@ def summarize_run(run_dir: str | Path, status: dict | None = None) -> dict:
         "accuracy": metrics.get("accuracy"), "f1_weighted": metrics.get("f1_weighted"),
         "eval_loss": metrics.get("eval_loss"), "perplexity": metrics.get("perplexity"),
         "train_seconds": metrics.get("train_seconds"), "trainable_params": metrics.get("trainable_params"),
-        "total_params": metrics.get("total_params"), "created": float(created or 0.0),
-        "has_model": model_dir(run_dir).is_dir(), "owner": job.get("owner"),
+        "total_params": metrics.get("total_params"), "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "created": float(created or 0.0), "has_model": model_dir(run_dir).is_dir(), "owner": job.get("owner"),
+        "group": job.get("group"),
     }

@@ -251,12 +251,17 @@ def test_one_stream_at_a_time_draws_the_train_outputs(app):
 def test_evaluate_only_my_runs_and_yours_marker():
     from finetune_core.ui.evaluate_tab import baseline_rows, only_mine, runs_table
 
-    rows = [{"run_id": "a1", "name": "mine", "status": "finished", "mine": True},
+    rows = [{"run_id": "a1", "name": "mine", "status": "finished", "mine": True, "peak_rss_mb": 1234.4},
             {"run_id": "b2", "name": "theirs", "status": "finished", "mine": False}]
     assert [r["run_id"] for r in only_mine(rows, True)] == ["a1"]
     assert [r["run_id"] for r in only_mine(rows, False)] == ["a1", "b2"]
     table = runs_table(rows)
     assert table[0][0] == "mine · yours" and table[1][0] == "theirs"
+    from finetune_core.ui.evaluate_tab import RUN_HEADERS
+
+    assert all(len(row) == len(RUN_HEADERS) for row in table)
+    memory = RUN_HEADERS.index("peak memory MB")
+    assert table[0][memory] == "1,234" and table[1][memory] == ""        # a run without metrics: blank
     metrics = {"accuracy": 0.9, "f1_weighted": 0.88, "f1_macro": 0.87,
                "baselines": {"majority": {"accuracy": 0.25, "f1_weighted": 0.1}}}
     out = baseline_rows(metrics)

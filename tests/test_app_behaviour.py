@@ -98,19 +98,39 @@ FAKE_WORKER = textwrap.dedent("""
         kw.update(type=t, time=time.time())
         with open(os.path.join(out, "events.jsonl"), "a") as f:
             f.write(json.dumps(kw) + "\\n")
+    # "metrics-N": N steps, then a classification metrics.json as train.py writes it (also when stopped)
+    steps = int(behaviour.split("-")[1]) if behaviour.startswith("metrics-") else 10000
+    t0 = time.time()
+    def write_metrics(step, stopped):
+        strategy = cfg["strategy"]["name"]
+        f1 = {"frozen": 0.6, "lora": 0.7, "full": 0.8}[strategy]
+        metrics = {"task": "classification", "strategy": strategy, "model": cfg["model"], "f1_weighted": f1,
+                   "accuracy": f1, "f1_macro": f1, "before_finetuning": {"f1_weighted": 0.2, "accuracy": 0.25},
+                   "baselines": {"majority": {"f1_weighted": 0.1, "accuracy": 0.25},
+                                 "tfidf_logreg": {"f1_weighted": 0.5, "accuracy": 0.5}},
+                   "train_seconds": time.time() - t0, "total_seconds": time.time() - t0 + 1.0,
+                   "peak_rss_mb": {"frozen": 300.0, "lora": 500.0, "full": 700.0}[strategy],
+                   "trainable_params": {"frozen": 10, "lora": 100, "full": 1000}[strategy], "total_params": 1000,
+                   "global_step": step, "max_steps": steps, "val_samples": 32, "stopped_by_user": stopped}
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
     print("fake worker: loading", flush=True)
     emit("info", message="Loading model fake ...")
-    emit("start", step=0, max_steps=10000, num_train_epochs=1)
-    for step in range(1, 10000):
+    emit("start", step=0, max_steps=steps, num_train_epochs=1)
+    for step in range(1, steps + 1):
         time.sleep(0.05)
         if os.path.exists(os.path.join(out, "STOP")):
-            emit("end", step=step, max_steps=10000, message="stopped", stopped_by_user=True)
+            if steps < 10000:
+                write_metrics(step, True)
+            emit("end", step=step, max_steps=steps, message="stopped", stopped_by_user=True)
             sys.exit(0)
         if behaviour == "crash" and step == 60:
             raise RuntimeError("fake worker ran out of luck at step 60")
-        emit("log", step=step, max_steps=10000, epoch=step / 10000, loss=2.0 / step, learning_rate=1e-3,
+        emit("log", step=step, max_steps=steps, epoch=step / steps, loss=2.0 / step, learning_rate=1e-3,
              eta_seconds=100.0)
         print(f"fake worker: step {step} loss {2.0 / step:.4f}", flush=True)
+    write_metrics(steps, False)
+    emit("end", step=steps, max_steps=steps, message="done")
 """)
 
 
@@ -660,3 +680,77 @@ def test_chat_streams_the_base_and_the_fine_tuned_model_side_by_side(instruction
     finally:
         demo.close()
         mgr.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. "Compare strategies": one job group, one run at a time, the table filled as runs end
+
+
+def compare_outputs(stream, timeout: float = 60) -> list:
+    outs, deadline = [], time.time() + timeout
+    for out in stream:
+        outs.append(out)
+        assert time.time() < deadline, "the comparison did not end in time"
+    return outs
+
+
+def test_compare_strategies_queues_a_group_and_fills_the_table_as_runs_end(fake_app):
+    from finetune_core.ui import compare_panel
+
+    mgr, demo, ctx = fake_app
+    (event,) = block_fn(demo, "compare_strategies")
+    assert len(event.outputs) == 10
+    values = dict(FORM, overrides="run_name=metrics-20", learning_rate=0.003)    # a rate typed for frozen
+    outs = compare_outputs(compare_panel.compare_strategies(ctx, values, OWNER, None))
+    first = outs[0]
+    assert upd(first[6], "visible") is True
+    assert [r[:2] for r in upd(first[7], "value")] == [["Frozen backbone", "queued"], ["LoRA", "queued"],
+                                                       ["Full fine-tuning", "queued"]]
+    assert "weighted F1 before → after" in upd(first[7], "headers")
+    assert any(isinstance(o[7], list) and ["Frozen backbone", "running"] == o[7][0][:2] for o in outs)
+
+    jobs = sorted(mgr.jobs(OWNER), key=lambda j: j.created)
+    assert [j.strategy for j in jobs] == ["frozen", "lora", "full"] and len({j.group for j in jobs}) == 1
+    assert all(j.status == "finished" for j in jobs), [(j.status, j.error) for j in jobs]
+    for a, b in zip(jobs, jobs[1:]):                 # one after the other: each one's time and memory its own
+        assert b.started >= a.ended - 0.5, (a.ended, b.started)
+    # the typed rate belongs to the form's strategy; the others train at their own default (compare.plan_runs)
+    from finetune_core.config import load_config
+
+    rates = {j.strategy: load_config(j.request_path).training.get("learning_rate") for j in jobs}
+    assert rates["frozen"] == 0.003 and rates["lora"] is None and rates["full"] is None
+
+    final_table = [o[7] for o in outs if isinstance(o[7], list)][-1]
+    assert [r[0].split(" (")[0] for r in final_table] == ["Frozen backbone", "LoRA", "Full fine-tuning"]
+    assert [r[1] for r in final_table] == ["ok", "ok", "ok"]
+    assert [r[2] for r in final_table] == ["0.200 → 0.600", "0.200 → 0.700", "0.200 → 0.800"]
+    assert [r[6] for r in final_table] == ["300", "500", "700"]                   # peak memory, MB
+    assert final_table[0][7] == "3e-03" and final_table[2][7] != "3e-03"
+    chart = [o[8] for o in outs if hasattr(o[8], "data")][-1]
+    points = [t for t in chart.data if t.mode == "markers+text"]
+    assert [t.name for t in points] == ["Frozen backbone", "LoRA", "Full fine-tuning"]
+    assert [t.y[0] for t in points] == [0.6, 0.7, 0.8]
+    reading = [o[9] for o in outs if isinstance(o[9], str) and o[9]][-1]
+    assert "Best F1: Full fine-tuning (0.800)" in reading and "TF-IDF" in reading
+    assert "| strategy |" not in reading and "## Reading" in reading       # the table is the panel's own
+    # the Evaluate tab's runs table lists them with their peak memory
+    rows = evaluate_tab.runs_table(ctx.manager.list_runs(OWNER))
+    memory = evaluate_tab.RUN_HEADERS.index("peak memory MB")
+    assert sorted(r[memory] for r in rows) == ["300", "500", "700"]
+
+
+def test_one_stop_stops_the_whole_comparison(fake_app):
+    from finetune_core.ui import compare_panel
+
+    mgr, demo, ctx = fake_app
+    stream = compare_panel.compare_strategies(ctx, dict(FORM, overrides="run_name=metrics-2000"), OWNER, None)
+    out = next_matching(stream, lambda o: isinstance(o[1], str) and step_of(o) >= 2, 30)
+    run_id = out[0]
+    assert mgr.get(run_id).strategy == "frozen"
+    assert "1 running and 2 queued" in train_tab.stop(ctx, run_id, OWNER, None)
+    outs = compare_outputs(stream)
+    final_table = [o[7] for o in outs if isinstance(o[7], list)][-1]
+    assert [r[1] for r in final_table] == ["stopped", "skipped: stop requested", "skipped: stop requested"], final_table
+    assert final_table[0][2] == "0.200 → 0.600"            # the stopped run was evaluated as it was
+    assert [j.status for j in sorted(mgr.jobs(OWNER), key=lambda j: j.created)] == ["stopped", "cancelled", "cancelled"]
+    # a second comparison while one runs follows the running one instead of queueing three more

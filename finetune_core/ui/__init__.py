@@ -38,7 +38,7 @@ CACHE_MAX_AGE_S = 6 * 3600      # gradio's delete_cache below, and the sweep at 
 
 import gradio as gr  # noqa: E402
 
-from . import chat_tab, data_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
+from . import chat_tab, compare_panel, data_tab, evaluate_tab, export_tab, train_tab  # noqa: E402
 from .common import (CSS, AppContext, bind, dropdown_update, limits_line, owner_of, run_choices,  # noqa: E402
                      upload_limit_mb, warm_ml_imports)
 
@@ -117,6 +117,7 @@ def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) 
                 data_tab.build(ctx, ui)
             with gr.Tab("2 · Train", id="train") as ui.train_tab:
                 train_tab.build(ctx, ui)
+                compare_panel.build(ui)
             with gr.Tab("3 · Evaluate", id="evaluate") as ui.eval_tab:
                 evaluate_tab.build(ctx, ui)
             with gr.Tab("4 · Chat", id="chat") as ui.chat_tab:
@@ -128,6 +129,7 @@ def build_app(manager: JobManager | None = None, ctx: AppContext | None = None) 
                                     api_visibility="private", queue=False)
         data_tab.wire(ctx, ui)
         train_tab.wire(ctx, ui)
+        compare_panel.wire(ctx, ui)
         evaluate_tab.wire(ctx, ui)
         chat_tab.wire(ctx, ui)
         export_tab.wire(ctx, ui)

@@ -36,6 +36,8 @@ log = logging.getLogger("finetune_lab.ui")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {
     "domains.csv": ("Domains: 160 short texts in 4 classes (classification)", "classification"),
+    "bank_support.csv": ("Bank support: 424 messages in 8 intents, the strategy race (classification)",
+                         "classification"),
     "support_replies.jsonl": ("Support replies: 80 notes rewritten as polite replies (instruction)", "instruction"),
     "preference_pairs.jsonl": ("Preference pairs: 103 direct vs rambling answers (preference, DPO)", "preference"),
 }

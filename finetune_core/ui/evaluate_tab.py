@@ -43,7 +43,8 @@ def runs_table(rows: list[dict]) -> list[list]:
     for r in rows:
         out.append([r["name"] + (" · yours" if r.get("mine") else ""), r["status"], r.get("task") or "",
                     r.get("strategy") or "", r.get("model") or "", fmt_metric(r), _r(r.get("accuracy")),
-                    _r(r.get("train_seconds"), 1), f"{r['trainable_params']:,}" if r.get("trainable_params") else "", r["run_id"]])
+                    _r(r.get("train_seconds"), 1), f"{r['trainable_params']:,}" if r.get("trainable_params") else "",
+                    f"{r['peak_rss_mb']:,.0f}" if r.get("peak_rss_mb") else "", r["run_id"]])
     return out
 
 
@@ -66,7 +67,7 @@ def error_rows(metrics: dict) -> list[list]:
 
 
 RUN_HEADERS = ["run", "status", "task", "strategy", "model", "main metric", "accuracy", "train s",
-               "trainable params", "id"]
+               "trainable params", "peak memory MB", "id"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def build(ctx: AppContext, ui) -> None:
     ui.only_mine = gr.Checkbox(True, label="Only my runs", elem_id="only-mine",
                                info="Untick to compare with every run you can see (others' and command-line runs).")
     ui.runs_table = gr.Dataframe(headers=RUN_HEADERS, interactive=False, wrap=True, max_height=320,
-                                 column_widths=["18%", "7%", "12%", "7%", "13%", "8%", "7%", "7%", "8%", "13%"])
+                                 column_widths=["17%", "7%", "11%", "7%", "12%", "8%", "7%", "7%", "8%", "6%", "10%"])
     ui.runs_plot = gr.Plot(show_label=False)
 
 

@@ -357,7 +357,8 @@ def result_json(ctx: AppContext, st: dict) -> dict:
         keep = ("task", "strategy", "model", "accuracy", "f1_weighted", "f1_macro", "baselines", "before_finetuning",
                 "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                 "general_perplexity", "forgetting_verdict", "rougeL", "rougeL_before", "trainable_params",
-                "total_params", "train_seconds", "total_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user")
+                "total_params", "train_seconds", "total_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user",
+                "reward_accuracy", "reward_accuracy_before", "reward_margin", "reward_margin_before")
         out["metrics"] = {k: m[k] for k in keep if k in m}
     return out
 
@@ -489,12 +490,17 @@ def watch_id(ctx: AppContext, run_id, owner_state, request: gr.Request):
 
 @user_errors
 def stop(ctx: AppContext, run_id="", owner_state=None, request: gr.Request = None):
-    """Stop a run you started: training ends after the current step, then the model is evaluated and saved."""
+    """Stop a run you started: training ends after the current step, then the model is evaluated and saved.
+    A run of a strategy comparison stops the comparison: the strategies still queued never start."""
     owner = owner_of(owner_state, request)
     run_id = (run_id or "").strip()
     if not run_id:
         raise FinetuneError("No run to stop.", "Start a run first.")
-    message = ctx.manager.stop(run_id, owner)
+    job = ctx.manager.get(run_id)
+    if job is not None and job.group and job.active:     # a comparison: its queued runs never start
+        message = ctx.manager.stop_group(job.group, owner)
+    else:
+        message = ctx.manager.stop(run_id, owner)
     gr.Info(message)
     return message
 
@@ -756,12 +762,14 @@ def build_run_panel(ui) -> None:
     """Start / Stop / Resume, the run id, the status line, the live charts, the log and the result."""
     with gr.Row():
         ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2, elem_id="start-btn")
+        ui.compare_btn = gr.Button("⚖ Compare strategies", scale=1, elem_id="compare-btn")
         ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
         ui.resume_btn = gr.Button("↻ Resume", scale=1, elem_id="resume-btn")
         ui.run_id = gr.Textbox("", label="Run id", interactive=True, scale=2, max_lines=1,
                                info="Your current run. Paste an id to watch another run.")
     ui.status = gr.HTML(label="status", elem_id="train-status",
                         value='<div class="ft-status">No run yet. Set things up above and press Start.</div>')
+    ui.compare_slot = gr.Column()        # compare_panel.build fills it: the comparison sits under the status
     with gr.Row():
         ui.loss_plot = gr.Plot(plots.empty_figure("Train and eval loss appear here while training.", "Loss"),
                                label="Loss", show_label=False, elem_id="loss-plot")
@@ -780,7 +788,7 @@ def wire(ctx: AppContext, ui) -> None:
     watch_outputs = [ui.run_id, ui.status, ui.loss_plot, ui.metric_plot, ui.log, ui.result]
     fields = form.components(ui)
     # Watchers are generators that only read files: they do not count against the queue's concurrency.
-    reconnect_event = ui.session_load.then(bind(ctx, reconnect), [ui.owner_state], watch_outputs,
+    ui.reconnect_event = reconnect_event = ui.session_load.then(bind(ctx, reconnect), [ui.owner_state], watch_outputs,
                                            api_visibility="private", concurrency_limit=None)
     # One stream at a time writes the watch outputs: each new one (Start, an id typed in Run id, Resume)
     # cancels the others, or two streams would take turns drawing different runs. Cancelling a stream
@@ -789,12 +797,12 @@ def wire(ctx: AppContext, ui) -> None:
     ui.train_event = ui.start_btn.click(form.bind_form(ctx, train), fields + [ui.owner_state], watch_outputs,
                                         api_name="train", api_visibility="public", concurrency_limit=None,
                                         trigger_mode="multiple", cancels=[reconnect_event])
-    watch_event = ui.run_id.submit(bind(ctx, watch_id), [ui.run_id, ui.owner_state], watch_outputs,
+    ui.watch_event = watch_event = ui.run_id.submit(bind(ctx, watch_id), [ui.run_id, ui.owner_state], watch_outputs,
                                    api_visibility="private", concurrency_limit=None,
                                    cancels=[reconnect_event, ui.train_event])
     ui.stop_btn.click(bind(ctx, stop), [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop",
                       api_visibility="public", concurrency_limit=None)
-    resume_event = ui.resume_btn.click(bind(ctx, resume), [ui.run_id, ui.owner_state], watch_outputs,
+    ui.resume_event = resume_event = ui.resume_btn.click(bind(ctx, resume), [ui.run_id, ui.owner_state], watch_outputs,
                                        api_visibility="private", concurrency_limit=None,
                                        cancels=[reconnect_event, watch_event, ui.train_event])
     # the cancels that point forward (an event can only name events defined before it)
