@@ -46,10 +46,15 @@ def build_pairs(run_dir: str | Path) -> tuple[list[dict], dict]:
     return pairs, {"pairs": len(pairs), "ties": ties, "single": single, "ratings": len(ratings)}
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def too_few_message(stats: dict) -> tuple[str, str]:
     """(problem, fix) when the ratings give fewer than MIN_PAIRS pairs."""
     more = MIN_PAIRS - stats["pairs"]
-    return (f"Your ratings give {stats['pairs']} preference pairs ({stats['ties']} prompts skipped as ties, "
+    return (f"Your ratings give {_count(stats['pairs'], 'preference pair')} "
+            f"({_count(stats['ties'], 'prompt')} skipped as ties, "
             f"{stats['single']} with only one rated answer); a preference run needs at least {MIN_PAIRS}.",
             f"Rate both answers of {more} more prompt{'s' if more != 1 else ''} with different scores (base vs "
             "fine-tuned in the Chat tab, or the held-out test), then build the pairs again.")

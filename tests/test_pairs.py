@@ -38,7 +38,7 @@ def test_cli_writes_pairs_or_says_how_many_more_to_rate(tmp_path, capsys):
     rate(run, 99, 2, 2)
     assert main(["pairs", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"give {MIN_PAIRS - 1} preference pairs (1 prompts skipped as ties" in err
+    assert f"give {MIN_PAIRS - 1} preference pairs (1 prompt skipped as ties" in err
     assert "Rate both answers of 1 more prompt with different scores" in err
     rate(run, 50, 5, 1)
     out = tmp_path / "p.jsonl"

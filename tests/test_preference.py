@@ -1,5 +1,6 @@
-"""The preference task (DPO on TRL's DPOTrainer): one short LoRA run on a tiny Llama shared by the
-assertions, the pairs audit, and bad pairs files."""
+"""The preference task (DPO on TRL's DPOTrainer): one short LoRA run on a tiny Llama, started through
+the app's `train` endpoint with gradio_client and shared by the assertions; the pairs audit; bad
+pairs files."""
 
 import json
 import math
@@ -25,15 +26,40 @@ def pairs(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("pref") / "run"
-    data = write_jsonl(out.parent / "pairs.jsonl", pairs(16))
-    cfg = config_from_dict({"task": "preference", "model": tiny_llama_dir,
-                            "data": {"train": data, "max_length": 64, "val_size": 0.25},
-                            "strategy": {"name": "lora"},
-                            "training": {"max_steps": 3, "learning_rate": 5e-3, "eval_strategy": "no",
-                                         "save_strategy": "no", "logging_steps": 1},
-                            "output_dir": str(out), "seed": 1})
-    return out, train(cfg)
+    """The run goes through the app's public `train` endpoint with gradio_client (task=preference), so
+    the app, its job queue and the worker process (the CLI's train) are covered by the same run."""
+    import shutil
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from conftest import REPO
+    from finetune_core.jobs import JobManager
+    from finetune_core.ui import build_app, launch
+
+    work = tmp_path_factory.mktemp("pref")
+    manager = JobManager(work / "runs", poll_interval=0.2, cwd=REPO)
+    model = shutil.copytree(tiny_llama_dir, manager.runs_dir / "_models" / "tiny-llama")   # a folder the app may load
+    data = write_jsonl(work / "pairs.jsonl", pairs(16))
+    demo = build_app(manager)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        run_id, _status, _loss, _metric, log, result = client.predict(
+            data_file=handle_file(data), task="preference", model=str(model), strategy="lora", max_length=64,
+            val_size=0.25, learning_rate=5e-3,
+            overrides="max_steps=3\neval_strategy=no\nsave_strategy=no\nlogging_steps=1\nseed=1", api_name="/train")
+    finally:
+        demo.close()
+        manager.shutdown(kill=True)
+    assert result["status"] == "finished", log
+    out = manager.run_dir(run_id)
+    m = json.loads((out / "metrics.json").read_text())
+    assert result["metrics"]["reward_accuracy"] == m["reward_accuracy"]      # the endpoint's result carries it
+    return out, m
 
 
 def test_metrics_before_and_after_on_held_out_pairs(lora_run):
@@ -44,7 +70,6 @@ def test_metrics_before_and_after_on_held_out_pairs(lora_run):
     assert m["eval_loss"] < m["eval_loss_before"] and m["reward_margin"] > 0 and m["reward_accuracy"] > 0.5
     assert {"general_perplexity_before", "general_perplexity", "forgetting_verdict", "train_seconds",
             "total_seconds", "peak_rss_mb"} <= set(m)
-    assert json.loads((out / "metrics.json").read_text())["reward_accuracy"] == m["reward_accuracy"]
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 4 and all({"prompt", "reference", "before", "after"} <= set(g) for g in gens)
     assert gens[0]["reference"].startswith("It is")                  # the chosen answer

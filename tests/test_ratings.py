@@ -289,7 +289,7 @@ def test_ratings_become_preference_pairs_and_start_a_run_on_the_tuned_model(chat
             ratings.add_rating(run_dir, f"Q{i}?", "base", f"base {i}", 2, session=OWNER)
             ratings.add_rating(run_dir, f"Q{i}?", "finetuned", f"tuned {i}", 2 if i == 0 else 4, session=OWNER)
         md = chat_tab.pairs_from_ratings(ctx, run_id, OWNER, None)
-        assert "give 2 preference pairs (1 prompts skipped as ties" in md and f"needs at least {MIN_PAIRS}" in md
+        assert "give 2 preference pairs (1 prompt skipped as ties" in md and f"needs at least {MIN_PAIRS}" in md
         assert f"Rate both answers of {MIN_PAIRS - 2} more prompts" in md
         with pytest.raises(gr.Error, match="at least"):
             chat_tab.start_preference_run(ctx, run_id, OWNER, None)

@@ -391,7 +391,7 @@ def build(ctx: AppContext, ui) -> None:
                                     allow_custom_value=True, scale=4, elem_id="chat-model",
                                     info="An instruction run: its fine-tuned model answers on the right, the base "
                                          "model it started from on the left. Or a base model alone (left only).")
-        ui.chat_refresh = gr.Button("↻ Refresh", size="sm", scale=1)
+        ui.chat_refresh = gr.Button("↻ Refresh", size="sm", scale=1, elem_id="chat-refresh")
     with gr.Accordion("Generation settings (shared by both models)", open=False):
         with gr.Row():
             ui.temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature",
@@ -420,10 +420,10 @@ def build(ctx: AppContext, ui) -> None:
         ui.chat_clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
-                                  scale=3, info="Your judgement is the metric that matters for style: ratings are "
+                                  scale=3, elem_id="chat-rating", info="Your judgement is the metric that matters for style: ratings are "
                                                 "saved with the run and averaged.")
         ui.chat_rate_btn = gr.Button("Save rating", scale=1)
-    ui.ratings_md = gr.Markdown("")
+    ui.ratings_md = gr.Markdown("", elem_id="ratings-md")
     with gr.Accordion("Held-out test: the run's validation prompts, both models, your ratings", open=False):
         with gr.Row():
             ui.heldout_n = gr.Slider(1, 20, value=5, step=1, label="Prompts", info="More prompts take longer on CPU.")

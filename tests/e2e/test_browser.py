@@ -1,7 +1,9 @@
-"""A real browser clicks through the app: upload → audit → train → evaluate → chat → export.
+"""A real browser clicks through the app: upload → audit → train → evaluate → chat → export, then rates
+two chat answers and builds preference pairs from them, and races the three strategies.
 
-Bundled models only, offline. Each tab is saved as a 1280x800 viewport screenshot under docs/screenshots/
-(the README shows them): data, train, evaluate, chat, chat-classifier, export. Run alone with:
+Bundled models, offline (the rated chat model is a tiny Llama trained here, so the test does not
+train SmolLM2). Each tab is saved as a 1280x800 viewport screenshot under docs/screenshots/ (the README
+shows them): data, train, evaluate, chat, chat-classifier, export, chat-pairs, compare. Run alone with:
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/e2e -m e2e
 """
@@ -106,7 +108,25 @@ def pick_option(page, combobox, option: re.Pattern):
     page.get_by_role("option", name=option).first.click()
 
 
-def test_click_through_all_tabs(page, app_server):
+def tiny_instruction_run(runs: Path, tiny_llama_dir: str, tmp_path: Path) -> str:
+    """A finished instruction run of a tiny Llama (tests/conftest.py) in the app's runs folder: the Chat
+    tab then has a fine-tuned model whose answers can be rated, without training SmolLM2 here."""
+    from finetune_core.config import config_from_dict
+    from finetune_core.train import train
+
+    data = tmp_path / "replies.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say hi number {i}.", "response": f"Hi {i}!"}) + "\n"
+                            for i in range(8)))
+    cfg = config_from_dict({"task": "instruction", "model": tiny_llama_dir,
+                            "data": {"train": str(data), "max_length": 64, "val_size": 0.25},
+                            "strategy": {"name": "full"},
+                            "training": {"max_steps": 2, "eval_strategy": "no", "save_strategy": "no"},
+                            "output_dir": str(runs / "tiny-chat-run"), "seed": 0})
+    train(cfg)
+    return "tiny-chat-run"
+
+
+def test_click_through_all_tabs(page, app_server, tiny_llama_dir, tmp_path):
     from playwright.sync_api import expect
 
     t0 = time.time()
@@ -306,6 +326,59 @@ def test_click_through_all_tabs(page, app_server):
     no_error_toast(page, app_server, "export")
     screenshot(page, "export", top=export, bottom=page.locator("#bp-md"), offset=12)
     timings["export"] = time.time() - t0
+
+    # ------------------------------------------------------------------ 4 · Chat again: rate two answers, build pairs
+    # an instruction run of a tiny Llama, trained here into the app's runs folder as the CLI would
+    tiny_run = tiny_instruction_run(app_server.home / "runs", tiny_llama_dir, tmp_path)
+    chat = open_tab(page, "4 · Chat")
+    page.locator("#chat-refresh").click()
+    pick_option(page, chat.get_by_label("Model to test"), re.compile(tiny_run))
+    page.locator("#chat-seed textarea, #chat-seed input").first.fill("")        # a new random seed per message
+    finetuned_answer = page.locator("#ft-bot [data-testid='bot']").last
+    for score in ("5", "1"):                   # the same prompt twice: two sampled answers, rated apart
+        page.locator("#chat-clear").click()
+        message.fill("Say hi in five words.")
+        chat.get_by_role("button", name="Send").click()
+        expect(finetuned_answer).to_have_text(re.compile(r"seed \d+\s*$"), timeout=CHAT_TIMEOUT_MS)
+        expect(message).to_have_value("", timeout=CHAT_TIMEOUT_MS)
+        wait_idle(page, chat)
+        page.locator("#chat-rating").get_by_label(score, exact=True).check()
+        chat.get_by_role("button", name="Save rating").click()
+        rated = 1 if score == "5" else 2
+        expect(page.locator("#ratings-md")).to_contain_text(re.compile(rf"fine-tuned: \S+ / 5 \({rated} ratings"))
+    chat.get_by_text("Held-out test: the run's validation prompts").click()
+    page.locator("#pairs-btn").click()
+    pairs_md = page.locator("#pairs-md")
+    expect(pairs_md).to_contain_text("Your ratings give 1 preference pair (0 prompts skipped as ties", timeout=30_000)
+    expect(pairs_md).to_contain_text("7 more prompts")
+    no_error_toast(page, app_server, "ratings to pairs")
+    screenshot(page, "chat-pairs", top=page.locator("#ratings-md"), offset=60)
+    timings["ratings"] = time.time() - t0
+
+    # ------------------------------------------------------------------ 2 · Train again: the strategy race
+    train = open_tab(page, "2 · Train")
+    train.get_by_label("Advanced overrides (optional)").fill("max_steps=6")
+    train.get_by_role("button", name="⚖ Compare strategies").click()
+    table = page.locator("#compare-table")
+    expect(table).to_be_visible(timeout=30_000)
+    for name in ("Frozen backbone", "LoRA", "Full fine-tuning"):
+        expect(table.get_by_role("row", name=re.compile(rf"^{name}.* ok ")).first).to_be_visible(
+            timeout=TRAIN_TIMEOUT_MS)
+    wait_idle(page, train)
+    no_error_toast(page, app_server, "compare strategies")
+    peaks = {}
+    for name in ("Frozen backbone", "LoRA", "Full fine-tuning"):
+        cells = [c.strip() for c in table.get_by_role("row", name=re.compile(rf"^{name}")).first
+                 .get_by_role("gridcell").all_inner_texts()]
+        assert re.fullmatch(r"[0-9.]+ → [0-9.]+", cells[2]), cells               # weighted F1 before → after
+        peaks[name] = float(cells[6].replace(",", ""))                            # peak memory, MB
+    # each run's own peak (not the app's, which started it): full fine-tuning holds the most
+    assert 100 < peaks["Frozen backbone"] < peaks["Full fine-tuning"], peaks
+    race = plot_text(page.locator("#compare-plot"))
+    assert "Quality against training time" in race and "LoRA" in race, race
+    expect(page.locator("#compare-md")).to_contain_text("TF-IDF")
+    screenshot(page, "compare", top=page.locator("#compare-panel"), offset=12)
+    timings["compare"] = time.time() - t0
 
     assert not page.page_errors, f"JavaScript errors in the page: {page.page_errors}"
     print("\ncumulative seconds per tab:", {k: round(v, 1) for k, v in timings.items()})
