@@ -130,27 +130,45 @@ BAD_INPUTS = {
 TINY: dict = {}
 
 
+# Two cases run as real `python -m finetune_core` processes (exit code and stderr end to end, as
+# tests/test_bad_inputs_cli.py does for five more); the others call cli.main() in this process, which
+# prints the same paragraph and returns the same code in milliseconds instead of a process start each.
+REAL_PROCESS = ("missing file", "unknown override key")
+
+
 @pytest.fixture(scope="module")
-def bad_results(tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
-    """Run every bad-input case as its own `python -m finetune_core` process, two at a time."""
+def real_process_results(tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
     TINY["llama"] = tiny_llama_dir
     jobs = {}
-    for name, (build, _, _) in BAD_INPUTS.items():
+    for name in REAL_PROCESS:
         tmp = tmp_path_factory.mktemp(name.replace(" ", "_"))
-        jobs[name] = (build(tmp, tiny_bert_dir), tmp)
+        jobs[name] = (BAD_INPUTS[name][0](tmp, tiny_bert_dir), tmp)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(cli, *args, cwd=tmp) for name, (args, tmp) in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_is_one_paragraph_exit_2_no_traceback(bad_results, name):
-    _, problem, fix = BAD_INPUTS[name]
-    res = bad_results[name]
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, res.stderr
+def test_bad_input_is_one_paragraph_exit_2_no_traceback(name, request, tmp_path, tiny_bert_dir, tiny_llama_dir,
+                                                         capsys, monkeypatch):
+    build, problem, fix = BAD_INPUTS[name]
+    if name in REAL_PROCESS:
+        res = request.getfixturevalue("real_process_results")[name]
+        rc, out, err = res.returncode, res.stdout, res.stderr
+    else:
+        from finetune_core.cli import main
+
+        TINY["llama"] = tiny_llama_dir
+        monkeypatch.chdir(tmp_path)
+        args = build(tmp_path, tiny_bert_dir)
+        capsys.readouterr()
+        rc = main(list(args))
+        captured = capsys.readouterr()
+        out, err = captured.out, captured.err
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, err
     message = errors[0]
     for fragment in problem + fix:
         assert fragment in message, f"{fragment!r} not in {message!r}"
