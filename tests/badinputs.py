@@ -452,6 +452,20 @@ CASES: list[BadInput] = [
              task="clasification"),
     BadInput("half precision on CPU", "train", {"good.csv": GOOD},
              ["training.bf16 is on but there is no CUDA GPU", "float32"], sets=["training.bf16=true"]),
+    # --- preference pairs (task preference, TRL's prompt / chosen / rejected) ----------------------------
+    BadInput("pairs without rejected answers", "audit",
+             {"pairs.jsonl": jsonl_bytes([{"prompt": f"Question {i}?", "chosen": f"Answer {i}."} for i in range(6)])},
+             ["No 'rejected' column found in pairs.jsonl", "Columns found: prompt, chosen",
+              "map yours with data.prompt_column"], task="preference"),
+    BadInput("a pair cell holds an object", "audit",
+             {"pairs.jsonl": jsonl_bytes([{"prompt": "Hi?", "chosen": {"text": "Hello."}, "rejected": "Go away."}]
+                                         + [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."} for i in range(5)])},
+             ["Row 1: column 'chosen' holds an object, not text", "Write text"], task="preference"),
+    BadInput("every pair has the same answer twice", "train",
+             {"pairs.jsonl": jsonl_bytes([{"prompt": f"Question {i}?", "chosen": "Same.", "rejected": "Same."}
+                                          for i in range(8)])},
+             ["No usable training pair", "the same answer on both sides", "a worse (rejected) answer"],
+             task="preference", model="tiny-llama"),
     # --- handled: these must load / train correctly --------------------------------------------------
     BadInput("latin-1 file", "audit",
              {"latin.csv": ("text,label\n" + "\n".join(f"{LATIN1_TEXT} {i},{l}" for i, l in
