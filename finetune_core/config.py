@@ -450,8 +450,8 @@ def preference_defaults(n_train: int) -> dict:
     one pair per forward pass with 4 accumulated per optimizer step (4 pairs a step, as batch 4).
     Peak memory, 1 epoch, against LoRA instruction tuning's 1.6 GB: reference and evaluation batches of
     4 pairs 3.5 GB (their full-vocabulary logits; the heap keeps the high-water mark), of 1 pair 2.6 GB,
-    and with (reentrant) activation checkpointing as LoRA instruction tuning has 2.1 GB, for 1.4x the
-    loop time instead of 1.2x."""
+    and with (reentrant) activation checkpointing as LoRA instruction tuning has 2.1-2.5 GB (it varies
+    between runs), for 1.4-1.8x the loop time instead of 1.2x."""
     return {"num_train_epochs": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
             "per_device_eval_batch_size": 1, "beta": 0.1, "precompute_ref_log_probs": True,
             "precompute_ref_batch_size": 1, "activation_checkpointing": True,
