@@ -754,3 +754,33 @@ def test_one_stop_stops_the_whole_comparison(fake_app):
     assert final_table[0][2] == "0.200 → 0.600"            # the stopped run was evaluated as it was
     assert [j.status for j in sorted(mgr.jobs(OWNER), key=lambda j: j.created)] == ["stopped", "cancelled", "cancelled"]
     # a second comparison while one runs follows the running one instead of queueing three more
+
+
+def test_a_page_reload_redraws_a_running_comparison(fake_app):
+    """The comparison's table lives in the page: after a reload, the rows of the runs that ended come
+    back and the running strategy is followed again; Train's own reconnect leaves it to the panel."""
+    from finetune_core.ui import compare_panel
+
+    mgr, demo, ctx = fake_app
+    stream = compare_panel.compare_strategies(ctx, dict(FORM, overrides="run_name=metrics-2000"), OWNER, None)
+    next_matching(stream, lambda o: isinstance(o[1], str) and step_of(o) >= 1, 30)
+    frozen = next(j for j in mgr.jobs(OWNER) if j.strategy == "frozen")
+    mgr.stop(frozen.run_id, OWNER)                      # the frozen run ends (with metrics); LoRA starts
+    assert mgr.wait(frozen.run_id, timeout=20) == "stopped"
+    stream.close()                                      # the reload drops the page's stream
+    lora = next(j for j in mgr.jobs(OWNER) if j.strategy == "lora")
+    assert wait_for(lambda: mgr.get(lora.run_id).status == "running", 10)
+
+    assert list(train_tab.reconnect(ctx, OWNER, None)) == []
+    again = compare_panel.reconnect_comparison(ctx, OWNER, None)
+    first = next(again)
+    assert upd(first[6], "visible") is True
+    rows = upd(first[7], "value")
+    assert [r[:2] for r in rows] == [["Frozen backbone (head only)", "stopped"], ["LoRA", "queued"],
+                                     ["Full fine-tuning", "queued"]]
+    assert rows[0][2] == "0.200 → 0.600" and "Frozen backbone" in first[9]
+    out = next_matching(again, lambda o: isinstance(o[1], str) and step_of(o) >= 1, 30)
+    assert out[0] == lora.run_id                        # the running strategy is followed again
+    assert list(compare_panel.reconnect_comparison(ctx, OTHER, None)) == []      # another session: nothing
+    train_tab.stop(ctx, lora.run_id, OWNER, None)
+    list(again)

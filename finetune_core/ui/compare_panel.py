@@ -16,11 +16,11 @@ import time
 import gradio as gr
 
 from .. import compare, plots, rundir
-from ..config import config_from_dict, config_to_dict
+from ..config import config_from_dict, config_to_dict, load_config
 from ..errors import FinetuneError
-from ..jobs import JobError, OwnerBusy
+from ..jobs import ACTIVE, JobError, OwnerBusy
 from . import form
-from .common import AppContext, owner_of, user_errors
+from .common import AppContext, bind, owner_of, user_errors
 from .data_source import resolve_data
 from .train_tab import active_job, check_before_submit, follow_busy, watch
 
@@ -109,36 +109,71 @@ def compare_strategies(ctx: AppContext, values: dict, owner_state=None, request:
     cfg = form.form_to_config(values, path)
     check_before_submit(ctx, cfg, path, owner)
     try:
-        group, jobs, plans, notes = _submit_group(ctx, cfg, owner)
+        _group, jobs, plans, notes = _submit_group(ctx, cfg, owner)
     except OwnerBusy as exc:            # a Start that raced this click past the check above
         for out in follow_busy(ctx, exc.job, owner):
             yield out + skip
         return
-    task = cfg.task
+    gr.Info(f"Comparing {', '.join(compare.NAMES[p['strategy']] for p in plans)} one after the other. "
+            "Stop stops the whole comparison.")
+    yield from follow_group(ctx, owner, jobs, plans, notes, config_to_dict(cfg))
+
+
+def follow_group(ctx: AppContext, owner: str, jobs: list, plans: list[dict], notes: list[str], base: dict):
+    """Follow a comparison's jobs in order: a run that has ended gets its row at once, the others are
+    watched as Start watches a run, and the table, chart and reading are redrawn as each one ends."""
+    skip = (gr.skip(),) * 4
+    task = base["task"]
     rows: list[dict] = []
     pending = {p["strategy"]: "queued" for p in plans}
     headers = HEADERS[:2] + [f"{SCORE_NAMES[task]} before → after"] + HEADERS[3:]
-    gr.Info(f"Comparing {', '.join(compare.NAMES[p['strategy']] for p in plans)} one after the other. "
-            "Stop stops the whole comparison.")
-    yield (gr.skip(),) * 6 + (gr.update(visible=True), gr.update(value=table(rows, pending), headers=headers),
-                              plots.strategy_race_figure(rows, task), "")
+
+    def drawn():
+        reading = compare.render_markdown(rows, task, base, notes, with_table=False) if \
+            any(r.get("main_metric_value") is not None for r in rows) else ""
+        return table(rows, pending), plots.strategy_race_figure(rows, task), reading
+
     for job, plan in zip(jobs, plans):
+        if ctx.manager.status(job.run_id)["status"] in ACTIVE:
+            continue
+        rows.append(_row(job, plan, task, ctx.manager.status(job.run_id)))
+        pending.pop(plan["strategy"], None)
+    current, chart, reading = drawn()
+    yield (gr.skip(),) * 6 + (gr.update(visible=True), gr.update(value=current, headers=headers), chart, reading)
+    for job, plan in zip(jobs, plans):
+        if plan["strategy"] not in pending:
+            continue
         pending[plan["strategy"]] = "running"
         shown = False
         for out in watch(ctx, job.run_id, owner):
             # the table says which strategy runs once it starts; the watch outputs follow it
             yield out + ((gr.skip(), table(rows, pending), gr.skip(), gr.skip()) if not shown else skip)
             shown = True
-        st = ctx.manager.status(job.run_id)
-        rows.append(_row(job, plan, task, st))
+        rows.append(_row(job, plan, task, ctx.manager.status(job.run_id)))
         pending.pop(plan["strategy"], None)
-        reading = compare.render_markdown(rows, task, config_to_dict(cfg), notes, with_table=False) if \
-            any(r.get("main_metric_value") is not None for r in rows) else ""
-        yield (gr.skip(),) * 6 + (gr.skip(), table(rows, pending), plots.strategy_race_figure(rows, task), reading)
+        yield (gr.skip(),) * 6 + (gr.skip(), *drawn())
     if not any(r["status"] in ("ok", "stopped") for r in rows):
         raise FinetuneError("Every strategy of the comparison failed: " +
                             "; ".join(f"{r['strategy']}: {r.get('error')}" for r in rows),
                             "Press Start with one strategy to see its log.")
+
+
+@user_errors
+def reconnect_comparison(ctx: AppContext, owner_state, request: gr.Request):
+    """After a page reload: a comparison of this session still running is shown again, its table
+    redrawn from the runs that ended and its running strategy followed (Train's own reconnect leaves
+    a group's run to this one)."""
+    owner = owner_of(owner_state, request)
+    active = [j for j in ctx.manager.jobs(owner, active_only=True) if j.group]
+    if not active:
+        return
+    members = sorted(ctx.manager.jobs(owner, group=active[-1].group), key=lambda j: j.created)
+    plans = []
+    for job in members:
+        values = config_to_dict(load_config(job.request_path))
+        values["output_dir"] = str(job.run_dir)
+        plans.append({"strategy": job.strategy, "values": values})
+    yield from follow_group(ctx, owner, members, plans, [], plans[0]["values"])
 
 
 def build(ui) -> None:
@@ -159,10 +194,13 @@ def wire(ctx: AppContext, ui) -> None:
     """After train_tab.wire: the button streams into the run panel like Start, so each stream cancels
     the others (cancelling a stream never stops a job)."""
     watch_outputs = [ui.run_id, ui.status, ui.loss_plot, ui.metric_plot, ui.log, ui.result]
+    outputs = watch_outputs + [ui.compare_group, ui.compare_table, ui.compare_plot, ui.compare_md]
     ui.compare_event = ui.compare_btn.click(
-        form.bind_form(ctx, compare_strategies), form.components(ui) + [ui.owner_state],
-        watch_outputs + [ui.compare_group, ui.compare_table, ui.compare_plot, ui.compare_md],
+        form.bind_form(ctx, compare_strategies), form.components(ui) + [ui.owner_state], outputs,
         api_visibility="private", concurrency_limit=None, trigger_mode="once",
         cancels=[ui.reconnect_event, ui.watch_event, ui.resume_event, ui.train_event])
-    for trigger in (ui.start_btn.click, ui.run_id.submit, ui.resume_btn.click):
-        trigger(None, None, None, cancels=[ui.compare_event], api_visibility="private", queue=False)
+    reconnect_event = ui.session_load.then(bind(ctx, reconnect_comparison), [ui.owner_state], outputs,
+                                           api_visibility="private", concurrency_limit=None)
+    for trigger in (ui.start_btn.click, ui.run_id.submit, ui.resume_btn.click, ui.compare_btn.click):
+        trigger(None, None, None, cancels=[ui.compare_event, reconnect_event], api_visibility="private",
+                queue=False)

@@ -357,8 +357,8 @@ def result_json(ctx: AppContext, st: dict) -> dict:
         keep = ("task", "strategy", "model", "accuracy", "f1_weighted", "f1_macro", "baselines", "before_finetuning",
                 "eval_loss_before", "eval_loss", "perplexity_before", "perplexity", "general_perplexity_before",
                 "general_perplexity", "forgetting_verdict", "rougeL", "rougeL_before", "trainable_params",
-                "total_params", "train_seconds", "total_seconds", "train_samples", "global_step", "stopped_early", "stopped_by_user",
-                "reward_accuracy", "reward_accuracy_before", "reward_margin", "reward_margin_before")
+                "total_params", "train_seconds", "total_seconds", "train_samples", "global_step", "stopped_early",
+                "stopped_by_user", "reward_accuracy", "reward_accuracy_before", "reward_margin", "reward_margin_before")
         out["metrics"] = {k: m[k] for k in keep if k in m}
     return out
 
@@ -474,7 +474,7 @@ def reconnect(ctx: AppContext, owner_state, request: gr.Request):
     jobs = ctx.manager.jobs(owner)
     active = [j for j in jobs if j.active]
     job = (active or jobs or [None])[-1]
-    if job is None:
+    if job is None or (job.group and job.active):     # a comparison: compare_panel.reconnect_comparison
         return
     yield from watch(ctx, job.run_id, owner)
 
@@ -788,8 +788,8 @@ def wire(ctx: AppContext, ui) -> None:
     watch_outputs = [ui.run_id, ui.status, ui.loss_plot, ui.metric_plot, ui.log, ui.result]
     fields = form.components(ui)
     # Watchers are generators that only read files: they do not count against the queue's concurrency.
-    ui.reconnect_event = reconnect_event = ui.session_load.then(bind(ctx, reconnect), [ui.owner_state], watch_outputs,
-                                           api_visibility="private", concurrency_limit=None)
+    ui.reconnect_event = reconnect_event = ui.session_load.then(
+        bind(ctx, reconnect), [ui.owner_state], watch_outputs, api_visibility="private", concurrency_limit=None)
     # One stream at a time writes the watch outputs: each new one (Start, an id typed in Run id, Resume)
     # cancels the others, or two streams would take turns drawing different runs. Cancelling a stream
     # never stops a job; the worker keeps training. trigger_mode="multiple": a second Start reaches
