@@ -762,7 +762,7 @@ def build_run_panel(ui) -> None:
     """Start / Stop / Resume, the run id, the status line, the live charts, the log and the result."""
     with gr.Row():
         ui.start_btn = gr.Button("▶ Start training", variant="primary", scale=2, elem_id="start-btn")
-        ui.compare_btn = gr.Button("⚖ Compare strategies", scale=1, elem_id="compare-btn")
+        ui.compare_btn = gr.Button("⚖ Compare strategies", scale=2, elem_id="compare-btn")
         ui.stop_btn = gr.Button("■ Stop", variant="stop", scale=1)
         ui.resume_btn = gr.Button("↻ Resume", scale=1, elem_id="resume-btn")
         ui.run_id = gr.Textbox("", label="Run id", interactive=True, scale=2, max_lines=1,
