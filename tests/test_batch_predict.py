@@ -17,10 +17,11 @@ from finetune_core.cli import main
 from finetune_core.errors import DataError, FinetuneError
 from finetune_core.predictions import safe_csv_cell
 
-# badinputs cases about the columns training needs (a label, instruction/output): predicting reads any
+# badinputs cases about the columns training needs (a label, instruction/output, a pair): predicting reads any
 # single column as its text, so these files are not bad inputs here. Every other refused audit case is.
 TRAINING_COLUMN_CASES = {"wrong delimiter (colon)", ".tsv that is comma-separated", "no text/label columns",
-                         "named text column missing", "no instruction columns", "unknown task"}
+                         "named text column missing", "no instruction columns", "unknown task",
+                         "pairs without rejected answers", "a pair cell holds an object"}
 FILE_CASES = [c.name for c in B.CASES
               if c.command == "audit" and c.exit == 2 and c.name not in TRAINING_COLUMN_CASES]
 
