@@ -102,26 +102,33 @@ def test_plan_refuses_bad_config_before_training(tmp_path):
 # the real thing: three strategies, each trained in its own process
 
 
-def test_compare_full_frozen_lora_rows_and_files(tmp_path, tiny_bert_dir):
-    model_dir = tiny_bert_dir                     # shared 2-layer BERT from tests/conftest.py
-    csv = tiny_csv(tmp_path / "data.csv")
-    cfg = write_config(tmp_path / "c.yaml", classification_values(tmp_path, model_dir, csv))
-    events = []
-    result = compare(str(cfg), ["full", "frozen", "lora"],
-                     ["training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no"],
-                     echo=events.append)
+def test_compare_cli_three_strategies_rows_files_and_reading(tmp_path, tiny_bert_dir):
+    """`python -m finetune_core compare CONFIG --strategies full,frozen,lora --set ...` as a user types it:
+    one process per strategy, each row from that strategy's own metrics.json, the files and the reading."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    rows = result["rows"]
-    assert [r["strategy"] for r in rows] == ["full", "frozen", "lora"]
-    assert all(r["status"] == "ok" and r["error"] is None for r in rows), [r.get("error") for r in rows]
+    repo = Path(__file__).resolve().parents[1]
+    csv = tiny_csv(tmp_path / "data.csv")
+    cfg = write_config(tmp_path / "c.yaml", classification_values(tmp_path, tiny_bert_dir, csv))
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "finetune_core", "compare", str(cfg),
+                           "--strategies", "full,frozen,lora", "--set", "training.max_steps=2",
+                           "--set", "training.eval_strategy=no", "--set", "training.save_strategy=no"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "cmp"
+    saved = json.loads((out / "comparison.json").read_text())
+    rows = saved["rows"]
+    assert saved["strategies"] == [r["strategy"] for r in rows] == ["full", "frozen", "lora"]
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows), [r.get("error") for r in rows]
     for r in rows:
         run = out / r["strategy"]
         m = json.loads((run / "metrics.json").read_text())
         assert m["strategy"] == r["strategy"] and m["global_step"] == 2
         # real timings and per-process numbers, copied from that strategy's own metrics.json
-        assert r["train_seconds"] == m["train_seconds"] > 0
-        assert r["wall_seconds"] > r["train_seconds"]
+        assert r["train_seconds"] == m["train_seconds"] > 0 and r["wall_seconds"] > r["train_seconds"]
         assert r["peak_rss_mb"] == m["peak_rss_mb"] > 50
         assert r["trainable_params"] == m["trainable_params"] > 0
         assert r["main_metric"] == "f1_weighted" and r["main_metric_value"] == m["f1_weighted"]
@@ -137,55 +144,18 @@ def test_compare_full_frozen_lora_rows_and_files(tmp_path, tiny_bert_dir):
     assert by["lora"]["learning_rate"] == 1e-3 and by["lora"]["learning_rate_source"] == "default"
     assert by["frozen"]["frozen_layers"] == "all"
 
-    saved = json.loads((out / "comparison.json").read_text())
-    assert result["path"] == str(out / "comparison.json")
-    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["strategies"] == ["full", "frozen", "lora"]
     md = (out / "comparison.md").read_text()
-    assert md == result["markdown"]
     table = [ln for ln in md.splitlines() if ln.startswith("| **")]
     assert len(table) == 3
     for r, line in zip(rows, table):
-        assert line.startswith(f"| **{r['strategy']}") and f"{r['train_seconds']:.1f}" in line
+        assert line.startswith(f"| **{r['strategy']}") and f"| {r['train_seconds']:.1f} |" in line
     assert "LoRA reached F1" in md and "of the parameters in" in md
     assert "own default learning rate" in md and "TF-IDF" in md
     assert "- forgetting: n/a (classification)" in md and "None" not in md
-
-    # progress reached the caller: our announcements plus each run's own events
-    starts = [e for e in events if e.get("type") == "info" and "[compare" in e.get("message", "")]
-    assert len(starts) == 3
-    assert sum(e.get("type") == "end" for e in events) == 3
-
-
-def test_compare_cli_one_row_per_strategy_with_real_timings(tmp_path, tiny_bert_dir):
-    """`python -m finetune_core compare CONFIG --strategies full,lora --set ...` as a user types it."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    csv = tiny_csv(tmp_path / "data.csv")
-    cfg = write_config(tmp_path / "c.yaml", classification_values(tmp_path, tiny_bert_dir, csv))
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "finetune_core", "compare", str(cfg), "--strategies", "full,lora",
-                           "--set", "training.max_steps=2", "--set", "training.eval_strategy=no",
-                           "--set", "training.save_strategy=no"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "cmp"
-    saved = json.loads((out / "comparison.json").read_text())
-    rows = saved["rows"]
-    assert saved["strategies"] == ["full", "lora"] and [r["strategy"] for r in rows] == ["full", "lora"]
-    for r in rows:
-        m = json.loads((out / r["strategy"] / "metrics.json").read_text())
-        assert r["status"] == "ok" and m["global_step"] == 2
-        # real timings: each strategy's own Trainer.train() time, inside its own process's wall time
-        assert r["train_seconds"] == m["train_seconds"] > 0 and r["wall_seconds"] > r["train_seconds"]
-    # the CLI prints the same table it wrote: one line per strategy, with that strategy's train seconds
-    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| **")]
-    assert len(table) == 2
-    for r, line in zip(rows, table):
-        assert line.startswith(f"| **{r['strategy']}") and f"| {r['train_seconds']:.1f} |" in line
-    assert (out / "comparison.md").read_text() in proc.stdout
+    # the CLI prints each run's progress, then the same table and reading it wrote
+    assert all(f"[compare {i}/3]" in proc.stdout for i in (1, 2, 3))
+    assert proc.stdout.count("[end]") == 3
+    assert md in proc.stdout
 
 
 def test_compare_reports_a_failed_strategy_and_keeps_going(tmp_path, tiny_bert_dir):
