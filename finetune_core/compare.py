@@ -336,6 +336,14 @@ def fmt_pct(p) -> str:
     return f"{p:.2f}%" if p >= 0.01 else f"{p:.3f}%"
 
 
+def variant(row: dict) -> str:
+    """What a frozen row froze, for its label: " (head only)" or " (N layers)"; "" for the others."""
+    if row["strategy"] != "frozen":
+        return ""
+    layers = row.get("frozen_layers")
+    return " (head only)" if layers in (None, "all") else f" ({layers} layers)"
+
+
 def _secs(x) -> str:
     return fmt_num(x, "{:.1f}" if x is not None and float(x) < 100 else "{:.0f}")
 
@@ -370,9 +378,7 @@ def render_markdown(rows: list[dict], task: str, base: dict, notes: list[str], s
             cells = [f"**{r['strategy']}**", f"{r['status']}: {r.get('error') or ''}".strip()] + [""] * (len(head) - 2)
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
             continue
-        name = r["strategy"] + (f" ({r['frozen_layers']} layers)" if r["strategy"] == "frozen"
-                                and r.get("frozen_layers") not in (None, "all") else
-                                " (head only)" if r["strategy"] == "frozen" else "")
+        name = r["strategy"] + variant(r)
         if r["status"] == "stopped":
             name += " — stopped"
         lr = fmt_num(r.get("learning_rate"), "{:.0e}") + \

@@ -20,6 +20,7 @@ from .events import eval_scores, latest_attempt
 HEIGHT = 320
 COLORS = {"train": "#4C78A8", "eval": "#F58518", "metric": "#54A24B", "base": "#9D9D9D", "finetuned": "#E45756",
           "majority": "#9D9D9D", "tfidf_logreg": "#B279A2", "before_finetuning": "#72B7B2"}
+STRATEGY_COLORS = {"full": "#4C78A8", "frozen": "#72B7B2", "lora": "#E45756"}
 BASELINE_NAMES = {"majority": "majority class", "tfidf_logreg": "TF-IDF + logistic regression",
                   "before_finetuning": "before fine-tuning"}
 
@@ -270,7 +271,6 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[
         "weighted F1 (higher is better)" if t == "classification" else
         "eval loss (lower is better)" if t == "instruction" else "DPO loss (lower is better)" for t in tasks])
-    palette = {"full": "#4C78A8", "frozen": "#72B7B2", "lora": "#E45756"}
     seen = set()
     for col, task in enumerate(tasks, start=1):
         for strategy in ("full", "frozen", "lora"):
@@ -278,7 +278,7 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
             if not sel:
                 continue
             fig.add_trace(go.Bar(x=[r["name"] for r in sel], y=[r["main_metric"] for r in sel], name=strategy,
-                                 marker_color=palette.get(strategy), legendgroup=strategy,
+                                 marker_color=STRATEGY_COLORS.get(strategy), legendgroup=strategy,
                                  showlegend=strategy not in seen,
                                  customdata=[[r.get("train_seconds") or 0, r.get("trainable_params") or 0]
                                              for r in sel],
@@ -286,9 +286,6 @@ def runs_comparison_figure(rows: list[dict]) -> go.Figure:
                                                "trainable %{customdata[1]:,}<extra></extra>"), row=1, col=col)
             seen.add(strategy)
     return _layout(fig, "Runs compared", height=340)
-
-
-STRATEGY_COLORS = {"full": "#4C78A8", "frozen": "#72B7B2", "lora": "#E45756"}
 
 
 def strategy_race_figure(rows: list[dict], task: str) -> go.Figure:

@@ -420,8 +420,9 @@ def build(ctx: AppContext, ui) -> None:
         ui.chat_clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     with gr.Row():
         ui.chat_rating = gr.Radio([1, 2, 3, 4, 5], label="Rate the last fine-tuned answer (1 = bad, 5 = great)",
-                                  scale=3, elem_id="chat-rating", info="Your judgement is the metric that matters for style: ratings are "
-                                                "saved with the run and averaged.")
+                                  scale=3, elem_id="chat-rating",
+                                  info="Your judgement is the metric that matters for style: ratings are "
+                                       "saved with the run and averaged.")
         ui.chat_rate_btn = gr.Button("Save rating", scale=1)
     ui.ratings_md = gr.Markdown("", elem_id="ratings-md")
     with gr.Accordion("Held-out test: the run's validation prompts, both models, your ratings", open=False):

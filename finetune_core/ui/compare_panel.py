@@ -41,13 +41,10 @@ def table(rows: list[dict], pending: dict[str, str]) -> list[list]:
             continue
         if r.get("main_metric_value") is None:
             said = r["error"] if r["status"] == "skipped" else f"{r['status']}: {r.get('error') or 'no metrics'}"
-            out.append([r["name"], said,
-                        "", "", "", "", "", ""])
+            out.append([r["name"], said, "", "", "", "", "", ""])
             continue
         share = compare.fmt_pct(r.get("trainable_percent"))
-        frozen = r.get("frozen_layers")
-        name = r["name"] + (f" ({frozen} blocks frozen)" if frozen not in (None, "all") else
-                            " (head only)" if r["strategy"] == "frozen" else "")
+        name = r["name"] + compare.variant(r)
         score = f"{compare.fmt_num(r.get('main_metric_before'))} → {compare.fmt_num(r['main_metric_value'])}"
         out.append([name, r["status"], score, compare.fmt_num(r.get("train_seconds"), "{:.1f}"),
                     compare.fmt_num(r.get("total_seconds"), "{:.1f}"),
@@ -133,11 +130,11 @@ def follow_group(ctx: AppContext, owner: str, jobs: list, plans: list[dict], not
             any(r.get("main_metric_value") is not None for r in rows) else ""
         return table(rows, pending), plots.strategy_race_figure(rows, task), reading
 
-    for job, plan in zip(jobs, plans):
-        if ctx.manager.status(job.run_id)["status"] in ACTIVE:
-            continue
-        rows.append(_row(job, plan, task, ctx.manager.status(job.run_id)))
-        pending.pop(plan["strategy"], None)
+    for job, plan in zip(jobs, plans):          # after a reload: the runs that have ended already
+        st = ctx.manager.status(job.run_id)
+        if st["status"] not in ACTIVE:
+            rows.append(_row(job, plan, task, st))
+            pending.pop(plan["strategy"], None)
     current, chart, reading = drawn()
     yield (gr.skip(),) * 6 + (gr.update(visible=True), gr.update(value=current, headers=headers), chart, reading)
     for job, plan in zip(jobs, plans):

@@ -797,14 +797,14 @@ def wire(ctx: AppContext, ui) -> None:
     ui.train_event = ui.start_btn.click(form.bind_form(ctx, train), fields + [ui.owner_state], watch_outputs,
                                         api_name="train", api_visibility="public", concurrency_limit=None,
                                         trigger_mode="multiple", cancels=[reconnect_event])
-    ui.watch_event = watch_event = ui.run_id.submit(bind(ctx, watch_id), [ui.run_id, ui.owner_state], watch_outputs,
-                                   api_visibility="private", concurrency_limit=None,
-                                   cancels=[reconnect_event, ui.train_event])
+    ui.watch_event = watch_event = ui.run_id.submit(
+        bind(ctx, watch_id), [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
+        concurrency_limit=None, cancels=[reconnect_event, ui.train_event])
     ui.stop_btn.click(bind(ctx, stop), [ui.run_id, ui.owner_state], ui.result_msg, api_name="stop",
                       api_visibility="public", concurrency_limit=None)
-    ui.resume_event = resume_event = ui.resume_btn.click(bind(ctx, resume), [ui.run_id, ui.owner_state], watch_outputs,
-                                       api_visibility="private", concurrency_limit=None,
-                                       cancels=[reconnect_event, watch_event, ui.train_event])
+    ui.resume_event = resume_event = ui.resume_btn.click(
+        bind(ctx, resume), [ui.run_id, ui.owner_state], watch_outputs, api_visibility="private",
+        concurrency_limit=None, cancels=[reconnect_event, watch_event, ui.train_event])
     # the cancels that point forward (an event can only name events defined before it)
     ui.start_btn.click(None, None, None, cancels=[watch_event, resume_event], api_visibility="private",
                        queue=False)
