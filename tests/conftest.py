@@ -311,3 +311,17 @@ def owned_instruction_run(root: Path, run_id: str, owner: str, model_dir: str, n
     (runs / run_id / "job.json").write_text(json.dumps({"run_id": run_id, "owner": owner_key(owner),
                                                         "status": "finished", "name": name}))
     return runs
+
+
+def serve(demo) -> str:
+    """Launch a built app in this process on a free local port (what gradio_client and HTTP tests
+    talk to); returns its URL. Close it with demo.close()."""
+    import socket
+
+    from finetune_core.ui import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo.local_url

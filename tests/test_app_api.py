@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import page_call
+from conftest import page_call, serve
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -30,20 +29,14 @@ CHAT_PARAMETERS = {"message": None, "model": "bundled:smollm2-135m", "temperatur
                    "max_new_tokens": 128, "do_sample": True, "base_history": [], "finetuned_history": [], "seed": ""}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from finetune_core.jobs import JobManager
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     manager = JobManager(tmp_path_factory.mktemp("runs"), poll_interval=0.2, cwd=REPO)
     demo = build_app(manager)
-    launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    serve(demo)
     client = Client(demo.local_url, verbose=False)
     yield client, manager, demo
     demo.close()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import html
 import json
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 import badinputs as B  # noqa: E402
-from conftest import REPO  # noqa: E402
+from conftest import REPO, serve  # noqa: E402
 
 CASES = {c.name: c for c in B.CASES}
 
@@ -101,16 +100,10 @@ def app_outcome(name: str) -> str:
 # the app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
     from finetune_core.jobs import JobManager
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     with pytest.MonkeyPatch.context() as mp:
         for var in ("FINETUNE_MAX_UPLOAD_MB", "FINETUNE_MAX_ROWS", "FINETUNE_MAX_STEPS", "FINETUNE_MAX_MINUTES",
@@ -123,7 +116,7 @@ def app(tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
         shutil.copytree(tiny_llama_dir, models / "tiny-llama")
         manager = JobManager(runs, max_concurrent=3, poll_interval=0.2, cwd=REPO)
         demo = build_app(manager)
-        launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        serve(demo)
         try:
             yield {"url": demo.local_url.rstrip("/"), "client": Client(demo.local_url, verbose=False),
                    "manager": manager, "models": models}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import serve, write_jsonl
 from finetune_core.audit import audit_file
 from finetune_core.config import ConfigError, config_from_dict
 from finetune_core.errors import DataError
@@ -29,25 +29,21 @@ def lora_run(tmp_path_factory, tiny_llama_dir):
     """The run goes through the app's public `train` endpoint with gradio_client (task=preference), so
     the app, its job queue and the worker process (the CLI's train) are covered by the same run."""
     import shutil
-    import socket
 
     from gradio_client import Client, handle_file
 
     from conftest import REPO
     from finetune_core.jobs import JobManager
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     work = tmp_path_factory.mktemp("pref")
     manager = JobManager(work / "runs", poll_interval=0.2, cwd=REPO)
     model = shutil.copytree(tiny_llama_dir, manager.runs_dir / "_models" / "tiny-llama")   # a folder the app may load
     data = write_jsonl(work / "pairs.jsonl", pairs(16))
     demo = build_app(manager)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = serve(demo)
     try:
-        client = Client(demo.local_url, verbose=False)
+        client = Client(url, verbose=False)
         run_id, _status, _loss, _metric, log, result = client.predict(
             data_file=handle_file(data), task="preference", model=str(model), strategy="lora", max_length=64,
             val_size=0.25, learning_rate=5e-3,

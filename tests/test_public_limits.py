@@ -15,7 +15,6 @@ FINETUNE_MAX_ROWS=50, FINETUNE_MAX_STEPS=2 (an explicit variable wins over demo 
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ pytest.importorskip("gradio_client")
 import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from conftest import REPO, class_rows, write_csv  # noqa: E402
+from conftest import REPO, class_rows, serve, write_csv  # noqa: E402
 from finetune_core import limits  # noqa: E402
 from finetune_core.settings import SettingError  # noqa: E402
 
@@ -35,17 +34,11 @@ UNSET = ("FINETUNE_MAX_MINUTES", "FINETUNE_MAX_CONCURRENT_JOBS", "FINETUNE_PRIVA
          "HUGGING_FACE_HUB_TOKEN")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(manager=None):
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     demo = build_app(manager)
-    launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    serve(demo)
     return demo
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import class_rows, page_call, write_csv
+from conftest import class_rows, page_call, serve, write_csv
 from finetune_core import limits
 from finetune_core.cli import main
 from finetune_core.errors import ConfigError, ModelError
@@ -448,12 +448,11 @@ TOKEN_TYPED = "hf_PLANTED3typedTOKEN0123456789abcdef"
 @pytest.mark.slow
 def test_tokens_never_reach_any_file_of_an_app_run(tmp_path, tiny_bert_dir, monkeypatch):
     import shutil
-    import socket
 
     from gradio_client import Client, handle_file
 
     from finetune_core.jobs import JobManager
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     for var in LIMIT_VARS + ("FINETUNE_PUSH_NAMESPACE",):
         monkeypatch.delenv(var, raising=False)
@@ -467,10 +466,7 @@ def test_tokens_never_reach_any_file_of_an_app_run(tmp_path, tiny_bert_dir, monk
     data = write_csv(tmp_path / "train.csv", class_rows(8))
     manager = JobManager(runs, poll_interval=0.2, cwd=REPO)
     demo = build_app(manager)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    serve(demo)
     try:
         url = demo.local_url.rstrip("/")
         client = Client(url, verbose=False)

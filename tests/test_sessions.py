@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +24,12 @@ pytest.importorskip("gradio_client")
 import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from conftest import REPO, class_rows, page_call, write_csv  # noqa: E402
+from conftest import REPO, class_rows, page_call, serve, write_csv  # noqa: E402
 
 QUEUED = 4                                   # sessions B..E
 TRAIN = dict(task="classification", strategy="frozen", head_only=True, max_length=32,   # model: a tiny BERT
              overrides="max_steps=100000\nlogging_steps=100\neval_strategy=no\nsave_strategy=no\n"
                        "per_device_train_batch_size=8")      # runs until A stops it: the queue is seen for sure
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(job, predicate, timeout: float = 120.0):
@@ -89,7 +82,7 @@ def app(tmp_path_factory, tiny_bert_dir):
     import shutil
 
     from finetune_core.jobs import JobManager
-    from finetune_core.ui import build_app, launch
+    from finetune_core.ui import build_app
 
     with pytest.MonkeyPatch.context() as mp:
         for var in ("FINETUNE_MAX_UPLOAD_MB", "FINETUNE_MAX_ROWS", "FINETUNE_MAX_STEPS", "FINETUNE_MAX_MINUTES",
@@ -104,7 +97,7 @@ def app(tmp_path_factory, tiny_bert_dir):
         manager = JobManager(runs, poll_interval=0.2, cwd=REPO)
         assert manager.max_concurrent == 1 and manager.private_runs
         demo = build_app(manager)
-        launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        serve(demo)
         try:
             yield {"url": demo.local_url.rstrip("/"), "manager": manager, "model": str(model)}
         finally:
