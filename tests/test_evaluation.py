@@ -476,6 +476,16 @@ def test_prefilled_cache_answers_as_a_padded_batch_does(tiny_llama_dir, smol_tok
     padded = [smol_tokenizer.decode(r, skip_special_tokens=True).strip() for r in out[:, enc["input_ids"].shape[1]:]]
     assert ours == padded == alone
     assert len(set(ours)) > 1
+    # the decode writes into a preallocated cache (the fast path), sized for the prompts and the answer
+    from transformers import StaticCache
+
+    from finetune_core.generate import prefilled_cache
+
+    rows = [smol_tokenizer(p)["input_ids"] for p in prompts]
+    cache = prefilled_cache(model, rows, room=11)
+    assert isinstance(cache, StaticCache)
+    assert cache.get_max_length() == max(map(len, rows)) - 1 + 11
+    assert int(cache.get_seq_length()) == max(map(len, rows)) - 1
 
 
 def test_adapter_merged_generates_the_same_answers_and_restores_the_adapter(tiny_llama_dir, smol_tokenizer):

@@ -205,7 +205,7 @@ def base_cache_key(run: RunContext, data: InstructionData) -> str | None:
              "text_batches": digest([b["input_ids"].tolist() for b in text]),
              "prompts": digest(prompts), "template": data.template, "max_length": cfg.data.max_length,
              "generation": {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": GENERATION_BATCH,
-                            "prefill": "per row",
+                            "prefill": "per row", "cache": "static",
                             "pad": tok.pad_token_id}}
     return entry_key(run.model_path, parts)
 
