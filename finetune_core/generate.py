@@ -319,6 +319,63 @@ def _static_cache(model, length: int):
     return cache if cache.layers and all(type(layer) is StaticLayer for layer in cache.layers) else None
 
 
+DECODE_SEGMENT = 8            # tokens decoded between two looks at which answers have ended
+
+
+def decode_in_segments(model, enc: dict, kwargs: dict, cache) -> list[list[int]]:
+    """Greedy generate() on a prefilled batch, DECODE_SEGMENT tokens at a time: between segments, the rows
+    whose answer has ended (a stop token) leave the batch and the cache. Each row's new tokens, up to
+    and including its stop token; the same tokens one generate() call gives, as the continuation sees
+    the same ids, mask, positions and cache.
+
+    generate() keeps computing a finished row until the whole batch has ended: SmolLM2's answers to 20
+    held-out prompts are 36 tokens on average for a 64-token budget. Measured there (2 cores, interleaved,
+    3 rounds each, same answers): one call 11.6-12.1 s, segments of 8 tokens 9.8-11.4 s, of 16 11.6-12.7
+    s, of 4 11.4-12.7 s. The gain is small because a batch of a few rows reads all the weights per token
+    as a full one does (memory-bound), and each segment is a generate() call."""
+    import torch
+
+    stops = set(kwargs["eos_token_id"] if isinstance(kwargs["eos_token_id"], list) else [kwargs["eos_token_id"]])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    rows = list(range(ids.shape[0]))          # batch position -> row of `enc`
+    answers: list[list[int]] = [[] for _ in rows]
+    left = kwargs["max_new_tokens"]
+    while left > 0:
+        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                             **{**kwargs, "max_new_tokens": min(DECODE_SEGMENT, left)})
+        new = out[:, ids.shape[1]:]
+        left -= new.shape[1]
+        keep = []
+        for j, tokens in enumerate(new.tolist()):
+            end = next((k for k, t in enumerate(tokens) if t in stops), None)
+            answers[rows[j]] += tokens if end is None else tokens[:end + 1]
+            if end is None:
+                keep.append(j)
+        if not keep or left <= 0:
+            break
+        mask = torch.cat([mask, mask.new_ones(new.shape)], dim=1)
+        ids = out
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=ids.device)
+            ids, mask, rows = ids[index], mask[index], [rows[j] for j in keep]
+            cache = _cache_rows(model, cache, index)
+    return answers
+
+
+def _cache_rows(model, cache, index):
+    """The cache with only the batch rows at `index` (a StaticCache copied into a smaller one)."""
+    from transformers import StaticCache
+
+    if not isinstance(cache, StaticCache):
+        cache.batch_select_indices(index)
+        return cache
+    length = int(cache.get_seq_length())
+    smaller = _static_cache(model, cache.get_max_length())
+    for old, new in zip(cache.layers, smaller.layers):
+        new.update(old.keys[index, :, :length], old.values[index, :, :length])
+    return smaller
+
+
 def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,
                    batch_size: int = GENERATION_BATCH, progress=None) -> list[str]:
     """Greedy answers for ready-made prompt strings, in the prompts' order.
@@ -352,8 +409,12 @@ def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
             cache = prefilled_cache(model, rows, room=max_new_tokens + 1) if len(chunk) > 1 else None
             with torch.no_grad():
-                out = model.generate(**enc, **kwargs, cache=cache)
-            for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                if cache is None:
+                    out = model.generate(**enc, **kwargs)
+                    new_tokens = [row.tolist() for row in out[:, enc["input_ids"].shape[1]:]]
+                else:
+                    new_tokens = decode_in_segments(model, enc, kwargs, cache)
+            for i, row in zip(chunk, new_tokens):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
             done += len(chunk)
             if progress is not None:

@@ -488,6 +488,43 @@ def test_prefilled_cache_answers_as_a_padded_batch_does(tiny_llama_dir, smol_tok
     assert int(cache.get_seq_length()) == max(map(len, rows)) - 1
 
 
+def test_decode_in_segments_drops_ended_rows_and_keeps_generates_tokens(tiny_llama_dir, smol_tokenizer, monkeypatch):
+    """Rows whose answer has ended leave the batch between segments (the cache shrinks with them), and
+    every row's tokens are those of one generate() call over the whole batch, cut after the stop token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_core import generate as G
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompts = ["Hi there", "A much longer prompt about the weather in spring, in summer and in autumn",
+               "Name three colours of the rainbow, please", "Why is the sky blue?", "Count to five"]
+    smol_tokenizer.padding_side = "left"
+    enc = dict(smol_tokenizer(prompts, return_tensors="pt", padding=True))
+    smol_tokenizer.padding_side = "right"
+    width = enc["input_ids"].shape[1]
+    kwargs = G._generation_kwargs(smol_tokenizer, 0, 1, 12, False)
+    with torch.no_grad():
+        free = model.generate(**enc, **kwargs)[:, width:].tolist()
+    stop = free[0][2]                     # a token the first answer reaches early: it ends there
+    kwargs["eos_token_id"] = [stop]
+    with torch.no_grad():
+        whole = model.generate(**enc, **kwargs)[:, width:].tolist()
+    expected = [row[:row.index(stop) + 1] if stop in row else row for row in whole]
+    assert len(expected[0]) <= 3 and max(map(len, expected)) == 12     # one ends early, one runs to the end
+
+    shrunk = []
+    real = G._cache_rows
+    monkeypatch.setattr(G, "_cache_rows", lambda m, c, i: shrunk.append(len(i)) or real(m, c, i))
+    monkeypatch.setattr(G, "DECODE_SEGMENT", 4)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    with torch.no_grad():
+        ours = G.decode_in_segments(model, enc, kwargs, G.prefilled_cache(model, rows, room=13))
+    assert ours == expected
+    assert shrunk and shrunk[0] < len(prompts)
+
+
 def test_adapter_merged_generates_the_same_answers_and_restores_the_adapter(tiny_llama_dir, smol_tokenizer):
     import torch
     from peft import LoraConfig, get_peft_model
