@@ -90,7 +90,9 @@ def training_values(cfg: RunConfig, kind: str, n_train: int, cuda: bool | None =
             if values.get(key):
                 raise ConfigError(f"training.{key} is on but there is no CUDA GPU.",
                                   f"Remove training.{key}; on CPU we train in float32.")
-        values["use_cpu"] = True
+        # Said, not left to the class's default: TRL's configs (DPOConfig) default bf16 to True, even with
+        # use_cpu, and the Trainer then runs every forward under bf16 autocast on the CPU.
+        values.update(use_cpu=True, bf16=False, fp16=False)
     _align_checkpoints(values, cfg.training, patience, notes)
     return values, patience
 

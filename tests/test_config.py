@@ -83,6 +83,23 @@ def test_training_fields_reach_training_arguments(tmp_path):
     assert args.use_cpu and not args.bf16 and not args.fp16
 
 
+def test_preference_arguments_are_float32_on_cpu(tmp_path):
+    """TRL's DPOConfig defaults bf16 to True even with use_cpu: a preference run on a CPU must not
+    inherit it (the Trainer would run every forward under bf16 autocast)."""
+    import torch
+    from trl import DPOConfig
+
+    from finetune_core.training_args import resolve_training_args
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU half precision is the default")
+    assert DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True).bf16      # why the test exists
+    cfg = config_from_dict({"task": "preference", "model": "bundled:smollm2-135m", "strategy": {"name": "lora"}})
+    args, _ = resolve_training_args(cfg, "causal", 80, tmp_path / "ckpt", args_class=DPOConfig)
+    assert isinstance(args, DPOConfig)
+    assert args.use_cpu and args.bf16 is False and args.fp16 is False
+
+
 @pytest.mark.parametrize("key", ["bf16", "fp16"])
 def test_half_precision_refused_on_cpu(tmp_path, key):
     import torch

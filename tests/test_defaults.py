@@ -125,7 +125,7 @@ def test_no_half_precision_on_cpu():
     from finetune_core.training_args import training_values
 
     values, _ = training_values(_cfg(), "encoder", 100, cuda=False)
-    assert values["use_cpu"] is True and "bf16" not in values and "fp16" not in values
+    assert values["use_cpu"] is True and values["bf16"] is False and values["fp16"] is False
     with pytest.raises(ConfigError, match="fp16"):
         training_values(_cfg(training={"fp16": True}), "encoder", 100, cuda=False)
 
