@@ -293,7 +293,12 @@ def prefilled_cache(model, rows: list[list[int]], room: int = 0):
         parts = [r[layer][which] if r is not None else nothing for r in per_row]
         return torch.cat([torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in parts])
 
-    static = _static_cache(model, width + room) if room and width and n_layers else None
+    # A forward under autocast (a Trainer's mixed precision wraps it) leaves values in half precision and
+    # keys in float32 (the rotary embedding promotes them): generate() would then write other dtypes into
+    # a static cache. The DynamicCache takes them as they come.
+    dtypes = {t.dtype for r in per_row if r is not None for kv in r for t in kv}
+    uniform = dtypes == {next(model.parameters()).dtype}
+    static = _static_cache(model, width + room) if room and width and n_layers and uniform else None
     if static is not None:
         for i in range(n_layers):
             static.layers[i].update(padded(i, 0), padded(i, 1))

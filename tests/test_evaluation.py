@@ -486,6 +486,13 @@ def test_prefilled_cache_answers_as_a_padded_batch_does(tiny_llama_dir, smol_tok
     assert isinstance(cache, StaticCache)
     assert cache.get_max_length() == max(map(len, rows)) - 1 + 11
     assert int(cache.get_seq_length()) == max(map(len, rows)) - 1
+    # a forward wrapped in autocast (a Trainer's mixed precision) gives mixed dtypes: no static cache then
+    plain_forward = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(plain_forward)
+    try:
+        assert not isinstance(prefilled_cache(model, rows, room=11), StaticCache)
+    finally:
+        model.forward = plain_forward
 
 
 def test_decode_in_segments_drops_ended_rows_and_keeps_generates_tokens(tiny_llama_dir, smol_tokenizer, monkeypatch):
