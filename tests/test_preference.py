@@ -89,6 +89,25 @@ def test_events_carry_the_rewards_from_step_0(lora_run):
     assert evals[-1]["eval_rewards/margins"] > 0
 
 
+def test_the_loaded_model_answers_after_training_as_it_would_have_before(lora_run, tiny_llama_dir, smol_tokenizer):
+    """The "before" answers and general-text perplexity are measured after training (the first loss point
+    comes sooner), on the model as loaded: the adapter switched off gives the base model's own answers."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune_core.generate import generate_batch
+    from finetune_core.tasks.instruction import MAX_NEW_TOKENS
+
+    out, m = lora_run
+    events = read_all_events(out / "events.jsonl")
+    first_loss = next(i for i, e in enumerate(events) if e["type"] == "log" and "loss" in e)
+    baseline = next(i for i, e in enumerate(events) if e.get("phase") == "baseline")
+    assert first_loss < baseline
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    expected = generate_batch(base, smol_tokenizer, [g["prompt"] for g in gens], m["template"], MAX_NEW_TOKENS)
+    assert [g["before"] for g in gens] == expected
+
+
 def test_pairs_audit_names_each_problem(tmp_path):
     rows = pairs(3) + [{"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."},
                        {"prompt": "Empty?", "chosen": "", "rejected": "No."},
