@@ -86,6 +86,8 @@ def test_training_fields_reach_training_arguments(tmp_path):
 def test_preference_arguments_are_float32_on_cpu(tmp_path):
     """TRL's DPOConfig defaults bf16 to True even with use_cpu: a preference run on a CPU must not
     inherit it (the Trainer would run every forward under bf16 autocast)."""
+    import warnings
+
     import torch
     from trl import DPOConfig
 
@@ -93,7 +95,9 @@ def test_preference_arguments_are_float32_on_cpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU half precision is the default")
-    assert DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True).bf16      # why the test exists
+    with warnings.catch_warnings():     # TRL's own default, gradient_checkpointing=True, is a renamed field
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+        assert DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True).bf16      # why the test exists
     cfg = config_from_dict({"task": "preference", "model": "bundled:smollm2-135m", "strategy": {"name": "lora"}})
     args, _ = resolve_training_args(cfg, "causal", 80, tmp_path / "ckpt", args_class=DPOConfig)
     assert isinstance(args, DPOConfig)
