@@ -277,7 +277,8 @@ def prefilled_cache(model, rows: list[list[int]], room: int = 0):
     # Only the cache is wanted: the vocabulary projection of every prompt position (a fifth of SmolLM2's
     # compute per token; ~1 of 5 s for those 20 prompts) is skipped where the model can skip it.
     keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    nothing = torch.zeros((1, shape[0], 0, shape[1]), dtype=model.dtype, device=model.device)
+    dtype = next(model.parameters()).dtype
+    nothing = torch.zeros((1, shape[0], 0, shape[1]), dtype=dtype, device=model.device)
     per_row = []                   # per row, per layer: (keys, values) of its real positions; None: one token
     with torch.no_grad():
         for ids in rows:
@@ -297,7 +298,7 @@ def prefilled_cache(model, rows: list[list[int]], room: int = 0):
     # keys in float32 (the rotary embedding promotes them): generate() would then write other dtypes into
     # a static cache. The DynamicCache takes them as they come.
     dtypes = {t.dtype for r in per_row if r is not None for kv in r for t in kv}
-    uniform = dtypes == {next(model.parameters()).dtype}
+    uniform = dtypes == {dtype}
     static = _static_cache(model, width + room) if room and width and n_layers and uniform else None
     if static is not None:
         for i in range(n_layers):

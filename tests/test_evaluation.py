@@ -495,11 +495,14 @@ def test_prefilled_cache_answers_as_a_padded_batch_does(tiny_llama_dir, smol_tok
         model.forward = plain_forward
 
 
-def test_decode_in_segments_drops_ended_rows_and_keeps_generates_tokens(tiny_llama_dir, smol_tokenizer, monkeypatch):
+@pytest.mark.parametrize("room", [13, 0], ids=["static-cache", "dynamic-cache"])
+def test_decode_in_segments_drops_ended_rows_and_keeps_generates_tokens(tiny_llama_dir, smol_tokenizer, monkeypatch,
+                                                                       room):
     """Rows whose answer has ended leave the batch between segments (the cache shrinks with them), and
-    every row's tokens are those of one generate() call over the whole batch, cut after the stop token."""
+    every row's tokens are those of one generate() call over the whole batch, cut after the stop token;
+    with the StaticCache and with the DynamicCache that models without one (or under autocast) get."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, StaticCache
 
     from finetune_core import generate as G
 
@@ -527,7 +530,9 @@ def test_decode_in_segments_drops_ended_rows_and_keeps_generates_tokens(tiny_lla
     monkeypatch.setattr(G, "DECODE_SEGMENT", 4)
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
     with torch.no_grad():
-        ours = G.decode_in_segments(model, enc, kwargs, G.prefilled_cache(model, rows, room=13))
+        cache = G.prefilled_cache(model, rows, room=room)
+        assert isinstance(cache, StaticCache) == bool(room)
+        ours = G.decode_in_segments(model, enc, kwargs, cache)
     assert ours == expected
     assert shrunk and shrunk[0] < len(prompts)
 
