@@ -449,7 +449,7 @@ def preference_defaults(n_train: int) -> dict:
     default, a reference pass every step, took 5-7x the time of instruction tuning on the same rows),
     one pair per forward pass with 4 accumulated per optimizer step (4 pairs a step, as batch 4).
     Measured in float32 (1 epoch, against LoRA instruction tuning's 41 s and 1.76 GB, which has
-    activation checkpointing): without activation checkpointing the loop took 94-102 s at a 2.09 GB
+    activation checkpointing): without activation checkpointing the loop took 93-102 s at a 2.08-2.12 GB
     peak, with it 121 s at 1.67 GB; reference batches of 4 pairs made the reference pass no faster
     (50 s vs 48 s) and the peak 270 MB higher."""
     return {"num_train_epochs": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
