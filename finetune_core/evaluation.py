@@ -193,6 +193,17 @@ def lm_head_parts(model):
     return (body, head) if head is not None and body is not None else None
 
 
+def causal_mask_needed(attention_mask):
+    """The attention mask a causal LM's forward needs for the loss: None when every row is right-padded
+    (ones, then zeros), where causality alone already keeps each real token from seeing padding; the
+    mask otherwise (left padding, packed rows). Without a mask, SDPA runs its causal kernel and shares
+    each key/value head across its query heads instead of copying it (grouped-query models), which
+    keeps less for the backward pass; the loss over real tokens is the same."""
+    if attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    return attention_mask
+
+
 def response_loss_sum(model, batch: dict, parts=None):
     """(sum of the cross-entropy over the labelled positions, their count) for one batch of
     {input_ids, attention_mask, labels}; `parts` = lm_head_parts(model) projects only those positions
@@ -201,10 +212,12 @@ def response_loss_sum(model, batch: dict, parts=None):
     keep = labels != -100
     if parts is not None:
         body, head = parts
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = body(input_ids=batch["input_ids"], attention_mask=causal_mask_needed(batch["attention_mask"])
+                      ).last_hidden_state
         logits = head(hidden[:, :-1][keep])
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+        logits = model(input_ids=batch["input_ids"], attention_mask=causal_mask_needed(batch["attention_mask"])
+                       ).logits[:, :-1][keep]
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
 
 

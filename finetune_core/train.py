@@ -26,7 +26,7 @@ import torch
 from transformers import EarlyStoppingCallback, set_seed
 
 from . import data as D
-from . import limits, rundir
+from . import lean, limits, rundir
 from .cards import render_model_card
 from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_model
 from .config import TASKS, RunConfig, config_from_dict, dump_config, load_config
@@ -152,6 +152,7 @@ def prepare_run(cfg: RunConfig, out: Path, writer: EventWriter, main: bool, max_
 
     # -- strategy
     model = apply_strategy(model, cfg.strategy, cfg.task)
+    lean.apply(model)        # fewer activations kept for backward; the same loss and gradients
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
     writer.info(summary["line"], trainable_params=summary["trainable_params"],
