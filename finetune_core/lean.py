@@ -16,7 +16,7 @@ Measured on SmolLM2-135M, one 4x256-token batch, tensors autograd saves (weights
 standard, 1,797 MB lean (-26%; a further 120 MB went with evaluation.causal_mask_needed). The full
 fine-tuning run of `make bench` (time_to_result) peaked at 4,069-4,419 MB without and 3,975-4,208 MB with
 it, its loss and evaluation identical, its training loop as fast: the peak is now mostly glibc's heap
-(~1 GB free but resident inside it, see the time_to_result notes), not live tensors. Liger-Kernel does
+(~1 GB free but resident inside it: README, time to result), not live tensors. Liger-Kernel does
 the same fusions, in Triton, for CUDA only; this is plain PyTorch and runs wherever the model does.
 
 Only modules this file recognises exactly are changed (a plain bias-free `nn.Linear` down projection,
