@@ -204,26 +204,32 @@ def causal_mask_needed(attention_mask):
     return attention_mask
 
 
-def response_loss_sum(model, batch: dict, parts=None):
+def response_loss_sum(model, batch: dict, parts=None, capture=None):
     """(sum of the cross-entropy over the labelled positions, their count) for one batch of
     {input_ids, attention_mask, labels}; `parts` = lm_head_parts(model) projects only those positions
-    (the same loss as the model's own up to float rounding), None computes the full logits."""
+    (the same loss as the model's own up to float rounding), None computes the full logits.
+    capture: a prompt_kv.PromptKV that keeps the keys and values of the held-out prompts this batch
+    starts rows with (the loss is the same: the forward fills a cache it would otherwise not keep)."""
     labels = batch["labels"][:, 1:]
     keep = labels != -100
+    mask = causal_mask_needed(batch["attention_mask"])
+    picks = capture.picks(model, batch["input_ids"], batch["attention_mask"]) if capture is not None else []
+    cache = capture.cache_for(model, picks) if picks else None
+    kv = {"cache": cache, "use_cache": True} if cache is not None else {}
     if parts is not None:
         body, head = parts
-        hidden = body(input_ids=batch["input_ids"], attention_mask=causal_mask_needed(batch["attention_mask"])
-                      ).last_hidden_state
+        hidden = body(input_ids=batch["input_ids"], attention_mask=mask, **kv).last_hidden_state
         logits = head(hidden[:, :-1][keep])
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=causal_mask_needed(batch["attention_mask"])
-                       ).logits[:, :-1][keep]
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, **kv).logits[:, :-1][keep]
+    if cache is not None:
+        capture.keep(cache, picks)
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
 
 
-def token_loss(model, batches, progress=None) -> tuple[float, int]:
+def token_loss(model, batches, progress=None, capture=None) -> tuple[float, int]:
     """Mean cross-entropy per predicted token over batches of {input_ids, attention_mask, labels}.
-    progress(done, total) is called after each batch."""
+    progress(done, total) is called after each batch; capture: see response_loss_sum."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -232,7 +238,7 @@ def token_loss(model, batches, progress=None) -> tuple[float, int]:
     with torch.no_grad():
         for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss_sum, n = response_loss_sum(model, batch, parts)
+            loss_sum, n = response_loss_sum(model, batch, parts, capture)
             if n:
                 total += loss_sum.item()
                 count += n

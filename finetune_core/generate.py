@@ -254,9 +254,10 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def prefilled_cache(model, rows: list[list[int]], room: int = 0):
+def prefilled_cache(model, rows: list[list[int]], room: int = 0, known=None):
     """A left-padded KV cache of each row but its last token, every row computed on its own, with room
-    for `room` more positions.
+    for `room` more positions. known: a prompt_kv.PromptKV whose held rows are taken as they are, not
+    computed again (a validation-loss pass computed them).
 
     A padded batch pays for its padding in the prefill: the 20 Self-Instruct held-out prompts (49-347
     tokens, 2,380 in all) padded to 347 are 6,940 positions, 10 of the 18 s SmolLM2 took to answer
@@ -282,6 +283,10 @@ def prefilled_cache(model, rows: list[list[int]], room: int = 0):
     per_row = []                   # per row, per layer: (keys, values) of its real positions; None: one token
     with torch.no_grad():
         for ids in rows:
+            held = known.get(ids) if known is not None and len(ids) > 1 else None
+            if held is not None:
+                per_row.append(list(held))     # a list of its own: the static path below empties it
+                continue
             cache = DynamicCache(config=model.config)
             if len(ids) > 1:
                 model(input_ids=torch.tensor([ids[:-1]], device=model.device), cache=cache, use_cache=True,
@@ -383,13 +388,14 @@ def _cache_rows(model, cache, index):
 
 
 def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int = 64,
-                   batch_size: int = GENERATION_BATCH, progress=None) -> list[str]:
+                   batch_size: int = GENERATION_BATCH, progress=None, known=None) -> list[str]:
     """Greedy answers for ready-made prompt strings, in the prompts' order.
 
     Prompts of similar length share a batch (left padding, KV cache; each prompt's prefill computed on
     its own, prefilled_cache), and an answer ends at the first stop token (stop_token_ids); a batch
     ends when all its answers have. progress(done, total) is called after each batch with the number
-    of prompts answered so far."""
+    of prompts answered so far. known: a prompt_kv.PromptKV of these prompts' prefills, computed by a
+    loss pass of this same model (prefilled_cache)."""
     import torch
 
     special = template != "chat"      # a chat template already wrote its special tokens into the prompt
@@ -413,7 +419,7 @@ def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_
             enc.pop("token_type_ids", None)   # some tokenizers (Falcon, BERT-style) add it; generate() refuses it
             enc = {k: v.to(model.device) for k, v in enc.items()}
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-            cache = prefilled_cache(model, rows, room=max_new_tokens + 1) if len(chunk) > 1 else None
+            cache = prefilled_cache(model, rows, room=max_new_tokens + 1, known=known) if len(chunk) > 1 else None
             with torch.no_grad():
                 if cache is None:
                     out = model.generate(**enc, **kwargs)

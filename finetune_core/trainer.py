@@ -72,6 +72,7 @@ class FinetuneTrainer(Trainer):
     """
 
     response_only = False
+    prompt_kv = None      # a prompt_kv.PromptKV the evaluation at the last step fills (the run's answers reuse it)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -115,11 +116,15 @@ class FinetuneTrainer(Trainer):
         model = self.model
         model.eval()
         parts = lm_head_parts(model)
+        capture = self.prompt_kv if self.prompt_kv is not None and last_step(self.state) else None
+        if capture is not None:
+            capture.clear()
+            capture.step = self.state.global_step
         total, count, rows = 0.0, 0, 0
         with torch.no_grad(), self.accelerator.autocast():
             for batch in dataloader:
                 batch = self._prepare_inputs(batch)
-                loss_sum, n = response_loss_sum(model, batch, parts)
+                loss_sum, n = response_loss_sum(model, batch, parts, capture)
                 total += loss_sum.item()
                 count += n
                 rows += int(batch["input_ids"].shape[0])
@@ -159,12 +164,17 @@ class FinetuneTrainer(Trainer):
         return None
 
 
+def last_step(state) -> bool:
+    """Training has reached its planned last step."""
+    return bool(state.max_steps) and state.global_step >= state.max_steps
+
+
 def last_checkpoint_redundant(state, stopped_by_user: bool) -> bool:
     """The checkpoint at the last step of a finished run is never written: train() saves model/ right
     after training and deletes checkpoints/ once the run is done, so those weights (and Adam's state,
     twice their size) would be written only to be deleted. A run stopped by the user keeps its
     checkpoint, to resume from it."""
-    return bool(state.max_steps) and state.global_step >= state.max_steps and not stopped_by_user
+    return last_step(state) and not stopped_by_user
 
 
 def release_training_state(trainer: Trainer) -> None:

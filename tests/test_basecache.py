@@ -211,7 +211,9 @@ def test_second_run_with_another_strategy_reads_the_first_runs_base_measurements
                                                                                 monkeypatch):
     """full then LoRA on the same data: the second run's "before" side (numbers and answers) comes from
     the cache. The full run evaluates at its last step: that evaluation is its final validation loss
-    (no second pass, no checkpoint written at the end of a finished run)."""
+    (no second pass, no checkpoint written at the end of a finished run), and it kept the held-out
+    prompts' prefill for the tuned model's answers, as the base model's loss pass does for its own."""
+    from finetune_core import generate as G
     from finetune_core.config import config_from_dict
     from finetune_core.models import load_model, load_tokenizer
     from finetune_core.tasks import RunContext, instruction
@@ -219,6 +221,11 @@ def test_second_run_with_another_strategy_reads_the_first_runs_base_measurements
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
     data = write_jsonl(tmp_path / "d.jsonl", instruction_rows(16))
+    held = []             # per generation: (prompts, prompts whose prefill a loss pass had kept)
+    real_prefill = G.prefilled_cache
+    monkeypatch.setattr(G, "prefilled_cache", lambda m, rows, room=0, known=None: held.append(
+        (len(rows), sum(known is not None and known.get(r) is not None for r in rows)))
+        or real_prefill(m, rows, room, known))
     runs = {}
     for strategy in ("full", "lora"):
         values = {"task": "instruction", "model": tiny_llama_dir, "strategy": {"name": strategy},
@@ -255,6 +262,11 @@ def test_second_run_with_another_strategy_reads_the_first_runs_base_measurements
     probe = instruction.lm_probe(load_model(str(tmp_path / "full" / "model"), "instruction", "causal"), tok,
                                  instruction.prepare(run, load_frames(cfg)), cfg, "")
     assert full["eval_loss"] == pytest.approx(probe["eval_loss"], rel=1e-5)
+    # full: tuned and base answers, LoRA: tuned answers (its base side was read from the cache)
+    assert len(held) == 3 and all(n == kept == full["generations"] for n, kept in held)
+    lines = [json.loads(x) for x in (tmp_path / "full" / "generations.jsonl").read_text().splitlines()]
+    saved = load_model(str(tmp_path / "full" / "model"), "instruction", "causal")
+    assert [g["after"] for g in lines] == G.generate_batch(saved, tok, [g["prompt"] for g in lines], full["template"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ is one), generating (its answers), baseline (the base model: read from the base-
 basecache.py, or measured and stored there). The base side is measured on the same in-memory model:
 LoRA switches its adapters off; full and frozen runs copy the base weights back into it in place
 (the tuned weights are saved in model/ and measured by then), so no second model is ever loaded.
+Each model's answers start from the prompts' keys and values its validation-loss pass kept
+(prompt_kv.py, heldout_kv): no held-out prompt is prefilled twice.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import ConfigError, FinetuneError
 from ..generate import GENERATION_BATCH, generate_batch, heldout_prompts, write_generations
 from ..models import load_model as load_pretrained
 from ..models import load_weights_into
+from ..prompt_kv import PromptKV, prompt_rows
 from ..trainer import FinetuneTrainer, release_training_state, response_only_ok
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
@@ -139,6 +142,7 @@ def build_trainer(run: RunContext, model, data: InstructionData, args, callbacks
                               data_collator=D.CausalCollator(run.tokenizer.pad_token_id),
                               processing_class=run.tokenizer, callbacks=callbacks)
     trainer.response_only = response_only_ok(model)
+    trainer.prompt_kv = heldout_kv(run, data)    # the last evaluation keeps the held-out prompts' prefill
     return trainer
 
 
@@ -162,21 +166,30 @@ def probe_batches(tokenizer, data: InstructionData, cfg: RunConfig) -> tuple[lis
 
 
 def lm_probe(model, tokenizer, data: InstructionData, cfg: RunConfig, suffix: str, progress=None,
-             val_loss: float | None = None) -> dict:
+             val_loss: float | None = None, capture: PromptKV | None = None) -> dict:
     """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting).
     val_loss: the validation loss when it is already known (the Trainer's last evaluation of these
-    weights): only general text is scored. progress(done, total) counts batches."""
+    weights): only general text is scored. progress(done, total) counts batches. capture: keeps the
+    held-out prompts' prefill from the validation pass (heldout_kv)."""
     val, text = probe_batches(tokenizer, data, cfg)
     if val_loss is not None:
         val = []
     total = len(val) + len(text)
     step = (lambda offset: (lambda done, _n: progress(offset + done, total))) if progress else (lambda offset: None)
     if val:
-        val_loss, _ = evaluation.token_loss(model, val, progress=step(0))
+        val_loss, _ = evaluation.token_loss(model, val, progress=step(0), capture=capture)
     text_loss, _ = evaluation.token_loss(model, text, progress=step(len(val)))
     general = float(math.exp(text_loss)) if text_loss == text_loss else float("nan")
     return {f"eval_loss{suffix}": val_loss, f"perplexity{suffix}": math.exp(val_loss),
             f"general_perplexity{suffix}": general}
+
+
+def heldout_kv(run: RunContext, data: InstructionData) -> PromptKV | None:
+    """An empty PromptKV for the held-out prompts (rank 0 answers them; None elsewhere): a validation-loss
+    pass fills it, and the answers of the same weights start from it (prompt_kv.py)."""
+    if not run.main:
+        return None
+    return PromptKV(prompt_rows(run.tokenizer, heldout_prompts(data)[0], data.template))
 
 
 @dataclass
@@ -205,7 +218,7 @@ def base_cache_key(run: RunContext, data: InstructionData) -> str | None:
              "text_batches": digest([b["input_ids"].tolist() for b in text]),
              "prompts": digest(prompts), "template": data.template, "max_length": cfg.data.max_length,
              "generation": {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": GENERATION_BATCH,
-                            "prefill": "per row", "cache": "static",
+                            "prefill": "per row or from the loss pass", "cache": "static",
                             "pad": tok.pad_token_id}}
     return entry_key(run.model_path, parts)
 
@@ -262,13 +275,15 @@ def measure_base_model(run: RunContext, model, data: InstructionData, metrics: d
         return entry["answers"] if run.main else None
     run.writer.phase("baseline", "Measuring the base model for comparison: loss, general-text perplexity and "
                                  "answers to the held-out prompts ...", done=0)
+    kv = heldout_kv(run, data)
     with base_weights(run, model) as base:
         before = lm_probe(base, run.tokenizer, data, run.cfg, suffix="_before",
-                          progress=_progress(run, "baseline", "Base model: loss", "batches"))
+                          progress=_progress(run, "baseline", "Base model: loss", "batches"), capture=kv)
         answers = None
         if run.main:
-            answers = generate_batch(base, run.tokenizer, heldout_prompts(data)[0], data.template,
-                                     MAX_NEW_TOKENS, progress=_progress(run, "baseline", "Base model: answers", "prompts"))
+            answers = generate_batch(base, run.tokenizer, heldout_prompts(data)[0], data.template, MAX_NEW_TOKENS,
+                                     progress=_progress(run, "baseline", "Base model: answers", "prompts"), known=kv)
+    del kv
     metrics.update(before)
     stored = run.main and answers is not None and cache.write(key, {"model": run.cfg.model, "metrics": before,
                                                                      "answers": answers})
@@ -283,8 +298,14 @@ def evaluate(run: RunContext, trainer, model, data: InstructionData, metrics: di
     run.writer.phase("evaluating", "Evaluating the tuned model: validation loss and general-text perplexity ...",
                      done=0)
     known = trainer.eval_loss_of_weights() if hasattr(trainer, "eval_loss_of_weights") else None
+    # The Trainer's last evaluation kept the held-out prompts' prefill when it measured these weights;
+    # else the validation pass below (when it runs) keeps it.
+    kv = getattr(trainer, "prompt_kv", None)
+    trainer.prompt_kv = None
+    if known is None or kv is None or kv.step != trainer.weights_step():
+        kv = heldout_kv(run, data)
     metrics.update(lm_probe(model, run.tokenizer, data, run.cfg, suffix="", val_loss=known,
-                            progress=_progress(run, "evaluating", "Tuned model", "batches")))
+                            progress=_progress(run, "evaluating", "Tuned model", "batches"), capture=kv))
     prompts, refs = heldout_prompts(data)
     after = None
     if run.main:
@@ -292,7 +313,8 @@ def evaluate(run: RunContext, trainer, model, data: InstructionData, metrics: di
                          total=len(prompts), unit="prompts")
         with adapter_merged(model):
             after = generate_batch(model, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS,
-                                   progress=_progress(run, "generating", "Answers", "prompts"))
+                                   progress=_progress(run, "generating", "Answers", "prompts"), known=kv)
+    del kv             # the tuned model's prefill (~110 MB for SmolLM2) goes before the base model's comes
     before = measure_base_model(run, model, data, metrics)
     metrics.update(evaluation.forgetting_report(metrics["general_perplexity_before"], metrics["general_perplexity"]))
     metrics["val_samples"] = len(data.val_ex.input_ids)
