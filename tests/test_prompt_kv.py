@@ -89,7 +89,8 @@ def test_generation_takes_the_held_prefill_and_answers_the_same(tiny, smol_token
     assert len(kv) == 3
     widths = []                     # the prefill's forwards read several tokens; decoding's read one per row
     real_forward = tiny.forward
-    monkeypatch.setattr(tiny, "forward", lambda *a, **k: widths.append(k["input_ids"].shape[1]) or real_forward(*a, **k))
+    monkeypatch.setattr(tiny, "forward",
+                        lambda *a, **k: widths.append(k["input_ids"].shape[1]) or real_forward(*a, **k))
     reused = generate_batch(tiny, smol_tokenizer, PROMPTS, "alpaca", max_new_tokens=10, known=kv)
     assert reused == fresh and len(set(fresh)) > 1
     assert max(widths) == 1         # no prompt was prefilled again
