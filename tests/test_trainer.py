@@ -1,5 +1,6 @@
-"""FinetuneTrainer internals: the response-only loss under the accelerator's autocast, and cached
-features computed where training runs and sampled like the uncached path."""
+"""FinetuneTrainer internals: the response-only loss under the accelerator's autocast, wide batches split
+into passes with the whole batch's gradients, and cached features computed where training runs and
+sampled like the uncached path."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _tiny_trainer(tiny_llama_dir, tmp_path):
     return model, trainer
 
 
-def _batch(tiny_llama_dir):
+def _batch(tiny_llama_dir, max_length: int = 64):
     from finetune_core import data as D
     from finetune_core.models import load_tokenizer
 
@@ -31,7 +32,7 @@ def _batch(tiny_llama_dir):
     import pandas as pd
 
     cols = {"format": "alpaca", "instruction": "instruction", "input": "input", "output": "output"}
-    ex = D.tokenize_instruction(pd.DataFrame(instruction_rows(4)), cols, tok, "chat", 64)
+    ex = D.tokenize_instruction(pd.DataFrame(instruction_rows(4)), cols, tok, "chat", max_length)
     return D.CausalCollator(tok.pad_token_id)([{"input_ids": i, "labels": l}
                                                for i, l in zip(ex.input_ids, ex.labels)])
 
@@ -56,6 +57,63 @@ def test_response_only_loss_runs_under_the_accelerators_autocast(tmp_path, tiny_
     loss = trainer.compute_loss(model, _batch(tiny_llama_dir))
     assert entered and head_dtypes == [torch.bfloat16]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)   # cross-entropy stays in float32
+
+
+def test_micro_batches_keep_every_row_whole_within_the_budget(tiny_llama_dir):
+    from finetune_core.trainer import micro_batches
+
+    batch = _batch(tiny_llama_dir, 256)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1 and batch["input_ids"].numel() > 2 * max(lengths)
+    budget = 2 * max(lengths)
+    parts = micro_batches(batch, budget)
+    assert parts is not None and len(parts) > 1
+    seen = []
+    for part in parts:
+        width = part["input_ids"].shape[1]
+        assert part["input_ids"].numel() <= budget
+        assert width == int(part["attention_mask"].sum(1).max())         # trimmed to its own longest row
+        for ids, mask, labels in zip(part["input_ids"], part["attention_mask"], part["labels"]):
+            n = int(mask.sum())
+            seen.append((tuple(ids[:n].tolist()), tuple(labels[:n].tolist())))
+            assert (labels[n:] == -100).all()
+    whole = [(tuple(i[:n].tolist()), tuple(l[:n].tolist()))
+             for i, l, n in zip(batch["input_ids"], batch["labels"], lengths)]
+    assert sorted(seen) == sorted(whole)                                 # every row once, unchanged
+    assert micro_batches(batch, batch["input_ids"].numel()) is None      # fits: one pass
+    assert micro_batches(batch, 1) is not None and len(micro_batches(batch, 1)) == len(lengths)   # a row alone
+    left = {k: v.flip(1) for k, v in batch.items()}
+    assert micro_batches(left, budget) is None                           # left padding: not cut
+    assert micro_batches({**batch, "position_ids": batch["input_ids"]}, budget) is None   # other inputs: whole
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_split_training_step_gives_the_whole_batchs_loss_and_gradients(tmp_path, tiny_llama_dir, lora):
+    from peft import LoraConfig, get_peft_model
+
+    batch = _batch(tiny_llama_dir, 256)
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    results = {}
+    for budget in (None, 2 * int(batch["attention_mask"].sum(1).max())):
+        torch.manual_seed(0)
+        model, trainer = _tiny_trainer(tiny_llama_dir, tmp_path)
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+            trainer.model = trainer.model_wrapped = model
+        assert trainer.micro_batch_tokens == 768                       # on a CPU, by default
+        trainer.micro_batch_tokens = budget
+        passes = []
+        model.get_output_embeddings().register_forward_hook(lambda m, i, o: passes.append(1))
+        loss = trainer.training_step(model, dict(batch), torch.tensor(items))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[budget] = (float(loss), grads, len(passes))
+    (whole_loss, whole_grads, one), (split_loss, split_grads, several) = results.values()
+    assert one == 1 and several > 1
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert whole_grads.keys() == split_grads.keys() and whole_grads
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_accelerator_autocast_is_a_no_op_in_float32(tmp_path, tiny_llama_dir):
