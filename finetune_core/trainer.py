@@ -29,11 +29,12 @@ from .malloc import release_free_memory
 # On a CPU, a training batch of more padded tokens than this runs as several forward/backward passes
 # (FinetuneTrainer.training_step, micro_batches): the activations kept for backward scale with the
 # tokens of one pass, and on a CPU smaller passes cost nothing. Measured with SmolLM2 (`make bench`):
-# full fine-tuning at batch 8 peaked at 5,480 MB in one pass and 3,942 MB in passes of <= 768 tokens,
-# its loop 44 s -> 36 s; LoRA 3,151 -> 2,135 MB at the same speed; the batch-4 run of time_to_result
-# -0.2 GB, its loop within the noise; the same validation loss to every printed digit. Forward+backward
-# of one batch, split vs whole: 4x256 tokens 0.83x the time, 4x224 1.05x, 4x1024 0.92x; a budget of 512
-# splits 4x160 batches too, 1.12x. On a GPU a batch stays whole: its throughput grows with the batch.
+# full fine-tuning at batch 8 peaked at 5,480 MB in one pass and 3,942-4,253 MB in passes of <= 768
+# tokens, its loop 44 s -> 36-39 s; LoRA 3,151 -> 2,083-2,135 MB at the same speed; the batch-4 run of
+# time_to_result -0.2 to -0.4 GB, its loop within the noise; the same validation loss to every printed
+# digit. Forward+backward of one batch, split vs whole: 4x256 tokens 0.83x the time, 4x224 1.05x,
+# 4x1024 0.92x; a budget of 512 splits 4x160 batches too, 1.12x. On a GPU a batch stays whole: its
+# throughput grows with the batch.
 CPU_MICRO_BATCH_TOKENS = 768
 
 
