@@ -213,8 +213,8 @@ def response_loss_sum(model, batch: dict, parts=None, capture=None):
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     mask = causal_mask_needed(batch["attention_mask"])
-    picks = capture.picks(model, batch["input_ids"], batch["attention_mask"]) if capture is not None else []
-    cache = capture.cache_for(model, picks) if picks else None
+    cache, picks = (capture.start(model, batch["input_ids"], batch["attention_mask"]) if capture is not None
+                    else (None, []))
     kv = {"cache": cache, "use_cache": True} if cache is not None else {}
     if parts is not None:
         body, head = parts

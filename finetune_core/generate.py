@@ -236,6 +236,14 @@ def stream_generate(model, tokenizer, messages: list[dict], template: str = "cha
 GENERATION_BATCH = 20        # held-out prompts answered together (the run's 20 prompts in one batch)
 
 
+def prompt_rows(tokenizer, prompts: list[str], template: str) -> list[list[int]]:
+    """Each prompt's token ids as generation tokenizes it (and as data.encode_pair starts a loss row): a
+    chat template has written its special tokens into the prompt already."""
+    if not prompts:
+        return []
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=(template != "chat"))["input_ids"]]
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The ids that end an answer: the tokenizer's eos (SmolLM2's chat template ends a turn with it) and
     every eos of the model's generation config (Llama 3's <|eot_id|> next to <|end_of_text|>, say)."""
@@ -399,7 +407,7 @@ def generate_batch(model, tokenizer, prompts: list[str], template: str, max_new_
     import torch
 
     special = template != "chat"      # a chat template already wrote its special tokens into the prompt
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=special)["input_ids"]] if prompts else []
+    lengths = [len(ids) for ids in prompt_rows(tokenizer, prompts, template)]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(prompts)

@@ -1,6 +1,6 @@
 """The held-out prompts' keys and values, kept from a validation-loss pass for generation's prefill.
 
-    kv = PromptKV(prompt_rows(tokenizer, prompts, template))     # the rows generation will prefill
+    kv = PromptKV(generate.prompt_rows(tokenizer, prompts, template))   # the rows generation will prefill
     token_loss(model, val_batches, capture=kv)                    # the same loss; kv keeps what it wants
     generate_batch(model, tokenizer, prompts, template, known=kv) # those prompts skip their prefill
 
@@ -23,14 +23,6 @@ the PromptKV.
 """
 
 from __future__ import annotations
-
-
-def prompt_rows(tokenizer, prompts: list[str], template: str) -> list[list[int]]:
-    """Each prompt's token ids as generation tokenizes it (and as data.encode_pair starts a loss row): a
-    chat template has written its special tokens into the prompt already."""
-    if not prompts:
-        return []
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=(template != "chat"))["input_ids"]]
 
 
 class PromptKV:
@@ -57,37 +49,34 @@ class PromptKV:
         self._held.clear()
         self.step = None
 
-    def picks(self, model, input_ids, attention_mask) -> list[tuple[int, tuple[int, ...]]]:
-        """(batch row, prompt prefix) for the rows of this loss batch whose prompt is wanted and not held
-        yet, when the forward about to run computes what a prefill would (see the module docstring)."""
+    def start(self, model, input_ids, attention_mask) -> tuple:
+        """(an empty DynamicCache for this loss batch's forward, [(batch row, prompt prefix)] it fills for
+        this PromptKV), or (None, []) when no row starts with a wanted prompt not held yet, or when the
+        forward does not compute what a prefill would (see the module docstring)."""
         import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         from .evaluation import causal_mask_needed
 
         if torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type) or \
                 causal_mask_needed(attention_mask) is not None:
-            return []
+            return None, []
         lengths = attention_mask.sum(1).tolist() if attention_mask is not None else \
             [input_ids.shape[1]] * input_ids.shape[0]
-        out = []
+        picks = []
         for row, (ids, real) in enumerate(zip(input_ids.tolist(), lengths)):
             for n, prefixes in self._wanted.items():
                 prefix = tuple(ids[:n])
                 if n < real and prefix in prefixes and prefix not in self._held:
-                    out.append((row, prefix))
+                    picks.append((row, prefix))
                     break
-        return out
-
-    def cache_for(self, model, picks):
-        """An empty DynamicCache for the forward of a batch with `picks`, or None where the model's cache
-        layers are not all plain full attention."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         if not picks:
-            return None
+            return None, []
         cache = DynamicCache(config=model.config)
-        return cache if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers) else None
+        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None, []
+        return cache, picks
 
     def keep(self, cache, picks) -> None:
         """Copy each pick's prompt positions out of the batch's filled cache (a copy: the batch's cache,

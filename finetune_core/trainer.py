@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput
 
-from .evaluation import lm_head_parts, response_loss_sum
+from .evaluation import causal_mask_needed, lm_head_parts, response_loss_sum
 from .events import EventWriter, rank0_decides
 from .malloc import release_free_memory
 
@@ -102,7 +102,7 @@ class FinetuneTrainer(Trainer):
         backward passes over groups of its rows, each padded to its own longest row; the gradients add up
         to the whole batch's (the loss of every part is divided by the whole step's response-token count)."""
         parts = micro_batches(inputs, self.micro_batch_tokens) if self._splits_exactly(num_items_in_batch) else None
-        if not parts or len(parts) == 1:
+        if not parts:
             return super().training_step(model, inputs, num_items_in_batch)
         return sum(super(FinetuneTrainer, self).training_step(model, part, num_items_in_batch) for part in parts)
 
@@ -196,10 +196,10 @@ class FinetuneTrainer(Trainer):
 def micro_batches(inputs: dict, budget: int | None) -> list[dict] | None:
     """A right-padded causal-LM batch cut into groups of rows, longest first, each at most `budget`
     padded tokens (a row longer than that alone) and trimmed to its own longest row; None when the
-    batch fits or is not a plain right-padded {input_ids, attention_mask, labels} batch."""
+    batch fits in one part or is not a plain right-padded {input_ids, attention_mask, labels} batch."""
     ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-    if not budget or ids is None or mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or \
-            ids.shape[0] * ids.shape[1] <= budget or bool((mask[:, 1:] > mask[:, :-1]).any()):
+    if not budget or mask is None or set(inputs) != {"input_ids", "attention_mask", "labels"} or \
+            ids.shape[0] * ids.shape[1] <= budget or causal_mask_needed(mask) is not None:
         return None
     lengths = mask.sum(1).tolist()
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -208,6 +208,8 @@ def micro_batches(inputs: dict, budget: int | None) -> list[dict] | None:
         if groups[-1] and (len(groups[-1]) + 1) * lengths[groups[-1][0]] > budget:
             groups.append([])
         groups[-1].append(i)
+    if len(groups) == 1:
+        return None
     out = []
     for rows in groups:
         index = torch.tensor(rows, device=ids.device)

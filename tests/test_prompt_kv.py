@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from finetune_core.data import CausalCollator, encode_pair
-from finetune_core.evaluation import lm_head_parts, response_loss_sum, token_loss
-from finetune_core.prompt_kv import PromptKV, prompt_rows
+from finetune_core.evaluation import response_loss_sum, token_loss
+from finetune_core.generate import prompt_rows
+from finetune_core.prompt_kv import PromptKV
 
 PROMPTS = ["Name three colours of the rainbow, please", "Why is the sky blue? Answer in one sentence, for a child",
            "Say hi"]
@@ -58,26 +59,31 @@ def test_nothing_is_kept_where_the_loss_pass_differs_from_a_prefill(tiny, smol_t
     rows = prompt_rows(smol_tokenizer, PROMPTS, "alpaca")
     batch = _loss_batch(smol_tokenizer, PROMPTS, RESPONSES)
     kv = PromptKV(rows)
+
+    def picks(model, ids, mask):
+        cache, chosen = kv.start(model, ids, mask)
+        assert (cache is None) == (not chosen)
+        return chosen
+
     # training (a gradient is being taken)
-    assert kv.picks(tiny, batch["input_ids"], batch["attention_mask"]) == []
+    assert picks(tiny, batch["input_ids"], batch["attention_mask"]) == []
     with torch.no_grad():
-        assert len(kv.picks(tiny, batch["input_ids"], batch["attention_mask"])) == 3
+        assert len(picks(tiny, batch["input_ids"], batch["attention_mask"])) == 3
         # mixed precision: half-precision values, not what a float32 prefill computes
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert kv.picks(tiny, batch["input_ids"], batch["attention_mask"]) == []
+            assert picks(tiny, batch["input_ids"], batch["attention_mask"]) == []
         # left padding: the rows' positions do not start at 0
         left = batch["attention_mask"].flip(1)
-        assert kv.picks(tiny, batch["input_ids"].flip(1), left) == []
+        assert picks(tiny, batch["input_ids"].flip(1), left) == []
         # a row that does not start with the prompt's tokens (a conversation tokenized by pieces, say)
         other = batch["input_ids"].clone()
         other[:, 0] = (other[:, 0] + 1) % tiny.config.vocab_size
-        assert kv.picks(tiny, other, batch["attention_mask"]) == []
-    # sliding-window attention layers keep only their window: no cache to take from
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                        use_sliding_window=True, sliding_window=8, max_window_layers=0))
-    assert kv.cache_for(qwen, [(0, tuple(rows[0][:-1]))]) is None
-    assert kv.cache_for(tiny, [(0, tuple(rows[0][:-1]))]) is not None
+        assert picks(tiny, other, batch["attention_mask"]) == []
+        # sliding-window attention layers keep only their window: no cache to take from
+        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            use_sliding_window=True, sliding_window=8, max_window_layers=0))
+        assert picks(qwen, batch["input_ids"], batch["attention_mask"]) == []
 
 
 def test_generation_takes_the_held_prefill_and_answers_the_same(tiny, smol_tokenizer, monkeypatch):
@@ -107,7 +113,7 @@ def test_the_trainers_last_evaluation_keeps_the_prompts_of_its_final_weights(tin
 
     from finetune_core import trainer as trainer_module
     from finetune_core.tasks import as_dataset
-    from finetune_core.trainer import FinetuneTrainer
+    from finetune_core.trainer import FinetuneTrainer, response_only_ok
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -119,7 +125,7 @@ def test_the_trainers_last_evaluation_keeps_the_prompts_of_its_final_weights(tin
                              prediction_loss_only=True)
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,
                               data_collator=CausalCollator(smol_tokenizer.pad_token_id))
-    trainer.response_only = lm_head_parts(model) is not None
+    trainer.response_only = response_only_ok(model)
     wanted = prompt_rows(smol_tokenizer, PROMPTS, "alpaca")
     trainer.prompt_kv = kv = PromptKV(wanted)
     seen = []                       # (step, training?, capturing?) of every loss the trainer computes

@@ -91,6 +91,8 @@ def test_micro_batches_keep_every_row_whole_within_the_budget(tiny_llama_dir):
 def test_a_split_training_step_gives_the_whole_batchs_loss_and_gradients(tmp_path, tiny_llama_dir, lora):
     from peft import LoraConfig, get_peft_model
 
+    from finetune_core.trainer import CPU_MICRO_BATCH_TOKENS
+
     batch = _batch(tiny_llama_dir, 256)
     items = int((batch["labels"][:, 1:] != -100).sum())
     results = {}
@@ -101,7 +103,7 @@ def test_a_split_training_step_gives_the_whole_batchs_loss_and_gradients(tmp_pat
             model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                      init_lora_weights=False))
             trainer.model = trainer.model_wrapped = model
-        assert trainer.micro_batch_tokens == 768                       # on a CPU, by default
+        assert trainer.micro_batch_tokens == CPU_MICRO_BATCH_TOKENS    # on a CPU, by default
         trainer.micro_batch_tokens = budget
         passes = []
         model.get_output_embeddings().register_forward_hook(lambda m, i, o: passes.append(1))

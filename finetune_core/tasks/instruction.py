@@ -30,10 +30,10 @@ from ..audit import audit_run
 from ..basecache import BaseCache, digest, entry_key
 from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
-from ..generate import GENERATION_BATCH, generate_batch, heldout_prompts, write_generations
+from ..generate import GENERATION_BATCH, generate_batch, heldout_prompts, prompt_rows, write_generations
 from ..models import load_model as load_pretrained
 from ..models import load_weights_into
-from ..prompt_kv import PromptKV, prompt_rows
+from ..prompt_kv import PromptKV
 from ..trainer import FinetuneTrainer, release_training_state, response_only_ok
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
