@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .data import CausalCollator
+from .lean import head_loss_sum
 
 FORGETTING_THRESHOLD = 0.10   # relative perplexity rise above which we call it forgetting
 
@@ -207,7 +208,8 @@ def causal_mask_needed(attention_mask):
 def response_loss_sum(model, batch: dict, parts=None, capture=None):
     """(sum of the cross-entropy over the labelled positions, their count) for one batch of
     {input_ids, attention_mask, labels}; `parts` = lm_head_parts(model) projects only those positions
-    (the same loss as the model's own up to float rounding), None computes the full logits.
+    (the same loss as the model's own up to float rounding; the head and loss run in chunks of rows,
+    lean.head_loss_sum), None computes the full logits.
     capture: a prompt_kv.PromptKV that keeps the keys and values of the held-out prompts this batch
     starts rows with (the loss is the same: the forward fills a cache it would otherwise not keep)."""
     labels = batch["labels"][:, 1:]
@@ -219,12 +221,13 @@ def response_loss_sum(model, batch: dict, parts=None, capture=None):
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=batch["input_ids"], attention_mask=mask, **kv).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
+        loss_sum = head_loss_sum(head, hidden[:, :-1][keep], labels[keep])
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, **kv).logits[:, :-1][keep]
+        loss_sum = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
     if cache is not None:
         capture.keep(cache, picks)
-    return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+    return loss_sum, int(keep.sum())
 
 
 def token_loss(model, batches, progress=None, capture=None) -> tuple[float, int]:

@@ -148,3 +148,82 @@ def test_right_padded_batches_drop_the_mask_and_keep_their_loss():
         unmasked, n = response_loss_sum(model, batch, parts)
     assert n == int(keep.sum())
     assert torch.allclose(unmasked, masked, rtol=1e-6)
+
+
+def _head_case(rows=10, vocab=97, width=8, bias=False):
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(width, vocab, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=g))
+    hidden = torch.randn(rows, width, generator=g, requires_grad=True)
+    return head, hidden, torch.randint(0, vocab, (rows,), generator=g)
+
+
+@pytest.mark.parametrize("train_head", [True, False], ids=["head-trained", "head-frozen"])
+def test_head_loss_in_chunks_equals_the_standard_head_and_loss(monkeypatch, train_head):
+    monkeypatch.setattr(lean, "HEAD_CHUNK_ROWS", 3)            # 10 rows: chunks of 3, 3, 3 and 1
+    head, hidden, targets = _head_case()
+    head.weight.requires_grad_(train_head)
+    calls = []
+    real_apply = lean.LinearCrossEntropy.apply
+    monkeypatch.setattr(lean.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    results = []
+    for chunked in (False, True):
+        hidden.grad = head.weight.grad = None
+        loss = (lean.head_loss_sum(head, hidden, targets) if chunked else
+                torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum"))
+        (loss * 0.5).backward()                                  # backward scales by the incoming gradient
+        results.append((loss.detach(), hidden.grad.clone(),
+                        None if head.weight.grad is None else head.weight.grad.clone()))
+    assert calls == [1]
+    (std_loss, std_h, std_w), (loss, grad_h, grad_w) = results
+    torch.testing.assert_close(loss, std_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad_h, std_h, rtol=1e-5, atol=1e-6)
+    if train_head:
+        torch.testing.assert_close(grad_w, std_w, rtol=1e-5, atol=1e-6)
+    else:
+        assert grad_w is None and std_w is None
+
+
+def test_head_loss_keeps_no_logits_for_backward():
+    head, hidden, targets = _head_case(rows=200, vocab=97, width=8)
+    kept = {}
+    for name, fn in (("standard", lambda: torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")),
+                     ("chunked", lambda: lean.head_loss_sum(head, hidden, targets))):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        kept[name] = total
+    logits_bytes = 200 * 97 * 4
+    assert kept["standard"] >= logits_bytes                    # log_softmax's output
+    assert kept["chunked"] < logits_bytes / 3                  # the two gradients: 200x8 and 97x8 floats
+
+
+def test_head_loss_without_grad_or_for_other_heads(monkeypatch):
+    head, hidden, targets = _head_case()
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum").detach()
+    seen = []
+    real_apply = lean.LinearCrossEntropy.apply
+    monkeypatch.setattr(lean.LinearCrossEntropy, "apply",
+                        lambda h, w, *a: seen.append(h.requires_grad or w.requires_grad) or real_apply(h, w, *a))
+    with torch.no_grad():
+        loss = lean.head_loss_sum(head, hidden, targets)
+    assert seen == [False]              # no gradient computed in its forward (needs_input_grad ignores no_grad)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+
+    def refuse(*args):
+        raise AssertionError("LinearCrossEntropy ran for a head it does not handle")
+
+    monkeypatch.setattr(lean.LinearCrossEntropy, "apply", refuse)
+    biased, hidden_b, targets_b = _head_case(bias=True)
+    assert lean.head_loss_sum(biased, hidden_b, targets_b).requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean.head_loss_sum(head, hidden, targets)
+    lean.head_loss_sum(head.double(), hidden.detach().double(), targets)
