@@ -100,22 +100,23 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None              # the first chunk's product, then accumulated (no zero-filled start)
         total = hidden.new_zeros(())
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = h @ weight.t()
             lse = torch.logsumexp(logits, -1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None:
+            if not (need_hidden or need_weight):
                 continue
             grad = logits.sub_(lse[:, None]).exp_()             # softmax, in place of the logits
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1
-            if grad_hidden is not None:
+            if need_hidden:
                 torch.matmul(grad, weight, out=grad_hidden[start:start + chunk])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h)
+            if need_weight:
+                grad_weight = grad.t() @ h if grad_weight is None else grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

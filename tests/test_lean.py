@@ -216,6 +216,9 @@ def test_head_loss_without_grad_or_for_other_heads(monkeypatch):
         loss = lean.head_loss_sum(head, hidden, targets)
     assert seen == [False]              # no gradient computed in its forward (needs_input_grad ignores no_grad)
     assert not loss.requires_grad
+    empty = lean.head_loss_sum(head, hidden[:0], targets[:0])          # a batch with no response token
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and head.weight.grad is None
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
 
     def refuse(*args):
