@@ -86,6 +86,7 @@ def test_response_only_loss_equals_standard_loss(tmp_path, tiny_llama_dir):
     eq = L.check_equal(model, trainer, batches)
     assert eq["max_abs_loss_diff"] <= 1e-5 and eq["max_abs_loss_diff_num_items"] <= 1e-5
     assert eq["grad_rel_diff"] <= 1e-4
+    assert abs(eq["float64_head"]["response_only"]) <= 1e-5 and abs(eq["float64_head"]["standard"]) <= 1e-5
     assert set(L.time_paths(model, trainer, batches[:1], 1)) == {"standard", "response_only"}
 
 
