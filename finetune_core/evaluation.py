@@ -186,12 +186,22 @@ def lm_head_parts(model):
     padding positions (label -100) contribute nothing to the loss."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
-    if cfg is None or getattr(cfg, "final_logit_softcapping", None) is not None or \
-            getattr(cfg, "logit_scale", None) is not None or not hasattr(base, "get_output_embeddings"):
+    if cfg is None or not hasattr(base, "get_output_embeddings") or _changes_logits(cfg):
         return None
     head = base.get_output_embeddings()
     body = getattr(base, getattr(base, "base_model_prefix", "") or "_none_", None)
     return (body, head) if head is not None and body is not None else None
+
+
+# Config fields with which a model's forward changes the head's output before the loss: a soft cap (Gemma 2/3,
+# xLSTM) or a scale (Cohere's logit_scale multiplies, Granite's and MiniCPM3's logits_scaling divides).
+_SOFTCAPS = ("final_logit_softcapping", "output_logit_soft_cap")
+_SCALES = ("logit_scale", "logits_scaling")
+
+
+def _changes_logits(cfg) -> bool:
+    return any(getattr(cfg, name, None) is not None for name in _SOFTCAPS) or \
+        any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in _SCALES)
 
 
 def causal_mask_needed(attention_mask):

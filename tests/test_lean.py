@@ -230,3 +230,18 @@ def test_head_loss_without_grad_or_for_other_heads(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lean.head_loss_sum(head, hidden, targets)
     lean.head_loss_sum(head.double(), hidden.detach().double(), targets)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 4.0])
+def test_models_that_change_their_logits_keep_their_own_loss(scaling):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(**SHAPE, logits_scaling=scaling))      # logits / logits_scaling
+    batch = _batch()
+    parts = lm_head_parts(model)
+    assert (parts is None) == (scaling != 1.0)
+    with torch.no_grad():
+        loss_sum, n = response_loss_sum(model, batch, parts)
+        expected = model(**batch).loss
+    torch.testing.assert_close(loss_sum / n, expected, rtol=1e-5, atol=1e-6)
