@@ -55,12 +55,14 @@ def grads(model) -> "torch.Tensor":
 
 
 def check_equal(model, trainer, batches) -> dict:
-    """Max |loss difference| over batches, both normalisations, and gradient relative difference."""
+    """Max |loss difference| over batches, both normalisations, gradient relative difference, and each path's
+    loss minus the float64 head's on the middle batch."""
     import torch
 
     model.train()
     worst_mean = worst_items = 0.0
-    for b in batches:
+    middle = len(batches) // 2
+    for i, b in enumerate(batches):
         with torch.no_grad():
             standard = model(**b).loss.item()
             ours = trainer.compute_loss(model, b).item()
@@ -69,8 +71,10 @@ def check_equal(model, trainer, batches) -> dict:
             ours_n = trainer.compute_loss(model, b, num_items_in_batch=n).item()
         worst_mean = max(worst_mean, abs(standard - ours))
         worst_items = max(worst_items, abs(standard_n - ours_n))
-    b = batches[len(batches) // 2]
-    reference = float64_head_errors(model, trainer, b)
+        if i == middle:
+            exact = float64_head_loss(model, b)
+            reference = {"standard": standard - exact, "response_only": ours - exact}
+    b = batches[middle]
     model.zero_grad(set_to_none=True)
     model(**b).loss.backward()
     g_std = grads(model)
@@ -83,10 +87,10 @@ def check_equal(model, trainer, batches) -> dict:
             "float64_head": reference}
 
 
-def float64_head_errors(model, trainer, batch) -> dict:
-    """Each path's loss minus the loss of the same final hidden states through the head and cross-entropy in
-    float64: which path's head rounds less. (transformers' own loss casts the logits to float32 whatever
-    the model's dtype, so a float64 model's `.loss` is no float64 reference.)"""
+def float64_head_loss(model, batch) -> float:
+    """The mean loss of the batch's final hidden states through the head and cross-entropy in float64: the
+    reference that shows which path's head rounds less. (transformers' own loss casts the logits to float32
+    whatever the model's dtype, so a float64 model's `.loss` is no float64 reference.)"""
     import torch
     import torch.nn.functional as F
 
@@ -97,10 +101,7 @@ def float64_head_errors(model, trainer, batch) -> dict:
     keep = labels != -100
     with torch.no_grad():
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        exact = F.cross_entropy(hidden[:, :-1][keep].double() @ head.weight.double().t(), labels[keep]).item()
-        standard = model(**batch).loss.item()
-        ours = trainer.compute_loss(model, batch).item()
-    return {"standard": standard - exact, "response_only": ours - exact}
+        return F.cross_entropy(hidden[:, :-1][keep].double() @ head.weight.double().t(), labels[keep]).item()
 
 
 def time_paths(model, trainer, batches, rounds: int) -> dict:

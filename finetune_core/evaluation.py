@@ -201,7 +201,7 @@ _SCALES = ("logit_scale", "logits_scaling")
 
 def _changes_logits(cfg) -> bool:
     return any(getattr(cfg, name, None) is not None for name in _SOFTCAPS) or \
-        any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in _SCALES)
+        any(getattr(cfg, name, None) not in (None, 1) for name in _SCALES)
 
 
 def causal_mask_needed(attention_mask):
