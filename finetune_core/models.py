@@ -7,7 +7,8 @@
 of a bundled model (`public_model_id`) resolves to the bundled copy unless the Hugging Face cache holds
 the original. Exports name a bundled base by that public id, never by a path of this machine, and
 `adapter_base(folder)` maps a saved adapter's base back to what it was trained on.
-`load_model(path, task, ...)` loads it for classification or instruction tuning in float32.
+`load_model(path, task, ...)` loads it for classification or instruction tuning in float32;
+`copy_trainable_into_memory(model)` takes what will train out of the file mapping before a CPU run.
 torch and transformers load inside the functions that use them: the app lists the models while it
 draws its page.
 """
@@ -365,6 +366,25 @@ def load_model(path: str, task: str, kind: str, num_labels: int | None = None,
     model.config.use_cache = False
     model._finetune_load_seconds = time.time() - t0
     return model
+
+
+def copy_trainable_into_memory(model) -> int:
+    """Copy every trainable CPU parameter into memory of its own (the same values); returns the bytes
+    copied. transformers loads safetensors weights as views of a private mapping of the file, so the
+    optimizer's first step, which writes every trainable weight, copies each 4 KB page in a page fault:
+    SmolLM2 full fine-tuning on 2 cores took 131,866 faults and 1.1-1.2 s in that step (2.3 s with the
+    huge-page heap), against 0.2 s for this copy and 0.25 s for the step after it. Frozen weights stay
+    mapped: nothing writes them. Call it after the strategy has chosen what trains, on CPU only (on a GPU
+    the Trainer's move to the device is the copy)."""
+    import torch
+
+    copied = 0
+    with torch.no_grad():
+        for param in model.parameters():        # a tied pair is one Parameter: copied once, still tied
+            if param.requires_grad and param.device.type == "cpu":
+                param.data = param.data.clone()
+                copied += param.numel() * param.element_size()
+    return copied
 
 
 def local_model_folder(path_or_id: str) -> Path | None:

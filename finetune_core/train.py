@@ -32,7 +32,7 @@ from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_mo
 from .config import TASKS, RunConfig, config_from_dict, dump_config, load_config
 from .errors import ConfigError, FinetuneError
 from .events import EventWriter, is_main_process
-from .models import load_tokenizer, model_kind, resolve_model
+from .models import copy_trainable_into_memory, load_tokenizer, model_kind, resolve_model
 from .runtime import peak_rss_mb, process_start_time, resource_error, set_cpu_threads
 from .strategies import apply_strategy, trainable_summary
 from .tasks import RunContext, classification, instruction
@@ -153,6 +153,8 @@ def prepare_run(cfg: RunConfig, out: Path, writer: EventWriter, main: bool, max_
     # -- strategy
     model = apply_strategy(model, cfg.strategy, cfg.task)
     lean.apply(model)        # fewer activations kept for backward; the same loss and gradients
+    if not torch.cuda.is_available():
+        copy_trainable_into_memory(model)     # the optimizer's first step would copy it page by page
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
     writer.info(summary["line"], trainable_params=summary["trainable_params"],

@@ -296,3 +296,56 @@ def test_frozen_one_block_other_architectures(request, fixture, embed, block0):
     frozen = {n for n in names if re.search(embed, n) or re.search(block0, n)}
     assert frozen and any(re.search(embed, n) for n in frozen)
     assert moved == names - frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# trainable weights out of the file mapping (models.copy_trainable_into_memory)
+
+
+def _mapped_file(tensor) -> str | None:
+    """The file whose mapping holds the tensor's data ('' for anonymous memory), from /proc/self/maps."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else ""
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_trainable_weights_leave_the_file_mapping_frozen_ones_stay(tiny_llama_dir):
+    from finetune_core.models import copy_trainable_into_memory
+
+    model, batch = lm_model(tiny_llama_dir)
+    model = apply_strategy(model, strategy("lora", r=4, alpha=8, dropout=0.0), "instruction")
+    names = dict(model.named_parameters())
+    trained = {n for n, p in names.items() if p.requires_grad}
+    base = [n for n in names if n.endswith("base_layer.weight")]
+    assert trained and base
+    # what transformers loaded is a view of model.safetensors (the premise of the copy)
+    assert all(_mapped_file(names[n]).endswith("model.safetensors") for n in base)
+    before = snapshot(model)
+    frozen_ptrs = {n: p.data_ptr() for n, p in names.items() if not p.requires_grad}
+
+    copied = copy_trainable_into_memory(model)
+
+    assert copied == sum(names[n].numel() * 4 for n in trained)
+    assert all(not (_mapped_file(names[n]) or "").endswith(".safetensors") for n in trained)
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if not p.requires_grad} == frozen_ptrs
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    check_exact(model, batch)         # still trains what the strategy chose, nothing else
+
+
+def test_full_copy_keeps_tied_embeddings_tied(tiny_llama_dir):
+    from finetune_core.models import copy_trainable_into_memory
+
+    model, batch = lm_model(tiny_llama_dir)
+    model = apply_strategy(model, strategy("full"), "instruction")
+    total = sum(p.numel() * 4 for p in model.parameters())        # a tied pair is one Parameter
+    assert copy_trainable_into_memory(model) == total
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    if __import__("os").path.exists("/proc/self/maps"):
+        assert not (_mapped_file(model.lm_head.weight) or "").endswith(".safetensors")
+    check_exact(model, batch)
