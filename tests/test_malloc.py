@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune_core import malloc
+from finetune_core import malloc, settings
 
 
 @pytest.fixture
@@ -12,15 +12,41 @@ def supported(monkeypatch):
     monkeypatch.setattr(malloc, "_thp_available", lambda: True)
 
 
-def test_adds_the_tunable_and_keeps_other_tunables(supported):
+def _probe_says(monkeypatch, faster: bool):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return faster, 12.5, 30.0
+
+    monkeypatch.setattr(malloc, "huge_pages_map_faster", probe)
+    return calls
+
+
+def test_adds_the_tunable_and_keeps_other_tunables(supported, monkeypatch):
+    _probe_says(monkeypatch, True)
     assert malloc.with_hugepages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}
     out = malloc.with_hugepages(env)
     assert out["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" and out["X"] == "1"
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"          # the caller's env is not modified
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}   # the caller's env is not modified
 
 
-def test_unchanged_when_set_opted_out_or_unsupported(supported, monkeypatch):
+def test_by_default_huge_pages_only_where_the_probe_finds_them_faster(supported, monkeypatch):
+    _probe_says(monkeypatch, False)
+    env = {"X": "1"}
+    out = malloc.with_hugepages(env)
+    assert "GLIBC_TUNABLES" not in out and out["FINETUNE_HEAP_PROBE"] == "12.5,30.0" and env == {"X": "1"}
+    assert settings.heap_probe(out) == {"huge_ms": 12.5, "small_ms": 30.0}
+    _probe_says(monkeypatch, True)
+    out = malloc.with_hugepages({})
+    assert out["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and out["FINETUNE_HEAP_PROBE"] == "12.5,30.0"
+
+
+def test_forced_on_without_measuring_off_and_unsupported_unchanged(supported, monkeypatch):
+    calls = _probe_says(monkeypatch, False)
+    out = malloc.with_hugepages({"FINETUNE_HUGEPAGES": "1"})
+    assert out["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "FINETUNE_HEAP_PROBE" not in out
     env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     assert malloc.with_hugepages(env) is env                             # the user's own choice wins
     off = {"FINETUNE_HUGEPAGES": "0"}
@@ -28,6 +54,29 @@ def test_unchanged_when_set_opted_out_or_unsupported(supported, monkeypatch):
     monkeypatch.setattr(malloc, "_thp_available", lambda: False)
     plain = {}
     assert malloc.with_hugepages(plain) is plain
+    assert not calls                                                     # none of these measured anything
+
+
+def test_the_probe_touches_fresh_memory_both_ways():
+    faster, huge_ms, small_ms = malloc.huge_pages_map_faster(8 << 20)
+    assert isinstance(faster, bool) and faster == (huge_ms < small_ms)
+    assert huge_ms > 0 and small_ms > 0
+    assert malloc.first_touch_ms(4 << 20, huge=False) > 0
+
+
+def test_restart_records_a_probe_that_keeps_small_pages_without_restarting(supported, monkeypatch):
+    _probe_says(monkeypatch, False)
+    monkeypatch.delenv("FINETUNE_RESTARTED", raising=False)
+    monkeypatch.delenv("FINETUNE_HUGEPAGES", raising=False)
+    monkeypatch.delenv("FINETUNE_HEAP_PROBE", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+
+    def no_exec(*args):
+        raise AssertionError("restarted although nothing changed")
+
+    monkeypatch.setattr(malloc.os, "execve", no_exec)
+    malloc.restart_with_hugepages()
+    assert malloc.os.environ["FINETUNE_HEAP_PROBE"] == "12.5,30.0"
 
 
 def test_glibc_version_check(monkeypatch):
