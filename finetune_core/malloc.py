@@ -104,7 +104,8 @@ def with_hugepages(env) -> dict:
     new = dict(env)
     if mode == "auto":
         faster, huge_ms, small_ms = huge_pages_map_faster()
-        new[settings.HEAP_PROBE] = f"{huge_ms:.1f},{small_ms:.1f}"
+        if huge_ms == huge_ms:          # not NaN: the probe ran
+            new[settings.HEAP_PROBE] = f"{huge_ms:.1f},{small_ms:.1f}"
         if not faster:
             return new
     new["GLIBC_TUNABLES"] = f"{current}:{HUGEPAGES_TUNABLE}" if current else HUGEPAGES_TUNABLE

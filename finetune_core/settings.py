@@ -43,6 +43,7 @@ default /data), FINETUNE_DATASETS and FINETUNE_BENCH_KEEP (benchmarks/), FINETUN
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from pathlib import Path
@@ -227,7 +228,7 @@ def heap_probe(environ=None) -> dict | None:
         huge, small = (round(float(x), 1) for x in raw.split(","))
     except ValueError:
         return None
-    return {"huge_ms": huge, "small_ms": small}
+    return {"huge_ms": huge, "small_ms": small} if math.isfinite(huge) and math.isfinite(small) else None
 
 
 # ---------------------------------------------------------------------------------------------

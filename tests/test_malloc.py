@@ -57,6 +57,17 @@ def test_forced_on_without_measuring_off_and_unsupported_unchanged(supported, mo
     assert not calls                                                     # none of these measured anything
 
 
+def test_a_probe_that_cannot_run_keeps_small_pages_and_records_nothing(supported, monkeypatch):
+    def no_madvise(nbytes, huge):
+        raise AttributeError("module 'mmap' has no attribute 'MADV_HUGEPAGE'")
+
+    monkeypatch.setattr(malloc, "first_touch_ms", no_madvise)
+    env = {}
+    out = malloc.with_hugepages(env)
+    assert "GLIBC_TUNABLES" not in out and "FINETUNE_HEAP_PROBE" not in out
+    assert settings.heap_probe({"FINETUNE_HEAP_PROBE": "nan,nan"}) is None
+
+
 def test_the_probe_touches_fresh_memory_both_ways():
     faster, huge_ms, small_ms = malloc.huge_pages_map_faster(8 << 20)
     assert isinstance(faster, bool) and faster == (huge_ms < small_ms)
