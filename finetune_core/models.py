@@ -372,8 +372,8 @@ def copy_trainable_into_memory(model) -> int:
     """Copy every trainable CPU parameter into memory of its own (the same values); returns the bytes
     copied. transformers loads safetensors weights as views of a private mapping of the file, so the
     optimizer's first step, which writes every trainable weight, copies each 4 KB page in a page fault:
-    SmolLM2 full fine-tuning on 2 cores took 131,866 faults and 1.1-1.2 s in that step (2.3 s with the
-    huge-page heap), against 0.2 s for this copy and 0.25 s for the step after it. Frozen weights stay
+    SmolLM2 full fine-tuning on 2 cores, 131,866 copy-on-write faults: that step took 1.1-1.2 s (2.3 s with
+    the huge-page heap), against 0.2 s for this copy and 0.25 s for the step after it. Frozen weights stay
     mapped: nothing writes them. Call it after the strategy has chosen what trains, on CPU only (on a GPU
     the Trainer's move to the device is the copy)."""
     import torch
