@@ -7,15 +7,15 @@ settings, each measured in `make bench` (benchmarks/ideas.py, benchmarks/instruc
 
 - `keep_freed_memory()`: keep freed blocks in the heap for reuse (mallopt, at run time): ~8% per step.
 - `with_hugepages(env)`: glibc backs the heap with 2 MB transparent huge pages (`GLIBC_TUNABLES`,
-  read once at process start, so it applies to a process started with that environment), where they
-  map fresh memory faster than 4 KB pages. That depends on the machine, so by default
-  (FINETUNE_HUGEPAGES unset) `huge_pages_map_faster()` measures it, ~0.1 s: on the AMD VM of
-  2026-11-25, 512x fewer faults made the first training step of SmolLM2 ~4 s faster; on the same kind
-  of VM on 2026-12-04 (a Firecracker guest whose free memory is handed back to the host), a fresh huge
-  page cost 2-4 ms, 64 MB touched took 124 ms in huge pages against 32 ms in 4 KB pages, and SmolLM2's
-  48-row training loop took 34.7-37.4 s with the huge-page heap against 31.4-33.9 s without (four
-  interleaved pairs); an hour later, with memory just freed by other runs, huge pages mapped the 64 MB
-  in 6.3-6.6 ms against 33 ms. FINETUNE_HUGEPAGES=1 forces them, 0 turns them off.
+  read once at process start, so it applies to a process started with that environment): 512x fewer
+  faults. Opt-in (FINETUNE_HUGEPAGES=1), because whether it pays depends on the machine: on our AMD VM
+  of 2026-11-25 it made the first training step of SmolLM2 ~4 s faster; on the same kind of VM on
+  2026-12-04 (a Firecracker guest whose free memory goes back to its host) a fresh huge page cost 2-4 ms
+  and SmolLM2's 48-row training loop took 34.7-37.4 s with the huge-page heap against 31.4-33.9 s
+  without (four interleaved pairs). A probe that times writing 64 MB of new memory in each page size
+  (tried that day as the default, then dropped) did not predict it: in the four first runs where huge
+  pages mapped the 64 MB faster (6.3-11 ms against 33-36 ms) and the run took the huge-page heap, the
+  loop took 36.6-37.3 s; in the two where they were slower (148-158 ms), 33.1-35.2 s with 4 KB pages.
 - `release_free_memory()`: hand freed heap memory back (malloc_trim), e.g. between training and a
   second model load, so the two do not stack.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 from . import settings
@@ -59,55 +58,15 @@ def _thp_available() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-PROBE_BYTES = 64 << 20
-
-
-def first_touch_ms(nbytes: int, huge: bool) -> float:
-    """Milliseconds to write one byte into every 4 KB page of `nbytes` of new anonymous memory, mapped in
-    2 MB huge pages (`huge`) or in 4 KB pages: the cost of fresh memory is the page faults that zero-fill
-    it (and, in a VM, the host's work behind them), which this measures."""
-    import mmap
-
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
-        start = time.perf_counter()
-        for offset in range(0, nbytes, 4096):
-            region[offset] = 1
-        return (time.perf_counter() - start) * 1000
-    finally:
-        region.close()
-
-
-def huge_pages_map_faster(nbytes: int = PROBE_BYTES) -> tuple[bool, float, float]:
-    """(whether huge pages map fresh memory faster here, their ms, 4 KB pages' ms) for `nbytes` each.
-    Huge pages first: a new training process takes its memory as the first probe finds it."""
-    try:
-        huge = first_touch_ms(nbytes, True)
-        small = first_touch_ms(nbytes, False)
-    except (OSError, ValueError, AttributeError):       # no madvise, or no huge-page advice here
-        return False, float("nan"), float("nan")
-    return huge < small, huge, small
-
-
 def with_hugepages(env) -> dict:
-    """`env` plus the glibc tunable for huge-page heaps, where glibc and the kernel support it and either
-    FINETUNE_HUGEPAGES=1 or (unset) `huge_pages_map_faster()` says they pay. `env` itself (unchanged) when
-    nothing applies; otherwise a copy, which after a measurement also holds its result (FINETUNE_HEAP_PROBE:
-    "huge_ms,small_ms", for metrics.json), with or without the tunable."""
-    mode = settings.hugepages(env)
-    if sys.platform != "linux" or mode == "off":
+    """`env` plus the glibc tunable for huge-page heaps, where the user asked for it (FINETUNE_HUGEPAGES=1)
+    and glibc and the kernel support it; otherwise `env` unchanged (the same object)."""
+    if sys.platform != "linux" or not settings.hugepages(env):
         return env
     current = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current or not _glibc_supports_hugetlb() or not _thp_available():
         return env
     new = dict(env)
-    if mode == "auto":
-        faster, huge_ms, small_ms = huge_pages_map_faster()
-        if huge_ms == huge_ms:          # not NaN: the probe ran
-            new[settings.HEAP_PROBE] = f"{huge_ms:.1f},{small_ms:.1f}"
-        if not faster:
-            return new
     new["GLIBC_TUNABLES"] = f"{current}:{HUGEPAGES_TUNABLE}" if current else HUGEPAGES_TUNABLE
     return new
 
@@ -136,12 +95,8 @@ def restart_with_hugepages() -> None:
     if os.environ.get(settings.RESTARTED_MARK):
         return
     env = with_hugepages(os.environ)
-    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
-        if settings.HEAP_PROBE in env:
-            os.environ[settings.HEAP_PROBE] = env[settings.HEAP_PROBE]    # measured: 4 KB pages stay
-        return
     argv = list(getattr(sys, "orig_argv", []))
-    if not sys.executable or not argv:
+    if env is os.environ or not sys.executable or not argv:
         return
     env[settings.RESTARTED_MARK] = "1"
     sys.stdout.flush()

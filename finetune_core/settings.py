@@ -26,7 +26,7 @@ the timeouts. README.md ("Environment variables") has the same table with longer
 | FINETUNE_FINISH_TIMEOUT         | finish_timeout()         | 1800 s                | ... while not training         |
 | FINETUNE_LAUNCHER               | launcher()               | none                  | e.g. accelerate launch ...     |
 | FINETUNE_PUSH_NAMESPACE         | push_namespace()         | none                  | Hub org a shared app pushes to |
-| FINETUNE_HUGEPAGES              | hugepages(env)           | auto (1 on, 0 off)    | huge-page heap restart         |
+| FINETUNE_HUGEPAGES              | hugepages(env)           | off (1 = on)          | huge-page heap restart         |
 | FINETUNE_SESSION_SECRET         | session_secret()         | a file in the home    | session ids survive restarts   |
 | FINETUNE_MAX_THREADS            | max_threads()            | 80                    | gradio's worker threads        |
 | FINETUNE_DEFAULT_CONCURRENCY    | default_concurrency()    | 4                     | gradio's limit per event       |
@@ -35,7 +35,6 @@ the timeouts. README.md ("Environment variables") has the same table with longer
 | FINETUNE_INFERENCE_CONCURRENCY  | inference_concurrency()  | 1                     | chat / predict calls at once   |
 | FINETUNE_WORKER                 | WORKER_MARK              | (set)                 | 1 in a training worker's env   |
 | FINETUNE_RESTARTED              | RESTARTED_MARK           | (set)                 | the huge-page restart is done  |
-| FINETUNE_HEAP_PROBE             | heap_probe(env)          | (set)                 | "huge_ms,small_ms" it measured |
 
 Read elsewhere, not by the engine: FINETUNE_DATA_DIR (docker/entrypoint.sh: the persistent volume,
 default /data), FINETUNE_DATASETS and FINETUNE_BENCH_KEEP (benchmarks/), FINETUNE_CHROMIUM (tests/e2e).
@@ -43,7 +42,6 @@ default /data), FINETUNE_DATASETS and FINETUNE_BENCH_KEEP (benchmarks/), FINETUN
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 from pathlib import Path
@@ -52,7 +50,6 @@ from .errors import ConfigError
 
 WORKER_MARK = "FINETUNE_WORKER"
 RESTARTED_MARK = "FINETUNE_RESTARTED"
-HEAP_PROBE = "FINETUNE_HEAP_PROBE"
 
 DEFAULT_QUEUED_PER_SESSION = 3
 DEFAULT_STOP_TIMEOUT = 60.0      # Stop pressed -> the Trainer must have stopped this many seconds later
@@ -211,24 +208,9 @@ def launcher() -> list[str] | None:
     return shlex.split(raw) if raw else None
 
 
-def hugepages(environ=None) -> str:
-    """FINETUNE_HUGEPAGES (in `environ`, default os.environ) as "off" (0, off, no, false), "on" (1, on, yes,
-    true) or "auto" (unset or anything else: malloc.py measures which page size maps faster)."""
-    raw = (os.environ if environ is None else environ).get("FINETUNE_HUGEPAGES", "").strip().lower()
-    if raw in ("0", "off", "no", "false"):
-        return "off"
-    return "on" if raw in ("1", "on", "yes", "true") else "auto"
-
-
-def heap_probe(environ=None) -> dict | None:
-    """The page-size measurement the launcher made (malloc.huge_pages_map_faster), as {"huge_ms", "small_ms"},
-    or None when it made none."""
-    raw = (os.environ if environ is None else environ).get(HEAP_PROBE, "")
-    try:
-        huge, small = (round(float(x), 1) for x in raw.split(","))
-    except ValueError:
-        return None
-    return {"huge_ms": huge, "small_ms": small} if math.isfinite(huge) and math.isfinite(small) else None
+def hugepages(environ=None) -> bool:
+    """True for FINETUNE_HUGEPAGES=1 (in `environ`, default os.environ): the huge-page heap is opt-in (malloc.py)."""
+    return (os.environ if environ is None else environ).get("FINETUNE_HUGEPAGES", "").strip() == "1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,12 +26,13 @@ import torch
 from transformers import EarlyStoppingCallback, set_seed
 
 from . import data as D
-from . import lean, limits, rundir, settings
+from . import lean, limits, rundir
 from .cards import render_model_card
 from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_model
 from .config import TASKS, RunConfig, config_from_dict, dump_config, load_config
 from .errors import ConfigError, FinetuneError
 from .events import EventWriter, is_main_process
+from .malloc import HUGEPAGES_TUNABLE
 from .models import copy_trainable_into_memory, load_tokenizer, model_kind, resolve_model
 from .runtime import peak_rss_mb, process_start_time, resource_error, set_cpu_threads
 from .strategies import apply_strategy, trainable_summary
@@ -188,8 +189,7 @@ def _run(cfg: RunConfig, out: Path, writer: EventWriter, stop_path: Path, main: 
                "torch_threads": threads, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                "device": "cuda" if torch.cuda.is_available() else "cpu", "dropped_rows": int(data.dropped_rows),
                "dropped_rows_reasons": data.dropped_reasons,
-               "hugepage_heap": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
-               "heap_probe": settings.heap_probe()}
+               "hugepage_heap": HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")}
     trainer = task.build_trainer(run, model, data, args, callbacks, metrics)
 
     # -- train
