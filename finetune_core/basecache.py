@@ -4,12 +4,15 @@
     cache = basecache.BaseCache(writer)                # FINETUNE_HOME/base_cache/
     entry = cache.read(key)                            # {"metrics": {...}, "answers": [...]} or None
     cache.write(key, {"metrics": {...}, "answers": [...]})
+    general = basecache.general_text_key(model_path, text_batches)   # the general-text perplexity alone
 
 An instruction run reports its base model's validation loss, general-text perplexity and answers to
 the held-out prompts next to the tuned model's. Those depend only on the base weights, the validation
 rows as tokenized (rows, template, tokenizer, max_length), the general text, the generation settings
 and the numeric stack (torch, transformers, device), so a second run on the same data (another
 strategy, a `compare` class, the app and the CLI alike: they share FINETUNE_HOME) reads them here.
+The general-text perplexity has an entry of its own (general_text_key), keyed by the base model and
+the probe alone: a first run on other data still reads it (SmolLM2: ~4 s of a ~70 s run).
 
 The key is a SHA-256 over all of those; any change is another key, so a stale entry is never read.
 Weight files are fingerprinted by name, size and modification time (rewriting a model folder, as
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -83,6 +87,28 @@ def entry_key(model_path: str, parts: dict) -> str | None:
     if model is None:
         return None
     return digest({"version": VERSION, "model": model, "environment": environment(), "parts": parts})
+
+
+def general_text_key(model_path: str, text_batches: list[dict]) -> str | None:
+    """The key of a base model's general-text perplexity alone (the forgetting probe's "before" number).
+    It depends on the weights and the probe's exact batches (the bundled text, the tokenizer, max_length),
+    not on a run's data: a first run on new data with a base model measured before reads it here
+    (instruction and preference runs alike), and measures only what its own data changes."""
+    return entry_key(model_path, {"general_text_batches": digest([b["input_ids"].tolist() for b in text_batches])})
+
+
+def read_general_perplexity(cache: BaseCache, key: str | None) -> float | None:
+    """The general-text perplexity stored under `key` (general_text_key), or None."""
+    entry = cache.read(key)
+    value = (entry.get("metrics") or {}).get("general_perplexity") if entry is not None else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def write_general_perplexity(cache: BaseCache, key: str | None, model: str, value: float) -> bool:
+    """Store a base model's general-text perplexity under `key` (a number that is not finite is not kept)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return cache.write(key, {"model": model, "metrics": {"general_perplexity": float(value)}})
 
 
 class BaseCache:

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import REPO, instruction_rows, write_jsonl
 from finetune_core import basecache
-from finetune_core.basecache import BaseCache, entry_key
+from finetune_core.basecache import (BaseCache, entry_key, general_text_key, read_general_perplexity,
+                                     write_general_perplexity)
 from finetune_core.events import EventWriter, read_all_events
 
 KEY = "a" * 64
@@ -127,6 +128,16 @@ def test_the_key_changes_with_anything_the_measurement_depends_on(tmp_path, tiny
     assert entry_key(str(model), parts) is None
 
 
+def test_general_perplexity_entry_keeps_finite_numbers_only(tmp_path):
+    cache = BaseCache(folder=tmp_path / "c")
+    assert write_general_perplexity(cache, KEY, "m", 12.5) and read_general_perplexity(cache, KEY) == 12.5
+    for bad in (float("nan"), float("inf"), None):
+        assert not write_general_perplexity(cache, "b" * 64, "m", bad)
+        assert read_general_perplexity(cache, "b" * 64) is None
+    cache.write("c" * 64, {"metrics": {"general_perplexity": "12"}})           # not a number: not read
+    assert read_general_perplexity(cache, "c" * 64) is None and read_general_perplexity(cache, None) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # in a run
 
@@ -176,20 +187,34 @@ def test_measure_base_model_reads_the_cache_and_measures_on_any_change(instructi
     assert second == {k: v for k, v in first.items() if k != "base_cache"}
     assert any(e.get("phase") == "baseline" and e.get("cached") for e in read_all_events(events))
 
-    # other validation rows: another key, measured again
+    # other validation rows: another key, measured again, but for the general-text perplexity, which
+    # depends on the base model alone (its own entry): no general-text batch is scored
+    scored = []
+    real_loss = instruction.evaluation.token_loss
+    monkeypatch.setattr(instruction.evaluation, "token_loss",
+                        lambda m, batches, **k: scored.extend(batches) or real_loss(m, batches, **k))
     rows = [{**r, "output": r["output"] + " Thanks."} for r in instruction_rows(12)]
     run2, data2 = make(rows, "changed")
     third: dict = {}
     instruction.measure_base_model(run2, model, data2, third)
-    assert third["base_cache"] == "miss" and len(probes) == 2
+    assert third["base_cache"] == "partial" and len(probes) == 2
+    assert third["general_perplexity_before"] == first["general_perplexity_before"]
+    assert third["eval_loss_before"] != first["eval_loss_before"]
+    val, text = instruction.probe_batches(run2.tokenizer, data2, run2.cfg)
+    assert len(scored) == len(val) and all(any(b["input_ids"].equal(v["input_ids"]) for v in val) for b in scored)
+    assert any("general-text perplexity is in the cache" in str(e.get("message")) for e in read_all_events(events))
 
     # an entry cut off by a killed writer under the right name is not read: measured and rewritten
     key = instruction.base_cache_key(run, data)
     path = BaseCache().path(key)
     path.write_text(path.read_text()[:40])
+    general_path = BaseCache().path(general_text_key(tiny_llama_dir, text))
+    general_path.write_text(general_path.read_text()[:40])
     fourth: dict = {}
     assert instruction.measure_base_model(run, model, data, fourth) == answers
     assert fourth["base_cache"] == "miss" and len(probes) == 3 and BaseCache().read(key) is not None
+    assert fourth["general_perplexity_before"] == pytest.approx(first["general_perplexity_before"], rel=1e-6)
+    assert read_general_perplexity(BaseCache(), general_text_key(tiny_llama_dir, text)) is not None   # rewritten
 
 
 def test_an_unwritable_home_only_turns_the_cache_off(instruction_run, tiny_llama_dir, tmp_path, monkeypatch):
@@ -300,3 +325,41 @@ def test_load_weights_into_restores_the_base_weights_in_place(tmp_path, tiny_lla
     assert not load_weights_into(model, str(other))                 # not exactly this model's tensors
     assert torch.equal(model.model.norm.weight, changed)            # untouched
     assert not load_weights_into(model, str(tmp_path / "missing"))
+
+
+def test_a_preference_run_reads_its_models_general_text_perplexity_from_an_instruction_run(
+        instruction_run, tiny_llama_dir, tmp_path, monkeypatch):
+    """Both tasks score the same general-text batches on the base model: the number one measured is the
+    other's "before" side, and a preference run on a model measured before scores no general text."""
+    from finetune_core.config import config_from_dict
+    from finetune_core.data import load_frames
+    from finetune_core.models import load_model, load_tokenizer
+    from finetune_core.tasks import RunContext, instruction, preference
+
+    make, events = instruction_run
+    model = load_model(tiny_llama_dir, "instruction", "causal")
+    run, data = make(instruction_rows(12))
+    measured: dict = {}
+    instruction.measure_base_model(run, model, data, measured)
+
+    pairs = [{"prompt": f"What is {i} plus one?", "chosen": f"{i + 1}.", "rejected": "Hard to say."} for i in range(8)]
+    cfg = config_from_dict({"task": "preference", "model": tiny_llama_dir, "strategy": {"name": "full"},
+                            "data": {"train": write_jsonl(tmp_path / "pairs.jsonl", pairs), "val_size": 0.5,
+                                     "max_length": 96},
+                            "output_dir": str(tmp_path / "dpo")})
+    prun = RunContext(cfg=cfg, out=tmp_path / "dpo", writer=EventWriter(events, enabled=True), main=True,
+                      model_path=tiny_llama_dir, model_kind="causal", tokenizer=load_tokenizer(tiny_llama_dir))
+    pdata = preference.prepare(prun, load_frames(cfg))
+    calls = []
+    real = preference._general_perplexity
+    monkeypatch.setattr(preference, "_general_perplexity", lambda *a: calls.append(1) or real(*a))
+    metrics: dict = {}
+    answers = preference.measure_base_model(prun, model, pdata, metrics, ["Say hi."])
+    assert calls == [] and len(answers) == 1
+    assert metrics["general_perplexity_before"] == measured["general_perplexity_before"]
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "other-home"))      # nothing cached there: measured
+    again: dict = {}
+    preference.measure_base_model(prun, model, pdata, again, ["Say hi."])
+    assert calls == [1]
+    assert again["general_perplexity_before"] == pytest.approx(measured["general_perplexity_before"], rel=1e-5)

@@ -27,7 +27,8 @@ import pandas as pd
 from .. import data as D
 from .. import evaluation, rundir
 from ..audit import audit_run
-from ..basecache import BaseCache, digest, entry_key
+from ..basecache import (BaseCache, digest, entry_key, general_text_key, read_general_perplexity,
+                         write_general_perplexity)
 from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
 from ..generate import GENERATION_BATCH, generate_batch, heldout_prompts, prompt_rows, write_generations
@@ -166,20 +167,24 @@ def probe_batches(tokenizer, data: InstructionData, cfg: RunConfig) -> tuple[lis
 
 
 def lm_probe(model, tokenizer, data: InstructionData, cfg: RunConfig, suffix: str, progress=None,
-             val_loss: float | None = None, capture: PromptKV | None = None) -> dict:
+             val_loss: float | None = None, capture: PromptKV | None = None, general: float | None = None) -> dict:
     """Validation loss/perplexity on response tokens, and general-English perplexity (forgetting).
     val_loss: the validation loss when it is already known (the Trainer's last evaluation of these
-    weights): only general text is scored. progress(done, total) counts batches. capture: keeps the
-    held-out prompts' prefill from the validation pass (heldout_kv)."""
+    weights): only general text is scored. general: the general-text perplexity when it is already known
+    (the base-model cache): only the validation rows are scored. progress(done, total) counts batches.
+    capture: keeps the held-out prompts' prefill from the validation pass (heldout_kv)."""
     val, text = probe_batches(tokenizer, data, cfg)
     if val_loss is not None:
         val = []
+    if general is not None:
+        text = []
     total = len(val) + len(text)
     step = (lambda offset: (lambda done, _n: progress(offset + done, total))) if progress else (lambda offset: None)
     if val:
         val_loss, _ = evaluation.token_loss(model, val, progress=step(0), capture=capture)
-    text_loss, _ = evaluation.token_loss(model, text, progress=step(len(val)))
-    general = float(math.exp(text_loss)) if text_loss == text_loss else float("nan")
+    if text:
+        text_loss, _ = evaluation.token_loss(model, text, progress=step(len(val)))
+        general = float(math.exp(text_loss)) if text_loss == text_loss else float("nan")
     return {f"eval_loss{suffix}": val_loss, f"perplexity{suffix}": math.exp(val_loss),
             f"general_perplexity{suffix}": general}
 
@@ -262,8 +267,10 @@ def base_weights(run: RunContext, model):
 
 def measure_base_model(run: RunContext, model, data: InstructionData, metrics: dict) -> list[str] | None:
     """The "before" side on the untouched base weights: read from the base-model cache, else measured
-    (base_weights) and stored there. Adds the `_before` metrics and `base_cache` (hit | miss | off);
-    returns the base model's answers to the held-out prompts (rank 0 only, which writes them)."""
+    (base_weights) and stored there; its general-text perplexity alone is read from its own entry when an
+    earlier run on other data measured it (basecache.general_text_key). Adds the `_before` metrics and
+    `base_cache` (hit | partial: only the general-text perplexity was cached | miss | off); returns the
+    base model's answers to the held-out prompts (rank 0 only, which writes them)."""
     cache = BaseCache(run.writer)
     key = base_cache_key(run, data)
     entry = cache.read(key)
@@ -273,12 +280,16 @@ def measure_base_model(run: RunContext, model, data: InstructionData, metrics: d
         run.writer.phase("baseline", "Base model: loss, general-text perplexity and answers read from the cache "
                                      "(same base model, validation rows and settings as an earlier run).", cached=True)
         return entry["answers"] if run.main else None
-    run.writer.phase("baseline", "Measuring the base model for comparison: loss, general-text perplexity and "
-                                 "answers to the held-out prompts ...", done=0)
+    general_key = general_text_key(run.model_path, probe_batches(run.tokenizer, data, run.cfg)[1])
+    general = read_general_perplexity(cache, general_key)
+    what = ("loss and answers to the held-out prompts (its general-text perplexity is in the cache) ..."
+            if general is not None else "loss, general-text perplexity and answers to the held-out prompts ...")
+    run.writer.phase("baseline", f"Measuring the base model for comparison: {what}", done=0)
     kv = heldout_kv(run, data)
     with base_weights(run, model) as base:
         before = lm_probe(base, run.tokenizer, data, run.cfg, suffix="_before",
-                          progress=_progress(run, "baseline", "Base model: loss", "batches"), capture=kv)
+                          progress=_progress(run, "baseline", "Base model: loss", "batches"), capture=kv,
+                          general=general)
         answers = None
         if run.main:
             answers = generate_batch(base, run.tokenizer, heldout_prompts(data)[0], data.template, MAX_NEW_TOKENS,
@@ -287,7 +298,9 @@ def measure_base_model(run: RunContext, model, data: InstructionData, metrics: d
     metrics.update(before)
     stored = run.main and answers is not None and cache.write(key, {"model": run.cfg.model, "metrics": before,
                                                                      "answers": answers})
-    metrics["base_cache"] = "miss" if stored else "off"
+    if stored and general is None:
+        write_general_perplexity(cache, general_key, run.cfg.model, before["general_perplexity_before"])
+    metrics["base_cache"] = ("partial" if general is not None else "miss") if stored else "off"
     return answers
 
 

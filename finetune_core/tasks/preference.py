@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from .. import data as D
 from .. import evaluation, rundir
 from ..audit import audit_run
+from ..basecache import BaseCache, general_text_key, read_general_perplexity, write_general_perplexity
 from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
 from ..generate import generate_batch, write_generations
@@ -213,13 +214,23 @@ def evaluate(run: RunContext, trainer, model, data: PreferenceData, metrics: dic
 def measure_base_model(run: RunContext, model, data: PreferenceData, metrics: dict,
                        prompts: list[str]) -> list[str] | None:
     """The model as loaded (the DPO reference), once the tuned model is saved and measured: its
-    general-text perplexity (`general_perplexity_before`) and its answers to the held-out prompts (rank
-    0 only). LoRA switches its adapter off; full and frozen runs get the loaded weights copied back in
-    place (instruction.base_weights)."""
-    run.writer.phase("baseline", "Measuring the model as loaded for comparison: general-text perplexity and "
-                                 "answers to the held-out prompts ...", done=0)
+    general-text perplexity (`general_perplexity_before`; read from the base-model cache when a run on
+    this model measured it, basecache.general_text_key) and its answers to the held-out prompts (rank 0
+    only). LoRA switches its adapter off; full and frozen runs get the loaded weights copied back in place
+    (instruction.base_weights)."""
+    cache = BaseCache(run.writer)
+    key = general_text_key(run.model_path, evaluation.text_batches(
+        run.tokenizer, evaluation.general_text_paragraphs(), run.cfg.data.max_length))
+    general = read_general_perplexity(cache, key)
+    what = ("answers to the held-out prompts (its general-text perplexity is in the cache)" if general is not None
+            else "general-text perplexity and answers to the held-out prompts")
+    run.writer.phase("baseline", f"Measuring the model as loaded for comparison: {what} ...", done=0)
     with base_weights(run, model) as base:
-        metrics["general_perplexity_before"] = _general_perplexity(base, run.tokenizer, run.cfg)
+        if general is None:
+            general = _general_perplexity(base, run.tokenizer, run.cfg)
+            if run.main:
+                write_general_perplexity(cache, key, run.cfg.model, general)
+        metrics["general_perplexity_before"] = general
         return generate_batch(base, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS) if run.main else None
 
 
