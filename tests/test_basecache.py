@@ -327,10 +327,11 @@ def test_load_weights_into_restores_the_base_weights_in_place(tmp_path, tiny_lla
     assert not load_weights_into(model, str(tmp_path / "missing"))
 
 
-def test_a_preference_run_reads_its_models_general_text_perplexity_from_an_instruction_run(
+def test_a_preference_runs_before_side_comes_from_the_cache_where_an_earlier_run_measured_it(
         instruction_run, tiny_llama_dir, tmp_path, monkeypatch):
     """Both tasks score the same general-text batches on the base model: the number one measured is the
-    other's "before" side, and a preference run on a model measured before scores no general text."""
+    other's "before" side, and a preference run on a model measured before scores no general text; the
+    answers to the same held-out prompts are read back too (another strategy on the same pairs)."""
     from finetune_core.config import config_from_dict
     from finetune_core.data import load_frames
     from finetune_core.models import load_model, load_tokenizer
@@ -350,16 +351,26 @@ def test_a_preference_run_reads_its_models_general_text_perplexity_from_an_instr
     prun = RunContext(cfg=cfg, out=tmp_path / "dpo", writer=EventWriter(events, enabled=True), main=True,
                       model_path=tiny_llama_dir, model_kind="causal", tokenizer=load_tokenizer(tiny_llama_dir))
     pdata = preference.prepare(prun, load_frames(cfg))
-    calls = []
-    real = preference._general_perplexity
+    calls, generated = [], []
+    real, real_generate = preference._general_perplexity, preference.generate_batch
     monkeypatch.setattr(preference, "_general_perplexity", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(preference, "generate_batch", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
     metrics: dict = {}
-    answers = preference.measure_base_model(prun, model, pdata, metrics, ["Say hi."])
-    assert calls == [] and len(answers) == 1
+    answers = preference.measure_base_model(prun, model, pdata, metrics, ["Say hi.", "Say bye."])
+    assert calls == [] and generated == [1] and len(answers) == 2 and metrics["base_cache"] == "partial"
     assert metrics["general_perplexity_before"] == measured["general_perplexity_before"]
+
+    # another strategy on the same pairs: nothing measured, the same answers
+    second: dict = {}
+    assert preference.measure_base_model(prun, model, pdata, second, ["Say hi.", "Say bye."]) == answers
+    assert calls == [] and generated == [1] and second == {**metrics, "base_cache": "hit"}
+    # other held-out prompts: their answers are measured, the perplexity still read
+    third: dict = {}
+    preference.measure_base_model(prun, model, pdata, third, ["Say hi."])
+    assert calls == [] and generated == [1, 1] and third["base_cache"] == "partial"
 
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "other-home"))      # nothing cached there: measured
     again: dict = {}
-    preference.measure_base_model(prun, model, pdata, again, ["Say hi."])
-    assert calls == [1]
+    assert preference.measure_base_model(prun, model, pdata, again, ["Say hi.", "Say bye."]) == answers
+    assert calls == [1] and generated == [1, 1, 1] and again["base_cache"] == "miss"
     assert again["general_perplexity_before"] == pytest.approx(measured["general_perplexity_before"], rel=1e-5)

@@ -28,10 +28,11 @@ from trl import DPOConfig, DPOTrainer
 from .. import data as D
 from .. import evaluation, rundir
 from ..audit import audit_run
-from ..basecache import BaseCache, general_text_key, read_general_perplexity, write_general_perplexity
+from ..basecache import (BaseCache, digest, entry_key, general_text_key, read_general_perplexity,
+                         write_general_perplexity)
 from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
-from ..generate import generate_batch, write_generations
+from ..generate import GENERATION_BATCH, generate_batch, write_generations
 from ..models import load_model as load_pretrained
 from ..trainer import release_training_state
 from ..training_args import resolve_training_args
@@ -214,24 +215,48 @@ def evaluate(run: RunContext, trainer, model, data: PreferenceData, metrics: dic
 def measure_base_model(run: RunContext, model, data: PreferenceData, metrics: dict,
                        prompts: list[str]) -> list[str] | None:
     """The model as loaded (the DPO reference), once the tuned model is saved and measured: its
-    general-text perplexity (`general_perplexity_before`; read from the base-model cache when a run on
-    this model measured it, basecache.general_text_key) and its answers to the held-out prompts (rank 0
-    only). LoRA switches its adapter off; full and frozen runs get the loaded weights copied back in place
-    (instruction.base_weights)."""
+    general-text perplexity (`general_perplexity_before`) and its answers to the held-out prompts (rank 0
+    only), each read from the base-model cache when an earlier run measured it (the perplexity by any
+    run on this model, basecache.general_text_key; the answers by a run on the same held-out prompts,
+    base_answers_key), else measured and stored. Adds `base_cache` (hit | partial | miss | off). LoRA
+    switches its adapter off; full and frozen runs get the loaded weights copied back in place
+    (instruction.base_weights), only when something is to be measured."""
     cache = BaseCache(run.writer)
-    key = general_text_key(run.model_path, evaluation.text_batches(
+    general_key = general_text_key(run.model_path, evaluation.text_batches(
         run.tokenizer, evaluation.general_text_paragraphs(), run.cfg.data.max_length))
-    general = read_general_perplexity(cache, key)
-    what = ("answers to the held-out prompts (its general-text perplexity is in the cache)" if general is not None
-            else "general-text perplexity and answers to the held-out prompts")
-    run.writer.phase("baseline", f"Measuring the model as loaded for comparison: {what} ...", done=0)
-    with base_weights(run, model) as base:
-        if general is None:
-            general = _general_perplexity(base, run.tokenizer, run.cfg)
-            if run.main:
-                write_general_perplexity(cache, key, run.cfg.model, general)
-        metrics["general_perplexity_before"] = general
-        return generate_batch(base, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS) if run.main else None
+    answers_key = base_answers_key(run, data, prompts)
+    general = read_general_perplexity(cache, general_key)
+    entry = cache.read(answers_key) if run.main else None
+    answers = entry.get("answers") if entry is not None else None
+    cached = (general is not None) + (answers is not None or not run.main)
+    if cached == 2:
+        run.writer.phase("baseline", "The model as loaded: general-text perplexity and answers read from the cache "
+                                     "(same model, held-out prompts and settings as an earlier run).", cached=True)
+    else:
+        what = " and ".join(w for w, known in (("general-text perplexity", general is not None),
+                                               ("answers to the held-out prompts", answers is not None or not run.main))
+                            if not known)
+        note = " (the rest is in the cache)" if cached else ""
+        run.writer.phase("baseline", f"Measuring the model as loaded for comparison: {what}{note} ...", done=0)
+        with base_weights(run, model) as base:
+            if general is None:
+                general = _general_perplexity(base, run.tokenizer, run.cfg)
+                if run.main:
+                    write_general_perplexity(cache, general_key, run.cfg.model, general)
+            if run.main and answers is None:
+                answers = generate_batch(base, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS)
+                cache.write(answers_key, {"model": run.cfg.model, "answers": answers})
+    metrics["general_perplexity_before"] = general
+    metrics["base_cache"] = "off" if cache.disabled else {2: "hit", 1: "partial", 0: "miss"}[cached]
+    return answers
+
+
+def base_answers_key(run: RunContext, data: PreferenceData, prompts: list[str]) -> str | None:
+    """The cache key of the loaded model's answers to these held-out prompts with these settings."""
+    return entry_key(run.model_path, {"preference_prompts": digest(prompts), "template": data.template,
+                                      "generation": {"greedy": True, "max_new_tokens": MAX_NEW_TOKENS,
+                                                     "batch_size": GENERATION_BATCH, "prefill": "per row",
+                                                     "cache": "static", "pad": run.tokenizer.pad_token_id}})
 
 
 def write_outputs(run: RunContext, model, data: PreferenceData, metrics: dict, answers: Answers) -> None:
