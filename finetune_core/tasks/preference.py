@@ -228,6 +228,8 @@ def measure_base_model(run: RunContext, model, data: PreferenceData, metrics: di
     general = read_general_perplexity(cache, general_key)
     entry = cache.read(answers_key) if run.main else None
     answers = entry.get("answers") if entry is not None else None
+    if not (isinstance(answers, list) and len(answers) == len(prompts)):
+        answers = None
     cached = (general is not None) + (answers is not None or not run.main)
     if cached == 2:
         run.writer.phase("baseline", "The model as loaded: general-text perplexity and answers read from the cache "
