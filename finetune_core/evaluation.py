@@ -3,7 +3,7 @@
     m = classification_metrics(y_true, y_pred, label_names)             # accuracy, F1, per class, confusion
     b = baselines(train_texts, train_labels, val_texts, val_labels)     # same split and metrics as the model
     e = error_analysis(val_texts, y_true, y_pred, probs, label_names)   # confident mistakes, confused pairs
-    ppl = perplexity(model, tokenizer, general_text_paragraphs())        # the forgetting probe
+    ppl = batches_perplexity(model, general_text_batches(tokenizer))    # the forgetting probe
 
 Metrics come from scikit-learn (evaluate.load() needs the hub), imported inside the functions that
 use it: seconds of imports an instruction run never needs. Nothing here trains the model.
@@ -269,10 +269,21 @@ def text_batches(tokenizer, texts: list[str], max_length: int = 256, batch_size:
     return [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)]
 
 
+def general_text_batches(tokenizer, max_length: int = 256) -> list[dict]:
+    """The forgetting probe's batches: the bundled general English as text_batches. Every task scores
+    these, and the base-model cache keys the base model's number by them (basecache.general_text_key)."""
+    return text_batches(tokenizer, general_text_paragraphs(), max_length)
+
+
+def batches_perplexity(model, batches, progress=None) -> float:
+    """exp(mean token loss) over loss batches (token_loss); NaN when they hold no token."""
+    loss, _ = token_loss(model, batches, progress=progress)
+    return float(math.exp(loss)) if loss == loss else float("nan")
+
+
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
     """exp(mean token loss) of plain texts (every token predicted, padding excluded)."""
-    loss, _ = token_loss(model, text_batches(tokenizer, texts, max_length, batch_size))
-    return float(math.exp(loss)) if loss == loss else float("nan")
+    return batches_perplexity(model, text_batches(tokenizer, texts, max_length, batch_size))
 
 
 def forgetting_report(before: float, after: float, threshold: float = FORGETTING_THRESHOLD) -> dict:

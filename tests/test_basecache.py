@@ -352,8 +352,8 @@ def test_a_preference_runs_before_side_comes_from_the_cache_where_an_earlier_run
                       model_path=tiny_llama_dir, model_kind="causal", tokenizer=load_tokenizer(tiny_llama_dir))
     pdata = preference.prepare(prun, load_frames(cfg))
     calls, generated = [], []
-    real, real_generate = preference._general_perplexity, preference.generate_batch
-    monkeypatch.setattr(preference, "_general_perplexity", lambda *a: calls.append(1) or real(*a))
+    real, real_generate = preference.evaluation.batches_perplexity, preference.generate_batch
+    monkeypatch.setattr(preference.evaluation, "batches_perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(preference, "generate_batch", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
     metrics: dict = {}
     answers = preference.measure_base_model(prun, model, pdata, metrics, ["Say hi.", "Say bye."])

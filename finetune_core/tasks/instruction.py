@@ -162,7 +162,7 @@ def probe_batches(tokenizer, data: InstructionData, cfg: RunConfig) -> tuple[lis
     collator = D.CausalCollator(tokenizer.pad_token_id)
     feats = val_features(data)
     val = [collator(feats[i:i + PROBE_BATCH]) for i in range(0, len(feats), PROBE_BATCH)]
-    text = evaluation.text_batches(tokenizer, evaluation.general_text_paragraphs(), cfg.data.max_length)
+    text = evaluation.general_text_batches(tokenizer, cfg.data.max_length)
     return val, text
 
 
@@ -183,8 +183,7 @@ def lm_probe(model, tokenizer, data: InstructionData, cfg: RunConfig, suffix: st
     if val:
         val_loss, _ = evaluation.token_loss(model, val, progress=step(0), capture=capture)
     if text:
-        text_loss, _ = evaluation.token_loss(model, text, progress=step(len(val)))
-        general = float(math.exp(text_loss)) if text_loss == text_loss else float("nan")
+        general = evaluation.batches_perplexity(model, text, progress=step(len(val)))
     return {f"eval_loss{suffix}": val_loss, f"perplexity{suffix}": math.exp(val_loss),
             f"general_perplexity{suffix}": general}
 
@@ -280,7 +279,8 @@ def measure_base_model(run: RunContext, model, data: InstructionData, metrics: d
         run.writer.phase("baseline", "Base model: loss, general-text perplexity and answers read from the cache "
                                      "(same base model, validation rows and settings as an earlier run).", cached=True)
         return entry["answers"] if run.main else None
-    general_key = general_text_key(run.model_path, probe_batches(run.tokenizer, data, run.cfg)[1])
+    general_key = general_text_key(run.model_path, evaluation.general_text_batches(run.tokenizer,
+                                                                                  run.cfg.data.max_length))
     general = read_general_perplexity(cache, general_key)
     what = ("loss and answers to the held-out prompts (its general-text perplexity is in the cache) ..."
             if general is not None else "loss, general-text perplexity and answers to the held-out prompts ...")

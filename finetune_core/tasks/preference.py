@@ -156,10 +156,6 @@ def pairs_dataset(pairs: list[tuple[str, str, str]], data: PreferenceData, token
                        "chosen": [c + eos for _, c, _ in pairs], "rejected": [r + eos for _, _, r in pairs]})
 
 
-def _general_perplexity(model, tokenizer, cfg: RunConfig) -> float:
-    return evaluation.perplexity(model, tokenizer, evaluation.general_text_paragraphs(), cfg.data.max_length)
-
-
 def _reported(scores: dict, suffix: str) -> dict:
     return {ours + suffix: float(scores[theirs]) for theirs, ours in REPORTED.items() if theirs in scores}
 
@@ -197,7 +193,8 @@ def evaluate(run: RunContext, trainer, model, data: PreferenceData, metrics: dic
     release_training_state(trainer)
     run.writer.phase("evaluating", "Evaluating the tuned model on the held-out pairs and general text ...")
     metrics.update(_reported(trainer.evaluate(), ""))
-    metrics["general_perplexity"] = _general_perplexity(model, run.tokenizer, run.cfg)
+    metrics["general_perplexity"] = evaluation.batches_perplexity(
+        model, evaluation.general_text_batches(run.tokenizer, run.cfg.data.max_length))
     metrics["val_samples"] = len(data.val_pairs)
     metrics["template"] = data.template
     prompts, refs = heldout(data, run.tokenizer)
@@ -222,34 +219,33 @@ def measure_base_model(run: RunContext, model, data: PreferenceData, metrics: di
     switches its adapter off; full and frozen runs get the loaded weights copied back in place
     (instruction.base_weights), only when something is to be measured."""
     cache = BaseCache(run.writer)
-    general_key = general_text_key(run.model_path, evaluation.text_batches(
-        run.tokenizer, evaluation.general_text_paragraphs(), run.cfg.data.max_length))
-    answers_key = base_answers_key(run, data, prompts)
+    text = evaluation.general_text_batches(run.tokenizer, run.cfg.data.max_length)
+    general_key, answers_key = general_text_key(run.model_path, text), base_answers_key(run, data, prompts)
     general = read_general_perplexity(cache, general_key)
     entry = cache.read(answers_key) if run.main else None
     answers = entry.get("answers") if entry is not None else None
     if not (isinstance(answers, list) and len(answers) == len(prompts)):
         answers = None
-    cached = (general is not None) + (answers is not None or not run.main)
-    if cached == 2:
+    need_general, need_answers = general is None, run.main and answers is None
+    if not (need_general or need_answers):
         run.writer.phase("baseline", "The model as loaded: general-text perplexity and answers read from the cache "
                                      "(same model, held-out prompts and settings as an earlier run).", cached=True)
     else:
-        what = " and ".join(w for w, known in (("general-text perplexity", general is not None),
-                                               ("answers to the held-out prompts", answers is not None or not run.main))
-                            if not known)
-        note = " (the rest is in the cache)" if cached else ""
+        what = " and ".join(w for w, needed in (("general-text perplexity", need_general),
+                                                ("answers to the held-out prompts", need_answers)) if needed)
+        note = "" if need_general and need_answers else " (the rest is in the cache)"
         run.writer.phase("baseline", f"Measuring the model as loaded for comparison: {what}{note} ...", done=0)
         with base_weights(run, model) as base:
-            if general is None:
-                general = _general_perplexity(base, run.tokenizer, run.cfg)
+            if need_general:
+                general = evaluation.batches_perplexity(base, text)
                 if run.main:
                     write_general_perplexity(cache, general_key, run.cfg.model, general)
-            if run.main and answers is None:
+            if need_answers:
                 answers = generate_batch(base, run.tokenizer, prompts, data.template, MAX_NEW_TOKENS)
                 cache.write(answers_key, {"model": run.cfg.model, "answers": answers})
     metrics["general_perplexity_before"] = general
-    metrics["base_cache"] = "off" if cache.disabled else {2: "hit", 1: "partial", 0: "miss"}[cached]
+    metrics["base_cache"] = ("off" if cache.disabled else "miss" if need_general and need_answers else
+                             "partial" if need_general or need_answers else "hit")
     return answers
 
 
