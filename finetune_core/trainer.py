@@ -71,7 +71,48 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return iter([i for grp in groups + tail for i in grp])
 
 
-class FinetuneTrainer(Trainer):
+class SkipsFinalCheckpoint:
+    """Mixin for a Trainer class (first in its bases) of a run that saves model/ itself after training:
+    no checkpoint at the last step of a finished run (last_checkpoint_redundant), and what is known of
+    the weights the model holds once train() returns (weights_step, logged_eval_of_weights)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_final_checkpoint = False
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, EventsCallback):
+                cb.skips_last_checkpoint = True     # its events say so (no "saving a checkpoint" at the end)
+
+    def _save_checkpoint(self, model, trial):
+        """Every checkpoint but the last one of a finished run (last_checkpoint_redundant)."""
+        state = self.state
+        stopped = any(getattr(cb, "stopped_by_user", False) for cb in self.callback_handler.callbacks)
+        if not last_checkpoint_redundant(state, stopped):
+            return super()._save_checkpoint(model, trial)
+        self.skipped_final_checkpoint = True
+        if state.best_global_step == state.global_step:
+            # The best model is the one in memory: nothing to load back at the end (_load_best_model).
+            state.best_model_checkpoint = None
+
+    def weights_step(self) -> int:
+        """The step whose weights the model holds after train(): the best checkpoint's when it was loaded
+        back at the end, else the last step."""
+        state = self.state
+        if self.args.load_best_model_at_end and state.best_model_checkpoint is not None and state.best_global_step:
+            return int(state.best_global_step)
+        return int(state.global_step)
+
+    def logged_eval_of_weights(self) -> dict | None:
+        """The evaluation the Trainer logged on the weights the model holds now (weights_step: the last
+        epoch's, the best checkpoint's, or step 0's before any step), or None when it did not evaluate them."""
+        step = self.weights_step()
+        for entry in reversed(self.state.log_history):
+            if entry.get("step") == step and "eval_loss" in entry:
+                return entry
+        return None
+
+
+class FinetuneTrainer(SkipsFinalCheckpoint, Trainer):
     """Trainer whose causal-LM loss projects only response positions through the LM head, whose
     evaluation loss is the mean over response tokens, and which writes no checkpoint at the end of a
     finished run.
@@ -89,13 +130,9 @@ class FinetuneTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)   # our EventsCallback reports progress instead
-        self.skipped_final_checkpoint = False
         # padded tokens per forward/backward pass (training_step); None: every batch in one pass
         self.micro_batch_tokens = CPU_MICRO_BATCH_TOKENS if self.args.device.type == "cpu" else None
         self.token_mean_steps: set[int] = set()    # steps this process evaluated with the response-token mean
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, EventsCallback):
-                cb.skips_last_checkpoint = True     # its events say so (no "saving a checkpoint" at the end)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A batch wider than micro_batch_tokens (rows x its longest row) runs as several forward and
@@ -162,35 +199,13 @@ class FinetuneTrainer(Trainer):
         return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss},
                               num_samples=rows)
 
-    def _save_checkpoint(self, model, trial):
-        """Every checkpoint but the last one of a finished run (last_checkpoint_redundant)."""
-        state = self.state
-        stopped = any(getattr(cb, "stopped_by_user", False) for cb in self.callback_handler.callbacks)
-        if not last_checkpoint_redundant(state, stopped):
-            return super()._save_checkpoint(model, trial)
-        self.skipped_final_checkpoint = True
-        if state.best_global_step == state.global_step:
-            # The best model is the one in memory: nothing to load back at the end (_load_best_model).
-            state.best_model_checkpoint = None
-
-    def weights_step(self) -> int:
-        """The step whose weights the model holds after train(): the best checkpoint's when it was loaded
-        back at the end, else the last step."""
-        state = self.state
-        if self.args.load_best_model_at_end and state.best_model_checkpoint is not None and state.best_global_step:
-            return int(state.best_global_step)
-        return int(state.global_step)
-
     def eval_loss_of_weights(self) -> float | None:
         """The validation loss the Trainer measured on the weights the model holds now (weights_step), as
         the response-token mean; None when it did not measure them."""
-        step = self.weights_step()
-        if step not in self.token_mean_steps:
+        if self.weights_step() not in self.token_mean_steps:
             return None
-        for entry in reversed(self.state.log_history):
-            if entry.get("step") == step and "eval_loss" in entry:
-                return float(entry["eval_loss"])
-        return None
+        logged = self.logged_eval_of_weights()
+        return float(logged["eval_loss"]) if logged is not None else None
 
 
 def micro_batches(inputs: dict, budget: int | None) -> list[dict] | None:
