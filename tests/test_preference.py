@@ -147,3 +147,113 @@ def test_conversational_cells_and_dpo_options_are_read(tmp_path):
     assert cfg.training["beta"] == 0.2
     with pytest.raises(ConfigError, match="Unknown training option 'training.beta'"):
         config_from_dict({"task": "instruction", "training": {"beta": 0.2}})
+
+
+def _dpo_trainer(tiny_llama_dir, tmp_path, name: str, strategy: str = "lora", **training):
+    """prepare_run + build_trainer of a preference run on pairs(16) (TRL's tokenizing and reference pass,
+    the step-0 evaluation): (trainer, metrics, run)."""
+    from finetune_core.events import EventWriter
+    from finetune_core.train import prepare_run
+    from finetune_core.trainer import EventsCallback
+
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        write_jsonl(data, pairs(16))
+    max_length = training.pop("max_length", 64)
+    cfg = config_from_dict({"task": "preference", "model": tiny_llama_dir, "strategy": {"name": strategy},
+                            "data": {"train": str(data), "val_size": 0.25, "max_length": max_length},
+                            "training": {"max_steps": 1, "logging_steps": 1, "seed": 1, **training},
+                            "output_dir": str(tmp_path / name)})
+    out = tmp_path / name
+    out.mkdir()
+    prepared = prepare_run(cfg, out, EventWriter(out / "events.jsonl", enabled=True), main=True)
+    metrics: dict = {}
+    callbacks = [EventsCallback(prepared.run.writer)]
+    trainer = prepared.task.build_trainer(prepared.run, prepared.model, prepared.data, prepared.args, callbacks,
+                                          metrics)
+    return trainer, metrics, prepared.run
+
+
+def _reference(trainer) -> list[list[float]]:
+    return [list(d["ref_chosen_logps"]) + list(d["ref_rejected_logps"])
+            for d in (trainer.train_dataset, trainer.eval_dataset)]
+
+
+def test_the_reference_pass_runs_once_per_base_model_pairs_and_settings(tiny_llama_dir, tmp_path, monkeypatch):
+    """TRL's reference log-probabilities depend only on the model as loaded and the tokenized pairs: a
+    second run on the same pairs (another beta, another strategy) reads them from FINETUNE_HOME and
+    gets the same numbers; another max_length, a damaged entry or another home computes them again.
+    The step-0 evaluation (the policy is the reference there) is read back too when the DPO settings
+    are the same."""
+    from finetune_core.tasks import preference
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    passes, evaluations = [], []
+    real = preference.DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(preference.DPOTrainer, "compute_ref_log_probs",
+                        lambda self, *a, **k: passes.append(1) or real(self, *a, **k))
+    real_evaluate = preference.PreferenceTrainer.evaluate
+    monkeypatch.setattr(preference.PreferenceTrainer, "evaluate",
+                        lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
+
+    first, m1, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "first")
+    n_batches = len(passes)
+    assert n_batches > 0 and m1["reference_cache"] == "miss"
+    assert m1["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-4)
+    reference = _reference(first)
+
+    second, m2, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "beta", beta=0.5)
+    assert len(passes) == n_batches and m2["reference_cache"] == "hit"
+    assert _reference(second) == reference                                   # the very numbers TRL computed
+    assert second.train_dataset.features["ref_chosen_logps"] == first.train_dataset.features["ref_chosen_logps"]
+    assert m2["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-4) and m2["reward_accuracy_before"] == 0.0
+    events = read_all_events(tmp_path / "beta" / "events.jsonl")
+    assert any(e.get("cached") and "Reference log-probabilities" in e.get("message", "") for e in events)
+
+    assert len(evaluations) == 2                  # another beta: the step-0 evaluation is measured again
+
+    # another strategy, the same DPO settings: no reference pass and no step-0 evaluation either; that
+    # evaluation's numbers and its eval event at step 0 are the first run's
+    full, m3, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "full", strategy="full")
+    assert len(passes) == n_batches and m3["reference_cache"] == "hit" and _reference(full) == reference
+    assert len(evaluations) == 2 and m3 == {**m1, "reference_cache": "hit"}
+    step0 = [e for e in read_all_events(tmp_path / "full" / "events.jsonl") if e["type"] == "eval"]
+    assert len(step0) == 1 and step0[0]["step"] == 0 and step0[0]["eval_rewards/accuracies"] == 0.0
+    assert full.state.log_history[-1]["eval_loss"] == m1["eval_loss_before"]
+
+    longer, m4, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "longer", max_length=48)
+    assert len(passes) == 2 * n_batches and m4["reference_cache"] == "miss"
+
+    for entry in (tmp_path / "home" / "base_cache").glob("*.json"):       # cut the references short
+        saved = json.loads(entry.read_text())
+        if "chosen" in saved:
+            entry.write_text(json.dumps({**saved, "chosen": saved["chosen"][:1]}))
+    again, m5, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "damaged")
+    assert len(passes) == 3 * n_batches and m5["reference_cache"] == "miss" and _reference(again) == reference
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "other-home"))
+    _, m6, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "other-home", precompute_ref_log_probs=False)
+    assert len(passes) == 3 * n_batches and m6["reference_cache"] == "off"     # no pass before training at all
+
+
+def test_the_tuned_model_is_not_scored_again_on_the_held_out_pairs(tiny_llama_dir, tmp_path, monkeypatch):
+    """The Trainer's evaluation at the last step scored the weights the model ends with: the run reports
+    that evaluation instead of a second pass over the held-out pairs, and writes no last checkpoint."""
+    from finetune_core.tasks import preference
+
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    trainer, metrics, run = _dpo_trainer(tiny_llama_dir, tmp_path, "run", eval_strategy="steps", eval_steps=1,
+                                         save_strategy="steps", save_steps=1, learning_rate=5e-2,
+                                         warmup_steps=0, lr_scheduler_type="constant")
+    trainer.train()
+    last = trainer.state.log_history[-2]                 # the step-1 evaluation, then the train summary
+    assert last["step"] == 1 and "eval_rewards/accuracies" in last
+    assert trainer.skipped_final_checkpoint and not list((tmp_path / "run").glob("checkpoints/checkpoint-*"))
+    scored = []
+    real = preference.PreferenceTrainer.evaluate
+    monkeypatch.setattr(preference.PreferenceTrainer, "evaluate", lambda *a, **k: scored.append(1) or real(*a, **k))
+    data = preference.prepare(run, preference.D.load_frames(run.cfg))
+    preference.evaluate(run, trainer, trainer.model, data, metrics)
+    assert scored == [] and metrics["eval_loss"] == last["eval_loss"]
+    assert metrics["reward_accuracy"] == last["eval_rewards/accuracies"]
+    assert metrics["eval_loss"] != metrics["eval_loss_before"]

@@ -8,7 +8,10 @@ text or as conversational messages. The prompt is sent as a user message through
 template, as the Chat tab sends it. TRL does the rest: the DPO loss, the reference model and the
 preference collator. The reference is the model as loaded: with LoRA the base with the adapter off,
 and with precompute_ref_log_probs (our default) its log-probabilities are computed once before
-training, so no second copy of the model is held for any strategy.
+training, so no second copy of the model is held for any strategy. Those log-probabilities, and the
+step-0 evaluation (where the policy is the reference), depend only on the model as loaded, the pairs
+and the settings: they are kept in the base-model cache (PreferenceTrainer, step0_evaluation), so a
+second run on the same pairs starts training within seconds.
 
 metrics.json: on the held-out pairs, before and after training, `eval_loss(_before)` (the DPO loss,
 ln 2 = 0.693 before training), `reward_accuracy(_before)` (the share of pairs where the chosen answer
@@ -20,9 +23,14 @@ held-out prompts answered before and after, with ROUGE-L against the chosen answ
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from dataclasses import dataclass
 
 import pandas as pd
+from transformers import TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from .. import data as D
@@ -34,7 +42,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, FinetuneError
 from ..generate import GENERATION_BATCH, generate_batch, write_generations
 from ..models import load_model as load_pretrained
-from ..trainer import release_training_state
+from ..trainer import SkipsFinalCheckpoint, release_training_state
 from ..training_args import resolve_training_args
 from . import RunContext, as_dataset
 from .instruction import MAX_NEW_TOKENS, Answers, adapter_merged, base_weights
@@ -165,24 +173,145 @@ def heldout(data: PreferenceData, tokenizer) -> tuple[list[str], list[str]]:
     return [prompt_text(p, data, tokenizer) for p, _, _ in pairs], [c for _, c, _ in pairs]
 
 
+# What TRL's reference pass reads besides the weights and the tokenized pairs (DPOConfig fields).
+REFERENCE_SETTINGS = ("max_length", "truncation_mode", "padding_free", "pad_to_multiple_of", "ld_alpha", "bf16",
+                      "fp16", "tf32", "use_liger_kernel")
+PAIR_COLUMNS = {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids"}
+# Every DPOConfig field of TRL's own (not TrainingArguments'): the step-0 evaluation's numbers may depend
+# on any of the loss's (beta, loss_type, label_smoothing, rpo_alpha, ...); keying on all is the safe side.
+DPO_SETTINGS = tuple(f.name for f in dataclasses.fields(DPOConfig)
+                     if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)})
+
+
+def reference_logps_key(model_path: str, dataset, args, collator, batch_size: int) -> str | None:
+    """The base-model cache key of TRL's reference log-probabilities of `dataset` (tokenized pairs):
+    the weights (basecache.entry_key), the token ids, the collator's and the reference pass's settings,
+    TRL's version. None for pairs with more than text (images, tools): those are not cached."""
+    import trl
+
+    if not set(dataset.column_names) <= PAIR_COLUMNS or not {"prompt_ids", "chosen_ids",
+                                                            "rejected_ids"} <= set(dataset.column_names):
+        return None
+    plain = (bool, int, float, str, type(None))
+    return entry_key(model_path, {
+        "dpo_reference_logps": digest([list(dataset["prompt_ids"]), list(dataset["chosen_ids"]),
+                                       list(dataset["rejected_ids"])]),
+        "trl": trl.__version__, "batch_size": int(batch_size),
+        "world_size": int(getattr(args, "world_size", 1) or 1),
+        "settings": {name: getattr(args, name, None) for name in REFERENCE_SETTINGS},
+        "collator": [type(collator).__name__,
+                     {k: v for k, v in sorted(vars(collator).items()) if isinstance(v, plain)}]})
+
+
+class PreferenceTrainer(SkipsFinalCheckpoint, DPOTrainer):
+    """TRL's DPOTrainer whose reference log-probabilities (precompute_ref_log_probs) come from the
+    base-model cache when an earlier run computed them on the same base model, pairs and settings, and
+    go there when computed. The reference is the model as loaded in every strategy (LoRA: a fresh
+    adapter, whose B = 0 adds exact zeros), so they depend on nothing else: a second run on the same
+    pairs (another beta, learning rate or strategy) starts training without its reference pass (SmolLM2,
+    the 103 example pairs: ~50 s). No checkpoint at the last step of a finished run, as for the other tasks."""
+
+    def __init__(self, *args, reference_cache: BaseCache | None = None, model_path: str = "", main: bool = True,
+                 **kwargs):
+        self.reference_cache, self.reference_model_path, self.writes_cache = reference_cache, model_path, main
+        self.reference_reads: dict[str, bool] = {}      # dataset name ("train", "eval") -> read from the cache
+        self.reference_keys: dict[str, str | None] = {}  # dataset name -> its cache key
+        super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)   # our EventsCallback prints each log line already
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        cache = self.reference_cache
+        key = None
+        if cache is not None and not cache.disabled:
+            key = reference_logps_key(self.reference_model_path, dataset, self.args, self.data_collator, batch_size)
+        self.reference_keys[name] = key
+        entry = cache.read(key) if key is not None else None
+        chosen, rejected = (entry or {}).get("chosen"), (entry or {}).get("rejected")
+        if _logps_for(chosen, rejected, len(dataset)):
+            from datasets import Value
+
+            self.reference_reads[name] = True
+            return (dataset.add_column("ref_chosen_logps", chosen, feature=Value("float32"))
+                    .add_column("ref_rejected_logps", rejected, feature=Value("float32")))
+        self.reference_reads[name] = False
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if key is not None and self.writes_cache:
+            cache.write(key, {"what": f"DPO reference log-probabilities ({name} pairs)",
+                              "chosen": [float(v) for v in dataset["ref_chosen_logps"]],
+                              "rejected": [float(v) for v in dataset["ref_rejected_logps"]]})
+        return dataset
+
+
+def _logps_for(chosen, rejected, n: int) -> bool:
+    """Two lists of n finite numbers (a cache entry that can stand for a reference pass over n pairs)."""
+    return all(isinstance(side, list) and len(side) == n and
+               all(isinstance(v, (int, float)) and math.isfinite(v) for v in side) for side in (chosen, rejected))
+
+
 def build_trainer(run: RunContext, model, data: PreferenceData, args, callbacks, metrics: dict):
-    """TRL's DPOTrainer, then the model as loaded measured on the held-out pairs (the "before" side)."""
+    """PreferenceTrainer (TRL's DPOTrainer), then the model as loaded measured on the held-out pairs (the
+    "before" side). Adds `reference_cache` to metrics: hit (every reference pass read from the cache) |
+    partial | miss | off (no reference pass before training, pairs with more than text, several
+    processes, or a FINETUNE_HOME that cannot be written)."""
     tokenizer = run.tokenizer
     run.writer.info(f"Preparing {data.n_train} training and {len(data.val_pairs)} held-out pairs"
                     + (" and the reference log-probabilities (once, before training) ..."
                        if args.precompute_ref_log_probs else " ..."))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs_dataset(data.train_pairs, data, tokenizer),
-                         eval_dataset=pairs_dataset(data.val_pairs, data, tokenizer), processing_class=tokenizer,
-                         callbacks=callbacks)
+    # One process only: with several, a rank that found an entry would skip the collective operations of
+    # a reference pass or an evaluation another rank runs (an entry written between their reads).
+    cache = BaseCache(run.writer) if args.world_size == 1 else None
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=pairs_dataset(data.train_pairs, data, tokenizer),
+                                eval_dataset=pairs_dataset(data.val_pairs, data, tokenizer), processing_class=tokenizer,
+                                callbacks=callbacks, reference_cache=cache, model_path=run.model_path, main=run.main)
+    reads = [trainer.reference_reads[name] for name, key in trainer.reference_keys.items() if key is not None]
+    metrics["reference_cache"] = ("off" if cache is None or cache.disabled or not reads else
+                                  "hit" if all(reads) else "partial" if any(reads) else "miss")
+    if any(reads):
+        run.writer.info("Reference log-probabilities read from the cache (same base model, pairs and settings as "
+                        "an earlier run): no reference pass.", cached=True)
     if "ref" in getattr(model, "peft_config", {}):
         # TRL copies a LoRA model's adapter as its reference; ours is freshly initialised (the base model
         # itself), so the adapter switched off is the same reference, and model/ gets no `ref` adapter.
         model.delete_adapter("ref")
     # The step-0 point of the reward charts. The rest of the "before" side (general text, answers) is
     # measured after training (measure_base_model): training starts ~10 s sooner.
-    run.writer.info("Measuring the model before training: DPO loss and reward accuracy on the held-out pairs ...")
-    metrics.update(_reported(trainer.evaluate(), "_before"))
+    metrics.update(_reported(step0_evaluation(run, trainer, cache), "_before"))
     return trainer
+
+
+# What an evaluation reports about its own speed: not kept in the cache.
+TIMING_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time")
+
+
+def step0_evaluation(run: RunContext, trainer: PreferenceTrainer, cache: BaseCache | None) -> dict:
+    """trainer.evaluate() of the model as loaded on the held-out pairs: the "before" numbers and the
+    step-0 point of the reward charts. The policy is the reference there, so the numbers depend on the
+    base model, the held-out pairs (the key of their reference pass) and the DPO settings alone: read
+    from the base-model cache when an earlier run made them (and logged as evaluate() logs them: the
+    same eval event at step 0), else measured and stored."""
+    reference = trainer.reference_keys.get("eval")
+    key = None
+    if cache is not None and reference is not None:
+        args = trainer.args
+        settings = {name: getattr(args, name) for name in DPO_SETTINGS if hasattr(args, name)}
+        key = digest({"dpo_step0_evaluation": reference, "eval_batch_size": args.per_device_eval_batch_size,
+                      "prediction_loss_only": args.prediction_loss_only,
+                      "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))})
+    entry = cache.read(key) if cache is not None else None
+    logged = (entry or {}).get("metrics")
+    if isinstance(logged, dict) and isinstance(logged.get("eval_loss"), (int, float)) and \
+            all(isinstance(v, (int, float)) for v in logged.values()):
+        run.writer.info("The model before training on the held-out pairs: DPO loss and reward accuracy read from "
+                        "the cache (same base model, pairs and DPO settings as an earlier run).", cached=True)
+        trainer.log(dict(logged))
+        return logged
+    run.writer.info("Measuring the model before training: DPO loss and reward accuracy on the held-out pairs ...")
+    scores = trainer.evaluate()
+    if cache is not None and key is not None and run.main:
+        cache.write(key, {"what": "DPO evaluation of the model as loaded (step 0)",
+                          "metrics": {k: float(v) for k, v in scores.items() if k.startswith("eval_") and
+                                      k not in TIMING_METRICS and isinstance(v, (int, float)) and math.isfinite(v)}})
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +320,13 @@ def build_trainer(run: RunContext, model, data: PreferenceData, args, callbacks,
 
 def evaluate(run: RunContext, trainer, model, data: PreferenceData, metrics: dict) -> Answers:
     release_training_state(trainer)
-    run.writer.phase("evaluating", "Evaluating the tuned model on the held-out pairs and general text ...")
-    metrics.update(_reported(trainer.evaluate(), ""))
+    # The Trainer's last evaluation scored these very weights (the last epoch's, or the best checkpoint's
+    # loaded back): the same numbers again would cost a pass over the held-out pairs (~10 s for SmolLM2).
+    logged = trainer.logged_eval_of_weights()
+    run.writer.phase("evaluating", "Evaluating the tuned model on " + (
+        "general text (the held-out pairs were scored at the last evaluation) ..." if logged is not None
+        else "the held-out pairs and general text ..."))
+    metrics.update(_reported(logged if logged is not None else trainer.evaluate(), ""))
     metrics["general_perplexity"] = evaluation.batches_perplexity(
         model, evaluation.general_text_batches(run.tokenizer, run.cfg.data.max_length))
     metrics["val_samples"] = len(data.val_pairs)
