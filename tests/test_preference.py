@@ -235,6 +235,14 @@ def test_the_reference_pass_runs_once_per_base_model_pairs_and_settings(tiny_lla
     _, m6, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "other-home", precompute_ref_log_probs=False)
     assert len(passes) == 3 * n_batches and m6["reference_cache"] == "off"     # no pass before training at all
 
+    (tmp_path / "a-file").write_text("not a folder")                 # a home that cannot be written
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "a-file"))
+    unwritable, m7, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "unwritable")
+    assert len(passes) == 4 * n_batches and m7["reference_cache"] == "off" and _reference(unwritable) == reference
+    said = [e["message"] for e in read_all_events(tmp_path / "unwritable" / "events.jsonl")
+            if "cache off" in e.get("message", "")]
+    assert len(said) == 1 and m7["eval_loss_before"] == m1["eval_loss_before"]
+
 
 def test_the_tuned_model_is_not_scored_again_on_the_held_out_pairs(tiny_llama_dir, tmp_path, monkeypatch):
     """The Trainer's evaluation at the last step scored the weights the model ends with: the run reports
