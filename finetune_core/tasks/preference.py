@@ -214,8 +214,8 @@ class PreferenceTrainer(SkipsFinalCheckpoint, DPOTrainer):
     def __init__(self, *args, reference_cache: BaseCache | None = None, model_path: str = "", main: bool = True,
                  **kwargs):
         self.reference_cache, self.reference_model_path, self.writes_cache = reference_cache, model_path, main
-        self.reference_reads: dict[str, bool] = {}      # dataset name ("train", "eval") -> read from the cache
-        self.reference_keys: dict[str, str | None] = {}  # dataset name -> its cache key
+        self.reference_keys: dict[str, str | None] = {}  # dataset name ("train", "eval") -> its cache key
+        self.reference_reads: dict[str, bool] = {}      # dataset name with a key -> read from the cache
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)   # our EventsCallback prints each log line already
 
@@ -233,12 +233,13 @@ class PreferenceTrainer(SkipsFinalCheckpoint, DPOTrainer):
             self.reference_reads[name] = True
             return (dataset.add_column("ref_chosen_logps", chosen, feature=Value("float32"))
                     .add_column("ref_rejected_logps", rejected, feature=Value("float32")))
-        self.reference_reads[name] = False
         dataset = super()._precompute_ref_logps(dataset, name, batch_size)
-        if key is not None and self.writes_cache:
-            cache.write(key, {"what": f"DPO reference log-probabilities ({name} pairs)",
-                              "chosen": [float(v) for v in dataset["ref_chosen_logps"]],
-                              "rejected": [float(v) for v in dataset["ref_rejected_logps"]]})
+        if key is not None:
+            self.reference_reads[name] = False
+            if self.writes_cache:
+                cache.write(key, {"what": f"DPO reference log-probabilities ({name} pairs)",
+                                  "chosen": [float(v) for v in dataset["ref_chosen_logps"]],
+                                  "rejected": [float(v) for v in dataset["ref_rejected_logps"]]})
         return dataset
 
 
@@ -263,7 +264,7 @@ def build_trainer(run: RunContext, model, data: PreferenceData, args, callbacks,
     trainer = PreferenceTrainer(model=model, args=args, train_dataset=pairs_dataset(data.train_pairs, data, tokenizer),
                                 eval_dataset=pairs_dataset(data.val_pairs, data, tokenizer), processing_class=tokenizer,
                                 callbacks=callbacks, reference_cache=cache, model_path=run.model_path, main=run.main)
-    reads = [trainer.reference_reads[name] for name, key in trainer.reference_keys.items() if key is not None]
+    reads = list(trainer.reference_reads.values())
     metrics["reference_cache"] = ("off" if cache is None or cache.disabled or not reads else
                                   "hit" if all(reads) else "partial" if any(reads) else "miss")
     if any(reads):
