@@ -243,6 +243,16 @@ def test_the_reference_pass_runs_once_per_base_model_pairs_and_settings(tiny_lla
             if "cache off" in e.get("message", "")]
     assert len(said) == 1 and m7["eval_loss_before"] == m1["eval_loss_before"]
 
+    # Several processes: a rank that read an entry would skip the collectives another rank runs, so a
+    # warm cache is neither read nor written there (the reference pass and step-0 evaluation run again).
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    entries, measured = sorted((tmp_path / "home" / "base_cache").glob("*.json")), len(evaluations)
+    monkeypatch.setattr(preference.DPOConfig, "world_size", property(lambda self: 2))
+    ranks, m8, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "ranks")
+    assert len(passes) == 5 * n_batches and m8["reference_cache"] == "off" and _reference(ranks) == reference
+    assert len(evaluations) == measured + 1 and m8["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], abs=1e-6)
+    assert sorted((tmp_path / "home" / "base_cache").glob("*.json")) == entries
+
 
 def test_the_tuned_model_is_not_scored_again_on_the_held_out_pairs(tiny_llama_dir, tmp_path, monkeypatch):
     """The Trainer's evaluation at the last step scored the weights the model ends with: the run reports
