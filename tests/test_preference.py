@@ -250,7 +250,8 @@ def test_the_reference_pass_runs_once_per_base_model_pairs_and_settings(tiny_lla
     monkeypatch.setattr(preference.DPOConfig, "world_size", property(lambda self: 2))
     ranks, m8, _ = _dpo_trainer(tiny_llama_dir, tmp_path, "ranks")
     assert len(passes) == 5 * n_batches and m8["reference_cache"] == "off" and _reference(ranks) == reference
-    assert len(evaluations) == measured + 1 and m8["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], abs=1e-6)
+    assert len(evaluations) == measured + 1
+    assert m8["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], abs=1e-6)
     assert sorted((tmp_path / "home" / "base_cache").glob("*.json")) == entries
 
 
