@@ -142,6 +142,10 @@ def _load_for_inference(model_ref: str, stamp: tuple, placement: tuple):
         model = _on(model, device)
         tokenizer = load_tokenizer(resolved)
     model.eval()
+    if device == "cpu":
+        from . import cpu_linear
+
+        cpu_linear.apply(model)       # chat, predictions: oneDNN's linear decodes ~25% faster on a CPU
     template = (run.get("data") or {}).get("template", "auto")
     if template == "auto":
         template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"

@@ -26,7 +26,7 @@ import torch
 from transformers import EarlyStoppingCallback, set_seed
 
 from . import data as D
-from . import lean, limits, rundir
+from . import cpu_linear, lean, limits, rundir
 from .cards import render_model_card
 from .checkpoints import drop_incomplete_checkpoints, resume_checkpoint, save_model
 from .config import TASKS, RunConfig, config_from_dict, dump_config, load_config
@@ -156,6 +156,7 @@ def prepare_run(cfg: RunConfig, out: Path, writer: EventWriter, main: bool, max_
     lean.apply(model)        # fewer activations kept for backward; the same loss and gradients
     if not torch.cuda.is_available():
         copy_trainable_into_memory(model)     # the optimizer's first step would copy it page by page
+        cpu_linear.apply(model)               # evaluation and answers (no gradients): oneDNN's faster linear
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
     writer.info(summary["line"], trainable_params=summary["trainable_params"],
