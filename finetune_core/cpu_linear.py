@@ -1,4 +1,4 @@
-"""oneDNN's linear for the forward passes that need no gradient on an x86 CPU: answers, chat, evaluation.
+"""oneDNN's linear for decoding steps on an x86 CPU (forward passes of a few rows, no gradient): answers, chat.
 
     from finetune_core import cpu_linear
     cpu_linear.apply(model)     # returns how many nn.Linear modules changed; 0 where it does not apply
@@ -12,6 +12,13 @@ measured, cold weights, 2 threads: 2.0x at 1 row and 1.2x at 20 for the 576x1536
 1.03-1.1x at 350-776 rows, and 2.2x / 1.9x / 1.2x at 1 / 20 / 350 rows for the 49k-vocabulary head.
 Whole decoding steps: 63 -> 48 ms for one row (chat), 133 -> 103 ms for 20 rows; the 20 held-out
 answers of an instruction run 12.7 -> 9.3 s with the same answers (interleaved, two rounds each).
+
+Only products of at most MAX_ROWS rows take it (a decoding step: chat, answers, predictions). oneDNN
+builds and caches a kernel for every row count it sees, ~0.6 MB each for a 576x1536 product, kept by
+the process: 400 row counts through four SmolLM2 shapes left the heap 0.8 GB larger, and an instruction
+run whose evaluations and prompt prefills went through it too peaked ~100 MB higher after training.
+Wider products gain less (3-15% for the layers at 128-776 rows), so they keep torch's path and the
+kernels stay a few dozen.
 
 The results are the same products summed in another order (float rounding, ~1e-6 relative). The op has
 no autograd formula, so a module takes it only while gradients are off (`torch.no_grad`, inference
@@ -43,21 +50,28 @@ def available() -> bool:
         return False
 
 
+# Rows (tokens) a product may have to take oneDNN's linear: a decoding step has one per answer being
+# written (20 at most for the held-out answers, 16 for predictions, 1 in chat).
+MAX_ROWS = 32
+
+
 def _onednn(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _forward(self, x):
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or \
-            self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or \
+            x.numel() > MAX_ROWS * x.shape[-1]:
         return F.linear(x, self.weight, self.bias)
     return _onednn(x, self.weight, self.bias)
 
 
 def apply(model) -> int:
-    """Give every float32 `nn.Linear` of `model` on the CPU oneDNN's linear for its forward passes without
-    gradients; returns how many changed (0 where oneDNN's linear is not available). The change lives on
-    the module instances (not in state_dict or the saved config): a saved or exported model is unaffected."""
+    """Give every float32 `nn.Linear` of `model` on the CPU oneDNN's linear for its forward passes of at
+    most MAX_ROWS rows without gradients; returns how many changed (0 where oneDNN's linear is not
+    available). The change lives on the module instances (not in state_dict or the saved config): a saved
+    or exported model is unaffected."""
     if not available():
         return 0
     changed = 0

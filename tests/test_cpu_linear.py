@@ -23,8 +23,8 @@ def _tiny(seed=0):
     return model
 
 
-def _batch():
-    ids = torch.randint(3, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+def _batch(rows=2):
+    ids = torch.randint(3, 97, (rows, 12), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :4] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -38,7 +38,7 @@ def onednn_calls(monkeypatch):
     return calls
 
 
-def test_every_float32_linear_takes_onednn_without_gradients_with_the_same_outputs(onednn_calls):
+def test_every_float32_linear_takes_onednn_for_a_few_rows_without_gradients(onednn_calls):
     model, standard = _tiny(), _tiny()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert cpu_linear.apply(model) == len(linears) == 2 * 7 + 1          # q k v o gate up down per layer, head
@@ -50,6 +50,11 @@ def test_every_float32_linear_takes_onednn_without_gradients_with_the_same_outpu
     assert len(onednn_calls) == len(linears)
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5) and not torch.equal(fast, torch.zeros_like(fast))
     assert fast.argmax(-1).tolist() == ref.argmax(-1).tolist()
+    wide = _batch(rows=3)["input_ids"]                    # 36 rows: more than a decoding step has
+    assert wide.numel() > cpu_linear.MAX_ROWS
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=wide).logits, standard(input_ids=wide).logits)
+    assert len(onednn_calls) == len(linears)              # torch's own path, bit for bit
     assert model.state_dict().keys() == standard.state_dict().keys()      # nothing added to what is saved
     twin = copy.deepcopy(model)               # a copy keeps the change, on its own weights
     with torch.no_grad():
@@ -63,7 +68,7 @@ def test_training_keeps_torchs_linear_and_its_gradients(onednn_calls):
     cpu_linear.apply(model)
     for m in (model, standard):
         lean.apply(m)
-    batch = _batch()
+    batch = _batch(rows=1)          # few rows: only the gradients decide the path
     grads = []
     for m in (model, standard):
         m.zero_grad(set_to_none=True)
