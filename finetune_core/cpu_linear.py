@@ -19,7 +19,7 @@ builds and caches a kernel for every row count it sees, ~0.6 MB each for a 576x1
 the process: 400 row counts through four SmolLM2 shapes left the heap 0.8 GB larger, and an instruction
 run whose evaluations and prompt prefills went through it too peaked ~100 MB higher after training.
 Wider products gain less (3-15% for the layers at 128-776 rows), so they keep torch's path and the
-kernels stay a few dozen.
+kernels are at most 32 row counts per product shape.
 
 The results are the same products summed in another order (float rounding, ~1e-6 relative). The op has
 no autograd formula, so a module takes it only while gradients are off (`torch.no_grad`, inference

@@ -156,7 +156,7 @@ def prepare_run(cfg: RunConfig, out: Path, writer: EventWriter, main: bool, max_
     lean.apply(model)        # fewer activations kept for backward; the same loss and gradients
     if not torch.cuda.is_available():
         copy_trainable_into_memory(model)     # the optimizer's first step would copy it page by page
-        cpu_linear.apply(model)               # evaluation and answers (no gradients): oneDNN's faster linear
+        cpu_linear.apply(model)               # the answers' decoding steps: oneDNN's faster linear
     summary = trainable_summary(model)
     print(summary["line"], flush=True)
     writer.info(summary["line"], trainable_params=summary["trainable_params"],

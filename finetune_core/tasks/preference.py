@@ -197,7 +197,6 @@ def reference_logps_key(model_path: str, dataset, args, collator, batch_size: in
         "dpo_reference_logps": digest([list(dataset["prompt_ids"]), list(dataset["chosen_ids"]),
                                        list(dataset["rejected_ids"])]),
         "trl": trl.__version__, "batch_size": int(batch_size),
-        "world_size": int(getattr(args, "world_size", 1) or 1),
         "settings": {name: getattr(args, name, None) for name in REFERENCE_SETTINGS},
         "collator": [type(collator).__name__,
                      {k: v for k, v in sorted(vars(collator).items()) if isinstance(v, plain)}]})
